@@ -1,0 +1,60 @@
+# quantbench: every target bootstraps the virtualenv it needs (make install).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export OMP_WAIT_POLICY ?= PASSIVE
+export PYTHONUNBUFFERED := 1
+QB := $(VENV)/bin/quantbench
+TASK ?= digits
+JOBS ?= 1
+ARGS ?=
+DIGITS := data/digits
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow lint bench clean-venv sweep report gate ui
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first, pinned: a range that admits a newer torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install quantbench (idempotent; reruns when pyproject/constraints change)
+
+test: $(STAMP) ## fast test suite (CPU, a few minutes on two cores)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## slow end-to-end tests only
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check quantbench tasks tests
+
+bench: $(STAMP) ## engine benchmarks -> reports/bench/*.md
+	$(PY) -m quantbench.bench.engine --out reports/bench/engine.md
+
+sweep: $(STAMP) $(if $(filter digits,$(TASK)),$(DIGITS)/.written) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=1] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
+	$(QB) sweep $(TASK) --jobs $(JOBS) $(ARGS)
+
+report: $(STAMP) ## reports/TASK.md + plots + README table from the MLflow runs: make report TASK=digits
+	$(QB) report $(TASK) $(ARGS)
+
+gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml) on the newest runs; fails on a regression
+	$(QB) gate $(TASK) $(ARGS)
+
+ui: $(STAMP) ## MLflow UI on 127.0.0.1 against mlruns/ (prints the runs-table link)
+	$(QB) ui --task $(TASK) $(ARGS)
+
+$(DIGITS)/.written: | $(STAMP)
+	$(QB) data digits --out $(DIGITS)
+	@touch $@
+
+clean-venv: ## remove the virtualenv
+	rm -rf $(VENV)

@@ -1,0 +1,169 @@
+"""``quantbench``: run, sweep, report, gate, data, ui.
+
+Exit status: 0 fine; 1 a run failed or a gate did not pass; 2 a bad command
+line, a bad config, or missing data (one line on stderr naming the culprit
+and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["DATA_WRITERS", "main"]
+
+#: ``quantbench data NAME``: the tasks helper that writes that data set, imported by name
+#: (quantbench never imports tasks statically) -> (module, function, default kwargs).
+DATA_WRITERS: dict[str, tuple[str, str, dict]] = {
+    "digits": ("tasks.classification.data", "write_digits_imagefolder", {"size": 32, "seed": 0}),
+}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from quantbench.harness.sweep import launch
+
+    return launch(args.overrides)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from quantbench.harness.sweep import sweep
+
+    outcome = sweep(args.task, args.overrides, jobs=args.jobs, sweep_id=args.id)
+    if outcome.exit_code == 2:  # missing data or a bad config: the job already said why, in one line
+        return 2
+    print(f"sweep {outcome.sweep_id}: {len(outcome.finished)} FINISHED, {len(outcome.failed)} FAILED "
+          "(runs already FINISHED with the same config were skipped; run.force=true reruns them)")
+    for label, error, run_id in outcome.failed:
+        print(f"  FAILED {label}: {error} (MLflow run {run_id})")
+    if outcome.exit_code:
+        return outcome.exit_code
+    return 1 if outcome.failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from quantbench.report import write_report
+
+    report = write_report(args.task, args.overrides, out_dir=args.out, readme=args.readme)
+    print(report.table)
+    print(f"wrote {report.markdown} ({report.rows} rows), {', '.join(str(p) for p in report.plots)}"
+          + (f"; refreshed {report.readme}" if report.readme else ""))
+    return 0
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from quantbench.report import format_results, passed, run_gate
+
+    results = run_gate(args.task, args.overrides, path=args.file)
+    print(format_results(results))
+    failed = [r for r in results if not r.passed]
+    print(f"gate {args.task}: {'PASS' if passed(results) else 'FAIL'} "
+          f"({len(results) - len(failed)} passed, {len(failed)} failed)")
+    return 0 if passed(results) else 1
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from quantbench.harness.sweep import UsageError
+
+    module, function, defaults = DATA_WRITERS[args.name]
+    try:
+        writer = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"the {args.name} data writer {module}.{function} is not available ({exc}); "
+                         "install quantbench with its tasks (pip install -e .)") from exc
+    kwargs = {**defaults, **({"size": args.size} if args.size else {}), "seed": args.seed}
+    result = writer(args.out, **kwargs)
+    print(f"wrote the {args.name} data set to {result or args.out}")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from quantbench.report.runs import task_store
+
+    store, experiment = task_store(args.task, args.overrides)
+    exp_id = store.experiment_id(experiment, create=False)
+    base = f"http://{args.host}:{args.port}/"
+    link = f"{base}#/experiments/{exp_id}/runs?workflowType=machine_learning" if exp_id else base
+    print(f"MLflow UI on {store.uri}\n  runs table ({experiment}): {link}\n"
+          "  (metric and parameter columns: pick them under 'Columns'; Ctrl-C stops the UI)", flush=True)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow), "ui", "--backend-store-uri", store.uri, "--default-artifact-root", store.artifact_root,
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+        return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "gate": _cmd_gate,
+    "data": _cmd_data, "ui": _cmd_ui,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="one run; the rest goes to Hydra (e.g. model=resnet18 scheme=ptq_pow2)")
+    sweep = sub.add_parser("sweep", help="a Hydra multirun over conf/sweep/TASK.yaml")
+    sweep.add_argument("task")
+    sweep.add_argument("--jobs", type=int, default=1, help="parallel jobs (>1 needs hydra-joblib-launcher)")
+    sweep.add_argument("--id", help="sweep id (default: TASK-<time>)")
+    report = sub.add_parser("report", help="MLflow runs -> reports/TASK.md, plots, README table")
+    report.add_argument("task")
+    report.add_argument("--out", type=Path, help="output folder (default: reports/)")
+    report.add_argument("--readme", type=Path, help="README to refresh (default: README.md)")
+    gate = sub.add_parser("gate", help="check conf/gates/TASK.yaml against the runs")
+    gate.add_argument("task")
+    gate.add_argument("--file", type=Path, help="gate file (default: conf/gates/TASK.yaml)")
+    data = sub.add_parser("data", help="write a generated data set (e.g. digits)")
+    data.add_argument("name", choices=sorted(DATA_WRITERS))
+    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--size", type=int, help="image size (default: the writer's)")
+    data.add_argument("--seed", type=int, default=0)
+    ui = sub.add_parser("ui", help="the MLflow UI on the store, with the runs-table link")
+    ui.add_argument("--task", default="digits", help="whose runs table to link (default: digits)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    for p in (sweep, report, gate, ui):
+        p.epilog = "Any further KEY=VALUE arguments are Hydra overrides (e.g. tracking.uri=sqlite:///x.db)."
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit status."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from quantbench.harness.sweep import UsageError
+    from quantbench.report import ReportError
+
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "run" and any(a.startswith("-") for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a.startswith('-'))}")
+    args.overrides = extra
+    if args.command not in ("run", "sweep"):  # Hydra sets up logging for runs itself
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ReportError, FileNotFoundError, HydraException, OmegaConfBaseException) as exc:
+        print(f"quantbench {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

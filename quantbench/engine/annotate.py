@@ -1,0 +1,292 @@
+"""Whole-graph annotation: which tensors get which quantizer, and which share one.
+
+The annotator walks the ATen graph once and produces a :class:`Plan`:
+
+* every value produced by a compute op gets an output quantizer (its
+  *group*), except inside a fused pattern (``conv -> relu``, ``add -> relu``,
+  ``conv -> bn -> relu`` in QAT), where only the last op's output is
+  quantized, as integer kernels compute it;
+* value-preserving ops (reshape, permute, slice, max pool, nearest upsample,
+  ...) put their output in their input's group: same scale, so on integer
+  hardware they move integers;
+* ``cat`` merges the groups of all its inputs and its output (one shared
+  scale, the widest range), as NPUs require;
+* weights and constants get their own quantizer; an int32 bias gets a
+  derived one (input scale x weight scale);
+* where a consumer needs a different spec than its producer gives (mixed
+  precision, a float producer), an *edge* quantizer requantizes that input.
+
+Op kinds live in a registry keyed by the short ATen op name; unknown ops are
+left in float and listed by the coverage report with the reason.
+Precedence of configs: node name > op type > global (:meth:`Config.for_node`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from quantbench.engine.passes.prequant import op_name
+from quantbench.engine.spec import Config, QuantizationSpec
+
+__all__ = ["OP_KINDS", "OP_TYPES", "register_op_kind", "op_kind", "Group", "Plan", "annotate"]
+
+OP_KINDS: dict[str, str] = {}
+
+
+def register_op_kind(kind: str, *names: str) -> None:
+    """Register op names under a kind; registering a name twice raises."""
+    for name in names:
+        if name in OP_KINDS:
+            raise KeyError(f"op {name!r} is already registered as {OP_KINDS[name]!r}")
+        OP_KINDS[name] = kind
+
+
+register_op_kind("weighted", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                 "conv_transpose3d", "linear")
+register_op_kind("matmul", "matmul", "mm", "bmm")
+register_op_kind("binary", "add", "sub", "mul", "div")
+register_op_kind("cat", "cat", "concat")
+register_op_kind("activation", "relu", "hardtanh", "relu6", "clamp", "sigmoid", "hardsigmoid", "silu",
+                 "hardswish", "gelu", "leaky_relu", "softmax", "_softmax", "log_softmax", "tanh", "elu",
+                 "mish", "prelu")
+register_op_kind("pool", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+                 "adaptive_avg_pool2d", "mean", "sum", "upsample_bilinear2d", "upsample_bicubic2d",
+                 "_upsample_bilinear2d_aa", "upsample_linear1d")
+register_op_kind("norm", "layer_norm", "group_norm", "batch_norm")
+# Value-preserving: output values are a subset / rearrangement of input values.
+register_op_kind("shared", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d",
+                 "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "constant_pad_nd",
+                 "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
+register_op_kind("passthrough", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
+                 "transpose", "t", "squeeze", "unsqueeze", "slice", "select", "narrow", "contiguous",
+                 "clone", "expand", "alias", "detach", "getitem", "identity")
+register_op_kind("tuple_passthrough", "split", "split_with_sizes", "chunk", "unbind", "tensor_split")
+
+OP_TYPES = tuple(sorted(OP_KINDS))
+RELU_LIKE = {"relu", "hardtanh", "relu6"}
+FUSABLE_PRODUCERS = {"weighted", "norm"}
+_NO_QUANT_KINDS = {"passthrough", "tuple_passthrough"}
+
+
+def op_kind(node: fx.Node) -> str | None:
+    """The registered kind of a call_function node, or None if unsupported."""
+    if node.op != "call_function":
+        return None
+    return OP_KINDS.get(op_name(node))
+
+
+@dataclass(eq=False)
+class Group:
+    """Tensors that share one quantizer (one scale)."""
+
+    spec: QuantizationSpec
+    role: str = "activation"
+    members: list[fx.Node] = field(default_factory=list)
+    parent: "Group | None" = None
+    module_name: str = ""
+
+    def root(self) -> "Group":
+        g = self
+        while g.parent is not None:
+            g = g.parent
+        return g
+
+
+@dataclass
+class Plan:
+    """The result of annotation, consumed by the insertion pass."""
+
+    value_group: dict[fx.Node, Group] = field(default_factory=dict)
+    edge_group: dict[tuple[fx.Node, int, int], Group] = field(default_factory=dict)
+    weight_group: dict[tuple[fx.Node, int], Group] = field(default_factory=dict)
+    bias: dict[fx.Node, tuple[int, QuantizationSpec]] = field(default_factory=dict)
+    fused: set[fx.Node] = field(default_factory=set)
+    float_reasons: dict[fx.Node, str] = field(default_factory=dict)
+
+    def group_of(self, node: fx.Node) -> Group | None:
+        g = self.value_group.get(node)
+        return g.root() if g is not None else None
+
+    def groups(self) -> list[Group]:
+        seen: dict[int, Group] = {}
+        for g in [*self.value_group.values(), *self.edge_group.values(), *self.weight_group.values()]:
+            r = g.root()
+            seen.setdefault(id(r), r)
+        return list(seen.values())
+
+
+def _excluded(node: fx.Node, config: Config) -> bool:
+    if node.name in config.exclude:
+        return True
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values()]
+    return any(p == ex or p.startswith(ex + ".") for p in paths for ex in config.exclude if ex)
+
+
+def _fused_producers(graph: fx.Graph, config: Config) -> set[fx.Node]:
+    """Nodes whose output stays inside a fused pattern (not quantized)."""
+    fused: set[fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if op_name(node) not in RELU_LIKE or _excluded(node, config):
+            continue
+        prev = node.args[0]
+        chain = []
+        while isinstance(prev, fx.Node) and len(prev.users) == 1 and not _excluded(prev, config):
+            kind = op_kind(prev)
+            if kind in FUSABLE_PRODUCERS or (op_name(prev) == "add" and not chain):
+                chain.append(prev)
+                if kind == "norm" and op_name(prev) == "batch_norm":
+                    prev = prev.args[0]
+                    continue
+            break
+        fused.update(chain)
+    return fused
+
+
+def _tensor_args(node: fx.Node) -> list[tuple[int, int, fx.Node]]:
+    """(arg index, list index or -1, node) for every tensor input of a node."""
+    out = []
+    for i, a in enumerate(node.args):
+        if isinstance(a, fx.Node):
+            out.append((i, -1, a))
+        elif isinstance(a, (list, tuple)):
+            out.extend((i, j, b) for j, b in enumerate(a) if isinstance(b, fx.Node))
+    return out
+
+
+def _is_const(node: fx.Node) -> bool:
+    return node.op == "get_attr"
+
+
+class _Annotator:
+    def __init__(self, gm: fx.GraphModule, config: Config) -> None:
+        self.gm = gm
+        self.config = config
+        self.plan = Plan()
+
+    def own(self, node: fx.Node, spec: QuantizationSpec) -> Group:
+        g = Group(spec, members=[node])
+        self.plan.value_group[node] = g
+        return g
+
+    def input_group(self, consumer: fx.Node, i: int, j: int, src: fx.Node, spec: QuantizationSpec) -> Group:
+        """Make sure input (i, j) of consumer is quantized with spec; return its group."""
+        if src.op == "placeholder" and src not in self.plan.value_group:
+            return self.own(src, spec)
+        g = self.plan.group_of(src)
+        if g is not None and g.spec == spec:
+            return g
+        edge = Group(spec, members=[src])
+        self.plan.edge_group[(consumer, i, j)] = edge
+        return edge
+
+    def run(self) -> Plan:
+        self.plan.fused = _fused_producers(self.gm.graph, self.config)
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            kind = op_kind(node)
+            if kind is None:
+                self.plan.float_reasons[node] = f"no annotator for op '{op_name(node)}'"
+                continue
+            if _excluded(node, self.config):
+                self.plan.float_reasons[node] = "excluded by config"
+                continue
+            qc = self.config.for_node(node.name, op_name(node))
+            getattr(self, f"_annotate_{kind}")(node, qc)
+        return self.plan
+
+    # -- per kind -------------------------------------------------------------
+    def _activation_inputs(self, node, qc, skip=()):
+        for i, j, src in _tensor_args(node):
+            if (i, j) in skip or qc.input_tensors is None:
+                continue
+            if _is_const(src):
+                self._const(node, i, src, qc)
+            elif src not in self.plan.fused:
+                self.input_group(node, i, j, src, qc.input_tensors)
+
+    def _const(self, node, i, src, qc):
+        spec = qc.weight or qc.input_tensors
+        if spec is None:
+            return
+        self.plan.weight_group[(node, i)] = Group(spec.replace(qscheme="per_tensor"), role="const",
+                                                  members=[src])
+
+    def _output(self, node, qc):
+        if node in self.plan.fused or qc.output_tensors is None:
+            return
+        self.own(node, qc.output_tensors)
+
+    def _annotate_weighted(self, node, qc):
+        self._activation_inputs(node, qc, skip={(1, -1), (2, -1)})
+        w = node.args[1] if len(node.args) > 1 else None
+        if qc.weight is not None and isinstance(w, fx.Node):
+            spec = qc.weight
+            if spec.per_channel and op_name(node).startswith("conv_transpose"):
+                spec = spec.replace(ch_axis=1)
+            if _is_const(w):
+                self.plan.weight_group[(node, 1)] = Group(spec, role="weight", members=[w])
+            else:
+                self.input_group(node, 1, -1, w, qc.input_tensors or spec)
+        b = node.args[2] if len(node.args) > 2 else None
+        if qc.bias is not None and isinstance(b, fx.Node) and (node, 1) in self.plan.weight_group:
+            self.plan.bias[node] = (2, qc.bias)
+        self._output(node, qc)
+
+    def _annotate_matmul(self, node, qc):
+        self._activation_inputs(node, qc)
+        self._output(node, qc)
+
+    _annotate_binary = _annotate_matmul
+    _annotate_activation = _annotate_matmul
+    _annotate_pool = _annotate_matmul
+
+    def _annotate_norm(self, node, qc):
+        # BatchNorm parameters are folded into the conv at freeze, never quantized on their own.
+        skip = {(k, -1) for k in range(1, 5)} if op_name(node) == "batch_norm" else set()
+        self._activation_inputs(node, qc, skip=skip)
+        self._output(node, qc)
+
+    def _annotate_cat(self, node, qc):
+        if qc.output_tensors is None:
+            return
+        out = self.own(node, qc.output_tensors)
+        for i, j, src in _tensor_args(node):
+            g = self.plan.group_of(src)
+            if g is None and src.op == "placeholder":
+                g = self.own(src, out.spec)
+            if g is not None and g.role == "activation":
+                if g is not out:
+                    g.parent = out
+            else:
+                self.plan.edge_group[(node, i, j)] = Group(out.spec, members=[src], parent=out)
+
+    def _annotate_shared(self, node, qc):
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            return
+        g = self.plan.group_of(src)
+        if g is None and qc.input_tensors is not None:
+            g = self.input_group(node, 0, -1, src, qc.input_tensors)
+        if g is not None:
+            self.plan.value_group[node] = g
+            g.members.append(node)
+
+    def _annotate_passthrough(self, node, qc):
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node):
+            return
+        g = self.plan.group_of(src)
+        if g is not None:
+            self.plan.value_group[node] = g
+            g.members.append(node)
+
+    _annotate_tuple_passthrough = _annotate_passthrough
+
+
+def annotate(gm: fx.GraphModule, config: Config) -> Plan:
+    """Annotate every node of ``gm`` per ``config``; the graph is not modified."""
+    return _Annotator(gm, config).run()

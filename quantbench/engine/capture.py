@@ -1,0 +1,66 @@
+"""nn.Module -> ATen GraphModule with ``torch.export``.
+
+The graph is the ``.module()`` of an :class:`torch.export.ExportedProgram`:
+high-level ATen ops (``conv2d``, ``linear``, ``batch_norm``), parameters read
+by ``get_attr`` nodes, and each call site of a module a node of its own (a
+ReLU module called twice is two nodes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+__all__ = ["capture", "CaptureError"]
+
+_FIXES = (
+    "usual fixes: remove data-dependent Python control flow (if/for on tensor values) or express it "
+    "with torch.cond/torch.where; avoid .item()/.tolist()/numpy calls in forward; keep the batch size "
+    ">= 2 in the example; move dynamic-shape logic out of forward"
+)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured by torch.export; the message names the construct."""
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
+            dynamic_batch: bool = True) -> fx.GraphModule:
+    """Capture ``model`` (in eval mode) as an ATen GraphModule.
+
+    Args:
+        model: the float model; it is put in eval mode.
+        example_inputs: a tuple of example tensors with batch size >= 2 (a
+            batch of 1 is specialised to a constant by torch.export).
+        dynamic_batch: export the batch dimension as dynamic.
+
+    Raises:
+        CaptureError: one message naming the failing construct and the usual fixes.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if dynamic_batch and any(t.dim() > 0 and t.shape[0] < 2 for t in example_inputs):
+        raise CaptureError("capture needs an example batch of size >= 2 (torch.export specialises a batch "
+                           "of 1 to a constant); repeat the sample along dim 0")
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
+    model = model.eval()
+    try:
+        exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    except Exception as exc:  # torch.export raises many types; we name the construct once
+        raise CaptureError(_describe(exc)) from exc
+    gm = exported.module()
+    gm.meta["qb_example_shapes"] = [tuple(t.shape) for t in example_inputs]
+    return gm
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    where = next((ln for ln in lines if ln.startswith("File ") or " line " in ln), "")
+    where = f" at {where}" if where else ""
+    return f"torch.export could not capture the model ({type(exc).__name__}: {head}){where}; {_FIXES}"

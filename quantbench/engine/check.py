@@ -1,0 +1,206 @@
+"""Checks of an exported model: onnxruntime parity, SQNR, per-node SQNR, latency.
+
+Parity compares the onnxruntime session (fully optimised: the integer kernels
+that deploy) with the frozen torch graph on the same inputs; the error is
+given in units of the output's quantization step (LSB), and top-1 agreement
+is reported. SQNR compares against the float model.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import fx
+
+from quantbench.engine.fake_quant import DerivedBiasFakeQuantize, FakeQuantizeBase
+from quantbench.engine.passes.prequant import get_attr_tensor, op_name
+from quantbench.engine.qdq import dequantize
+from quantbench.engine.quantizer import batch_inputs
+
+__all__ = ["ParityReport", "ort_session", "ort_predict_fn", "compare", "per_node_sqnr", "ort_latency",
+           "sqnr_db", "output_scales"]
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool = True,
+                optimized_model_path: str | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session; no busy-waiting threads (``allow_spinning=0``)."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if optimized_model_path:
+        opts.optimized_model_filepath = optimized_model_path
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_predict_fn(session: ort.InferenceSession) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Torch tensor in, torch tensor out (first output), through onnxruntime."""
+    name = session.get_inputs()[0].name
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {name: x.detach().cpu().contiguous().numpy()})
+        return torch.from_numpy(out[0])
+
+    return predict
+
+
+def output_scales(frozen: fx.GraphModule) -> list[float | None]:
+    """The quantization step of each graph output (None where it is float)."""
+    out_node = next(n for n in frozen.graph.nodes if n.op == "output")
+    scales = []
+    for v in out_node.args[0] if isinstance(out_node.args[0], (list, tuple)) else [out_node.args[0]]:
+        if isinstance(v, fx.Node) and v.op == "call_function" and v.target is dequantize:
+            s = v.args[1]
+            scales.append(float(get_attr_tensor(frozen, s.target).max()) if isinstance(s, fx.Node) else float(s))
+        else:
+            scales.append(None)
+    return scales
+
+
+@dataclass
+class ParityReport:
+    """onnxruntime vs frozen torch (and vs float) on the same inputs."""
+
+    samples: int
+    top1_agreement: float  # percent
+    max_lsb_err: float  # in output quantization steps (abs error where the output is float)
+    max_abs_err: float
+    sqnr_db: float  # frozen torch output vs float model output (nan without a float model)
+    onnx_sqnr_db: float  # onnxruntime output vs float model output
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"parity_top1": self.top1_agreement, "max_lsb_err": self.max_lsb_err,
+                "max_abs_err": self.max_abs_err, "sqnr_db": self.sqnr_db}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(inputs) -> Iterable[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    return (batch_inputs(b)[0] for b in inputs)
+
+
+@torch.no_grad()
+def compare(onnx_path: str | Path, frozen: fx.GraphModule, inputs, *, float_model: torch.nn.Module | None = None,
+            session: ort.InferenceSession | None = None) -> ParityReport:
+    """Run the ONNX model and the frozen graph on ``inputs`` (a tensor or batches) and compare."""
+    session = session or ort_session(onnx_path)
+    predict = ort_predict_fn(session)
+    scale = output_scales(frozen)[0]
+    n = agree = 0
+    max_lsb = max_abs = 0.0
+    refs, outs, onnx_outs = [], [], []
+    for x in _batches(inputs):
+        t = frozen(x)
+        t = t[0] if isinstance(t, (list, tuple)) else t
+        o = predict(x)
+        err = (o.float() - t.float()).abs().max().item()
+        max_abs = max(max_abs, err)
+        max_lsb = max(max_lsb, err / scale if scale else err)
+        if t.dim() >= 2:
+            agree += (o.argmax(1) == t.argmax(1)).sum().item()
+        n += x.shape[0]
+        if float_model is not None:
+            f = float_model(x)
+            refs.append(f[0] if isinstance(f, (list, tuple)) else f)
+            outs.append(t)
+            onnx_outs.append(o)
+    sq = sqnr_db(torch.cat(refs), torch.cat(outs)) if refs else float("nan")
+    osq = sqnr_db(torch.cat(refs), torch.cat(onnx_outs)) if refs else float("nan")
+    return ParityReport(n, 100.0 * agree / max(n, 1), max_lsb, max_abs, sq, osq)
+
+
+def _run_node(node: fx.Node, env: dict, gm: fx.GraphModule):
+    def load(a):
+        return torch.fx.node.map_arg(a, lambda n: env[n])
+
+    args, kwargs = load(node.args), load(node.kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    raise NotImplementedError(node.op)
+
+
+@torch.no_grad()
+def per_node_sqnr(qmodel: fx.GraphModule, inputs, *, max_batches: int = 4) -> list[dict]:
+    """SQNR of every quantized tensor: the fake-quant graph vs the same graph in float.
+
+    Both graphs are run in lockstep (the float one skips every quantizer), so
+    each row shows the error accumulated up to that tensor: the first rows
+    (worst first) are the layers that hurt.
+    """
+    stats: dict[str, list] = {}
+    for k, x in enumerate(_batches(inputs)):
+        if k >= max_batches:
+            break
+        fenv: dict = {}
+        qenv: dict = {}
+        placeholders = iter((x,))
+        for node in qmodel.graph.nodes:
+            if node.op == "placeholder":
+                fenv[node] = qenv[node] = next(placeholders)
+            elif node.op == "get_attr":
+                fenv[node] = qenv[node] = get_attr_tensor(qmodel, node.target)
+            elif node.op == "output":
+                break
+            elif node.op == "call_module" and node.target == "_guards_fn":
+                continue
+            elif node.op == "call_module" and isinstance(qmodel.get_submodule(node.target), FakeQuantizeBase):
+                mod = qmodel.get_submodule(node.target)
+                fenv[node] = fenv[node.args[0]]
+                qenv[node] = mod(qenv[node.args[0]])
+                if mod.role == "activation" and not isinstance(mod, DerivedBiasFakeQuantize):
+                    src = node.args[0]
+                    row = stats.setdefault(src.name, [op_name(src), 0.0, 0.0])
+                    row[1] += fenv[node].double().pow(2).sum().item()
+                    row[2] += (fenv[node].double() - qenv[node].double()).pow(2).sum().item()
+            else:
+                fenv[node] = _run_node(node, fenv, qmodel)
+                qenv[node] = _run_node(node, qenv, qmodel)
+    rows = []
+    for name, (op, sig, noise) in stats.items():
+        db = math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-30) / noise)
+        rows.append({"node": name, "op": op, "sqnr_db": db})
+    rows.sort(key=lambda r: r["sqnr_db"])
+    return rows
+
+
+def ort_latency(path: str | Path, example: torch.Tensor, *, threads: int | None = None, warmup: int = 3,
+                iters: int = 20, session: ort.InferenceSession | None = None) -> float:
+    """Median wall time (ms) of one onnxruntime run on ``example``."""
+    session = session or ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(example.detach().cpu().numpy())}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)

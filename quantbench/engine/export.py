@@ -1,0 +1,183 @@
+"""QDQ ONNX export with the dynamo-based ``torch.onnx.export``.
+
+A frozen graph's :func:`~quantbench.engine.qdq.quantize` /
+:func:`~quantbench.engine.qdq.dequantize` calls are swapped for
+``quantized_decomposed`` ops, which the exporter translates to ONNX
+QuantizeLinear / DequantizeLinear. Integer weights stay integer initializers
+feeding DequantizeLinear (what onnxruntime fuses into integer kernels); the
+int32 bias keeps scale = input scale x weight scale. A float graph or module
+exports as plain fp32 ONNX (the latency baseline).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import onnx
+import torch
+from torch import fx
+
+from quantbench.engine.passes.integer import expand_integer_kernels
+from quantbench.engine.qdq import dequantize, quantize
+from quantbench.engine.spec import DTYPES
+
+__all__ = ["export_onnx", "ExportError", "ONNX_ACTIVATION_DTYPES"]
+
+log = logging.getLogger(__name__)
+
+# Activation grids that QuantizeLinear (opset <= 20) expresses exactly: the full int8 / uint8 range.
+ONNX_ACTIVATION_DTYPES = {("int8", -128, 127), ("uint8", 0, 255)}
+
+
+class ExportError(RuntimeError):
+    """The graph cannot be exported to ONNX exactly; the message names the node and the fix."""
+
+
+def _decomposed_ops():
+    # torchao's public pt2e package registers the quantized_decomposed op library on import
+    # (torch 2.13 moved it out of torch.ao); this is its one use in the engine.
+    import torchao.quantization.pt2e  # noqa: F401
+
+    return torch.ops.quantized_decomposed
+
+
+def _check_exportable(node: fx.Node, is_quantize: bool) -> None:
+    qmin, qmax, dtype, round_method = node.args[4:8]
+    if not is_quantize:
+        return
+    if (dtype, qmin, qmax) not in ONNX_ACTIVATION_DTYPES:
+        raise ExportError(
+            f"node '{node.name}': activations quantized to {dtype} [{qmin}, {qmax}] cannot be expressed by "
+            "ONNX QuantizeLinear (full int8/uint8 range only); use int8/uint8 activations without narrow_range")
+    if round_method != "half_even":
+        raise ExportError(
+            f"node '{node.name}': round_method={round_method!r} cannot be exported exactly (ONNX QuantizeLinear "
+            "rounds half to even); use round_method='half_even'")
+
+
+def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: bool):
+    """Storage dtype and zero point of one Q/DQ node in the ONNX graph.
+
+    ``Q_int8(x, s, z) + 128 == Q_uint8(x, s, z + 128)`` bit for bit (same
+    rounding, both saturate at the same real values), so int8 activations can
+    be written as uint8 without changing a single value. onnxruntime's x86
+    integer kernels are U8S8: it converts int8 activations itself only where
+    a QuantizeLinear has a single DequantizeLinear reader, and leaves every
+    other conv in float. Weights and biases (constants) keep their type.
+    """
+    is_activation = not (isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr")
+    if unsigned_activations and is_activation and dtype == "int8" and not isinstance(zp, fx.Node):
+        return torch.uint8, int(zp) + 128, 0, 255
+    itype = DTYPES[dtype]
+    return itype.storage, zp, None, None
+
+
+def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -> fx.GraphModule:
+    ops = _decomposed_ops()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (quantize, dequantize):
+            continue
+        is_q = node.target is quantize
+        _check_exportable(node, is_q)
+        x, scale, zp, axis, qmin, qmax, dtype = node.args[:7]
+        storage, zp, new_min, new_max = _activation_storage(node, dtype, zp, unsigned_activations)
+        if new_min is not None:
+            qmin, qmax = new_min, new_max
+        if axis is None:
+            target = ops.quantize_per_tensor.default if is_q else ops.dequantize_per_tensor.default
+            node.args = (x, scale, zp, qmin, qmax, storage)
+        else:
+            target = ops.quantize_per_channel.default if is_q else ops.dequantize_per_channel.default
+            node.args = (x, scale, zp, axis, qmin, qmax, storage)
+        node.target = target
+        node.kwargs = {}
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | os.PathLike,
+                *, dynamic_batch: bool = True, opset: int | None = None,
+                unsigned_activations: bool = True) -> Path:
+    """Export a frozen graph (QDQ) or a float model (fp32) to ONNX.
+
+    Args:
+        model: a frozen GraphModule from :meth:`ModelQuantizer.freeze`, or any
+            float module / captured graph.
+        example_inputs: example tensors (batch >= 2 when ``dynamic_batch``).
+        path: the ``.onnx`` file to write (parent folders are created).
+        dynamic_batch: a symbolic batch dimension; False fixes it to the example's.
+        opset: ONNX opset (default: the exporter's).
+        unsigned_activations: write int8 activations as uint8 with zero point
+            + 128 (exact; what onnxruntime's x86 integer kernels take). False
+            keeps int8 activations in the file (e.g. for NPU toolchains).
+
+    Returns:
+        The path written.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, fx.GraphModule):
+        model = _swap_to_decomposed(expand_integer_kernels(copy.deepcopy(model)), unsigned_activations)
+        model.training = False  # exported graphs refuse .eval(); the flag is what the exporter reads
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
+    kwargs = {"opset_version": opset} if opset is not None else {}
+    try:
+        program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    external_data=False, verbose=False, **kwargs)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export failed ({type(exc).__name__}: {first})") from exc
+    program.save(str(path))
+    model_proto = onnx.load(str(path))
+    if unique_dequantize_per_consumer(model_proto):
+        onnx.save(model_proto, str(path))
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def unique_dequantize_per_consumer(model: onnx.ModelProto) -> int:
+    """Give every consumer of a DequantizeLinear its own copy (in place); returns copies made.
+
+    The exporter's optimiser merges identical DequantizeLinear nodes, so a
+    tensor read by a conv and by a residual add ends up behind one shared DQ.
+    onnxruntime fuses ``DQ -> Conv -> Q`` into an integer kernel only when the
+    DQ has a single consumer: the QDQ format wants one DQ per consumer.
+    """
+    graph = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    new_nodes = []
+    copies = 0
+    for node in graph.node:
+        new_nodes.append(node)
+        if node.op_type != "DequantizeLinear":
+            continue
+        users = consumers.get(node.output[0], [])
+        for k, user in enumerate(users[1:] if node.output[0] not in outputs else users, start=1):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            clone.name = f"{node.name}_dup{k}"
+            clone.output[0] = f"{node.output[0]}_dup{k}"
+            for i, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[i] = clone.output[0]
+            new_nodes.append(clone)
+            copies += 1
+    if copies:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return copies

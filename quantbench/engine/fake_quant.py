@@ -1,0 +1,285 @@
+"""Fake-quantize modules inserted into the graph: static, LSQ, TQT, derived bias.
+
+One module instance serves one *quantization group*: a tensor, or several
+tensors that must share one scale (concat inputs and output, max-pool input
+and output, reshape input and output). Every call site of the group in the
+graph calls the same module, so a shared scale is shared by construction.
+
+Modes (set by :mod:`quantbench.engine.modes` context managers, never by
+global flags):
+
+* calibration: the observer records, the tensor passes through unchanged;
+* fake-quant: values are rounded to the grid (``x / s``, half-even, exactly
+  as onnxruntime's QuantizeLinear);
+* both (static QAT): the observer keeps updating the scale each step until it
+  is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantbench.engine.learnable import (
+    lsq_fake_quantize,
+    lsq_grad_scale,
+    lsq_init_scale,
+    ste_fake_quantize,
+    tqt_fake_quantize,
+    tqt_init_log2t_max,
+    tqt_init_log2t_weight,
+    tqt_scale,
+)
+from quantbench.engine.observers import build_observer
+from quantbench.engine.spec import DTYPES, QuantizationSpec
+
+__all__ = [
+    "FakeQuantizeBase",
+    "FakeQuantize",
+    "LSQFakeQuantize",
+    "TQTFakeQuantize",
+    "DerivedBiasFakeQuantize",
+    "build_fake_quantize",
+    "is_fake_quantize",
+]
+
+
+class FakeQuantizeBase(nn.Module):
+    """Shared state of every quantizer: spec, role, mode flags, names.
+
+    Attributes:
+        spec: the :class:`QuantizationSpec` of this group.
+        role: ``"activation"``, ``"weight"`` or ``"const"``.
+        name: the graph nodes this quantizer serves (for messages and tables).
+        observer_enabled / fake_quant_enabled: the mode flags.
+    """
+
+    def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.role = role
+        self.name = name
+        self.observer_enabled = True
+        self.fake_quant_enabled = False
+
+    @property
+    def ch_axis(self) -> int | None:
+        return self.spec.ch_axis if self.spec.per_channel else None
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current (scale, zero_point), detached; shape () or (C,)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"{self.role}, {s.dtype}, {s.qscheme}, {s.scale_type}, learnable={s.learnable}, "
+                f"observe={self.observer_enabled}, fq={self.fake_quant_enabled}")
+
+
+class _Observed(FakeQuantizeBase):
+    """A quantizer with an observer (for calibration or for static QAT)."""
+
+    def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
+        super().__init__(spec, role, name)
+        self.observer = build_observer(spec, name)
+
+    @property
+    def name(self) -> str:  # keeps the observer's label in sync for its error messages
+        return self.__dict__.get("_name", "")
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.__dict__["_name"] = value
+        if "observer" in self._modules:
+            self._modules["observer"].name = value
+
+    def _resize_on_load(self, state_dict, prefix, keys, param: bool) -> None:
+        for key in keys:
+            if prefix + key in state_dict:
+                value = torch.empty_like(state_dict[prefix + key])
+                setattr(self, key, nn.Parameter(value) if param else value)
+
+
+class FakeQuantize(_Observed):
+    """Static fake-quant: an observer sets the scale; gradients pass straight through."""
+
+    def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
+        super().__init__(spec, role, name)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._resize_on_load(state_dict, prefix, ("scale", "zero_point"), param=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale.detach(), self.zero_point.detach()
+
+    @torch.no_grad()
+    def update_qparams(self) -> None:
+        """Copy the observer's current range into the scale / zero point."""
+        if not self.observer.has_data:
+            return
+        scale, zp = self.observer.calculate_qparams()
+        self.scale = scale.to(self.scale.device, torch.float32)
+        self.zero_point = zp.to(self.zero_point.device, torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            self.observer(x.detach())
+            if self.fake_quant_enabled:
+                self.update_qparams()
+        if not self.fake_quant_enabled:
+            return x
+        s = self.spec
+        return ste_fake_quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, self.ch_axis, s.round_method)
+
+
+class LSQFakeQuantize(_Observed):
+    """LSQ (Esser et al., arXiv 1902.08153): the step size is a learned parameter.
+
+    Initialised from PTQ calibration when there was one (the observer's scale),
+    otherwise from the first batch it sees with ``2 * mean|x| / sqrt(Qp)``; the
+    gradient of the step is scaled by ``1 / sqrt(N * Qp)``.
+    """
+
+    def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
+        super().__init__(spec, role, name)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._resize_on_load(state_dict, prefix, ("scale",), param=True)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _set_scale(self, value: torch.Tensor) -> None:
+        self.scale = nn.Parameter(value.detach().to(torch.float32).clone())
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update_qparams(self) -> None:
+        if self.observer.has_data:
+            self._set_scale(self.observer.calculate_qparams()[0])
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale.detach().abs().clamp_min(torch.finfo(torch.float32).eps)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            self.observer(x.detach())
+        if not self.fake_quant_enabled:
+            return x
+        if not bool(self.initialized):
+            self._set_scale(lsq_init_scale(x.detach(), self.spec.qmax, self.ch_axis))
+        per_scale = x.numel() // max(1, self.scale.numel()) if self.role != "activation" else x[0].numel()
+        g = lsq_grad_scale(per_scale, self.spec.qmax)
+        return lsq_fake_quantize(x, self.scale, self.spec.qmin, self.spec.qmax, g, self.ch_axis)
+
+
+class TQTFakeQuantize(_Observed):
+    """TQT (Jain et al., arXiv 1903.08066): a learned log2 threshold, pow2 scale.
+
+    Initialised from PTQ calibration when there was one (log2 of the observed
+    max, i.e. the non-overflow threshold), otherwise from the first batch:
+    3-sigma for weights, the max for activations.
+    """
+
+    def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
+        super().__init__(spec, role, name)
+        self.log2_t = nn.Parameter(torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._resize_on_load(state_dict, prefix, ("log2_t",), param=True)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return tqt_scale(self.log2_t.detach(), self.spec.qmin, self.spec.qmax)
+
+    @torch.no_grad()
+    def _set_log2_t(self, value: torch.Tensor) -> None:
+        self.log2_t = nn.Parameter(value.detach().to(torch.float32).clone())
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update_qparams(self) -> None:
+        if self.observer.has_data:
+            # The observer's pow2 scale s covers amax; threshold t = s * 2^(b-1).
+            s = self.observer.calculate_qparams()[0]
+            self._set_log2_t(torch.log2(s * float(-self.spec.qmin)))
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            self.observer(x.detach())
+        if not self.fake_quant_enabled:
+            return x
+        if not bool(self.initialized):
+            init = (tqt_init_log2t_weight(x.detach(), self.ch_axis) if self.role != "activation"
+                    else tqt_init_log2t_max(x.detach()))
+            self._set_log2_t(init)
+        return tqt_fake_quantize(x, self.log2_t, self.spec.qmin, self.spec.qmax, self.ch_axis)
+
+
+class DerivedBiasFakeQuantize(FakeQuantizeBase):
+    """Int32 bias with scale = input scale x weight scale and zero point 0.
+
+    That is the scale an integer kernel accumulates in (onnxruntime
+    QLinearConv, NPUs), so the bias adds straight into the int32 accumulator.
+    The two source quantizers are held as plain references, not submodules,
+    so they are not duplicated in the state dict; deepcopy keeps them tied.
+    """
+
+    def __init__(self, spec: QuantizationSpec, act: FakeQuantizeBase, weight: FakeQuantizeBase,
+                 name: str = "") -> None:
+        super().__init__(spec, "bias", name)
+        self.__dict__["_act"] = act
+        self.__dict__["_weight"] = weight
+
+    @property
+    def sources(self) -> tuple[FakeQuantizeBase, FakeQuantizeBase]:
+        return self.__dict__["_act"], self.__dict__["_weight"]
+
+    @property
+    def fake_quant_enabled(self) -> bool:  # follows its sources: bias is exact only once both are
+        act, weight = self.sources
+        return act.fake_quant_enabled and weight.fake_quant_enabled
+
+    @fake_quant_enabled.setter
+    def fake_quant_enabled(self, value: bool) -> None:
+        pass
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        act, weight = self.sources
+        scale = act.qparams()[0] * weight.qparams()[0]
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled:
+            return b
+        scale, zp = self.qparams()
+        axis = 0 if scale.dim() == 1 else None
+        return ste_fake_quantize(b, scale, zp, self.spec.qmin, self.spec.qmax, axis, "half_even")
+
+
+_BY_LEARNABLE: dict[str, type[_Observed]] = {"none": FakeQuantize, "lsq": LSQFakeQuantize, "tqt": TQTFakeQuantize}
+
+
+def build_fake_quantize(spec: QuantizationSpec, role: str = "activation", name: str = "") -> FakeQuantizeBase:
+    """The fake-quant module for a spec (registry keyed by ``spec.learnable``)."""
+    return _BY_LEARNABLE[spec.learnable](spec, role, name)
+
+
+def is_fake_quantize(module: nn.Module) -> bool:
+    return isinstance(module, FakeQuantizeBase)
+
+
+def int_range(spec: QuantizationSpec) -> tuple[int, int, torch.dtype]:
+    """(qmin, qmax, storage dtype) of a spec."""
+    return spec.qmin, spec.qmax, DTYPES[spec.dtype].storage

@@ -1,0 +1,398 @@
+"""Fake quantization with gradients: static STE, LSQ and TQT.
+
+Every function here computes the forward pass the way onnxruntime's
+QuantizeLinear/DequantizeLinear pair does, so a model trained with them
+exports to a QDQ graph that agrees bit for bit::
+
+    q = clamp(round_half_even(x / s) + zp, qmin, qmax)      # divide, never x * (1/s)
+    y = (q - zp) * s
+
+They differ only in what the backward pass gives the parameters:
+
+* :func:`ste_fake_quantize`: a straight-through estimator for ``x``, nothing
+  for ``s``/``zp`` (observer-driven QAT).
+* :func:`lsq_fake_quantize`: LSQ (Esser et al., arXiv 1902.08153) learns the
+  float step ``s`` directly.
+* :func:`tqt_fake_quantize`: TQT (Jain et al., arXiv 1903.08066) learns
+  ``log2 t`` of a clipping threshold; the scale ``2^ceil(log2 t) / 2^(b-1)``
+  is always an exact power of two.
+
+"In range" is tested on the *rounded* value ``qmin <= round(x/s) + zp <=
+qmax`` throughout, for ``x`` and for the scale alike: it is exactly the set of
+elements whose output the clamp leaves alone. The papers test ``x/s`` itself;
+the two differ only within half a step outside each end of the grid.
+
+Tensors may live on any device; only plain torch ops are used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ste_fake_quantize",
+    "lsq_fake_quantize",
+    "lsq_grad_scale",
+    "lsq_init_scale",
+    "tqt_fake_quantize",
+    "tqt_scale",
+    "tqt_init_log2t_weight",
+    "tqt_init_log2t_max",
+    "tqt_init_log2t_kl",
+]
+
+_ROUNDERS = {
+    "half_even": torch.round,
+    "half_up": lambda v: torch.floor(v + 0.5),
+    "floor": torch.floor,
+}
+
+
+def _eps(dtype: torch.dtype) -> float:
+    """Smallest step we allow: 1e-8, or the smallest normal number of ``dtype``."""
+    return max(1e-8, torch.finfo(dtype).tiny)
+
+
+def _norm_axis(ch_axis: int | None, ndim: int) -> int | None:
+    if ch_axis is None:
+        return None
+    if not -ndim <= ch_axis < ndim:
+        raise ValueError(f"ch_axis={ch_axis} is out of range for a {ndim}-d tensor")
+    return ch_axis % ndim
+
+
+def _broadcast(p: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
+    """View a 0-d (per-tensor) or (C,) (per-channel) parameter so it broadcasts against ``x``."""
+    if p.dim() == 0:
+        return p
+    if p.dim() != 1 or ch_axis is None:
+        raise ValueError(f"a per-channel parameter must be 1-d with ch_axis set, got shape "
+                         f"{tuple(p.shape)} and ch_axis={ch_axis}")
+    if p.numel() != x.shape[ch_axis]:
+        raise ValueError(f"parameter has {p.numel()} elements but x has {x.shape[ch_axis]} "
+                         f"channels along axis {ch_axis}")
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return p.reshape(shape)
+
+
+def _reduce_like(g: Tensor, p: Tensor, ch_axis: int | None) -> Tensor:
+    """Sum an elementwise gradient over the elements that share each element of ``p``."""
+    if p.dim() == 0:
+        return g.sum().to(p.dtype)
+    dims = [d for d in range(g.dim()) if d != ch_axis]
+    return g.sum(dim=dims).to(p.dtype) if dims else g.to(p.dtype)
+
+
+def _per_channel(x: Tensor, ch_axis: int | None) -> Tensor:
+    """``x`` as (C, N) with channels first, or (1, numel) when ``ch_axis`` is None."""
+    if ch_axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(_norm_axis(ch_axis, x.dim()), 0).reshape(x.shape[ch_axis], -1)
+
+
+def _squeeze_per_tensor(t: Tensor, ch_axis: int | None) -> Tensor:
+    return t.reshape(()) if ch_axis is None else t
+
+
+def _scale_grad_elem(r: Tensor, v: Tensor, qmin: int, qmax: int) -> Tensor:
+    """d y / d s per element: round(v) - v in range, qmin below, qmax above (v = x/s, zp = 0)."""
+    return torch.where(r < qmin, float(qmin), torch.where(r > qmax, float(qmax), r - v))
+
+
+def _lsq_step(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
+    """LSQ's step as used in the forward: ``|scale|`` floored at eps, broadcast against ``x``."""
+    return _broadcast(scale.to(x.dtype).abs().clamp_min(_eps(x.dtype)), x, ch_axis)
+
+
+class _STEFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, round_method):
+        s = _broadcast(scale.to(x.dtype), x, ch_axis)
+        zp = _broadcast(zero_point.to(x.dtype), x, ch_axis)
+        r = _ROUNDERS[round_method](x / s) + zp
+        ctx.save_for_backward((r >= qmin) & (r <= qmax))
+        return (r.clamp(qmin, qmax) - zp) * s
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inside,) = ctx.saved_tensors
+        return grad_out * inside, None, None, None, None, None, None
+
+
+def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int,
+                      qmin: int, qmax: int, ch_axis: int | None = None,
+                      round_method: str = "half_even") -> Tensor:
+    """Static fake quantization with a straight-through estimator.
+
+    The forward is the QuantizeLinear/DequantizeLinear pair. ``round()`` has
+    zero gradient almost everywhere, so the backward passes ``grad_out``
+    straight through where the clamp is inactive and stops it where ``x`` was
+    clipped (Bengio et al.'s STE, as used by Jacob et al., arXiv 1712.05877).
+    Scale and zero point get no gradient: observers own them.
+
+    Args:
+        x: the tensor to fake-quantize.
+        scale: 0-d (per-tensor) or (C,) (per-channel along ``ch_axis``).
+        zero_point: same shape rules as ``scale``; integer valued.
+        qmin: lowest integer of the grid.
+        qmax: highest integer of the grid.
+        ch_axis: channel axis for a (C,) ``scale``.
+        round_method: ``half_even`` (ONNX), ``half_up`` (floor(v + 0.5)) or
+            ``floor``.
+
+    Returns:
+        The dequantized tensor, same shape and dtype as ``x``.
+    """
+    if round_method not in _ROUNDERS:
+        raise ValueError(f"round_method={round_method!r} is not one of {sorted(_ROUNDERS)}")
+    scale = torch.as_tensor(scale, device=x.device)
+    zero_point = torch.as_tensor(zero_point, device=x.device)
+    ch_axis = _norm_axis(ch_axis, x.dim())
+    return _STEFakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, round_method)
+
+
+class _LSQFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax, grad_scale, ch_axis):
+        ctx.save_for_backward(x, scale)
+        ctx.consts = (qmin, qmax, grad_scale, ch_axis)
+        s = _lsq_step(scale, x, ch_axis)
+        return torch.round(x / s).clamp(qmin, qmax) * s
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale = ctx.saved_tensors
+        qmin, qmax, grad_scale, ch_axis = ctx.consts
+        v = x / _lsq_step(scale, x, ch_axis)  # recomputed rather than saved: one tensor less per layer
+        r = torch.round(v)
+        grad_x = grad_out * ((r >= qmin) & (r <= qmax)) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            g = _reduce_like(grad_out * _scale_grad_elem(r, v, qmin, qmax), scale, ch_axis)
+            # Chain rule through |scale|; the eps floor is passed straight through so
+            # that a step pushed below eps can still grow back.
+            grad_s = g * grad_scale * torch.where(scale < 0, -1.0, 1.0).to(g.dtype)
+        return grad_x, grad_s, None, None, None, None
+
+
+def lsq_fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float,
+                      ch_axis: int | None = None) -> Tensor:
+    """Learned Step Size Quantization (Esser et al., arXiv 1902.08153), symmetric (zp = 0).
+
+    The forward uses half-even rounding like ONNX. The backward is the paper's:
+    ``dy/dx = 1`` in range and 0 outside; ``dy/ds = round(x/s) - x/s`` in range,
+    ``qmin`` below and ``qmax`` above, summed over the elements of each scale
+    element and multiplied by ``grad_scale`` (see :func:`lsq_grad_scale`),
+    which keeps the step's update in proportion to the weights' updates.
+
+    The step used is ``|scale|`` floored at a small eps, so the forward never
+    divides by zero or flips sign; its gradient is the formula above times
+    ``sign(scale)`` (exact wherever ``|scale| >= eps``).
+
+    Args:
+        x: the tensor to fake-quantize.
+        scale: the learnable step, 0-d or (C,) along ``ch_axis``.
+        qmin: lowest integer of the grid (``-Qn`` in the paper).
+        qmax: highest integer of the grid (``Qp``).
+        grad_scale: ``g`` of the paper.
+        ch_axis: channel axis for a (C,) ``scale``.
+
+    Returns:
+        The dequantized tensor, same shape and dtype as ``x``.
+    """
+    ch_axis = _norm_axis(ch_axis, x.dim())
+    return _LSQFakeQuantize.apply(x, scale, qmin, qmax, float(grad_scale), ch_axis)
+
+
+def lsq_grad_scale(numel_per_scale: int, qmax: int) -> float:
+    """LSQ's gradient scale ``g = 1 / sqrt(N * Qp)`` (arXiv 1902.08153, section 2.2).
+
+    Choose ``N`` as the paper does: for weights, the number of weights that
+    share one step (all weights per-tensor, one output channel's weights
+    per-channel); for activations, the number of features of *one sample*
+    (``x[0].numel()``), not of the whole batch.
+    """
+    return 1.0 / math.sqrt(max(int(numel_per_scale), 1) * qmax)
+
+
+def lsq_init_scale(x: Tensor, qmax: int, ch_axis: int | None = None) -> Tensor:
+    """LSQ's initial step ``2 * mean|x| / sqrt(Qp)`` (arXiv 1902.08153), floored at eps.
+
+    Returns a detached 0-d tensor, or (C,) when ``ch_axis`` is given.
+    """
+    x = x.detach()
+    mean_abs = _per_channel(x, ch_axis).abs().mean(dim=1)
+    s = (2.0 * mean_abs / math.sqrt(qmax)).clamp_min(_eps(x.dtype))
+    return _squeeze_per_tensor(s, ch_axis)
+
+
+def _tqt_levels(qmin: int, qmax: int | None) -> int:
+    """``2^(b-1)`` for a signed b-bit grid (``2^b`` for an unsigned one): the levels on the wide side.
+
+    The next power of two of ``max(-qmin, qmax + 1)``, so a narrow-range grid
+    (-127..127) still gets 128 and the scale stays a power of two.
+    """
+    if qmax is None:
+        if qmin >= 0:
+            raise ValueError(f"tqt_scale needs qmax for an unsigned grid (qmin={qmin})")
+        qmax = -qmin - 1
+    return 1 << (max(-qmin, qmax + 1) - 1).bit_length()
+
+
+def tqt_scale(log2_t: Tensor, qmin: int, qmax: int | None = None) -> Tensor:
+    """The power-of-two scale ``2^ceil(log2_t) / 2^(b-1)`` of TQT (arXiv 1903.08066).
+
+    ``ceil`` makes the threshold the smallest power of two that covers
+    ``t``, so the learned range never clips below ``t``. The result is exact
+    (an integer exponent through ``exp2``). Used at freeze time too.
+
+    Args:
+        log2_t: the learnable log2 threshold, 0-d or (C,).
+        qmin: lowest integer of the grid (-128 for int8, -8 for int4).
+        qmax: highest integer; needed only for unsigned grids.
+    """
+    shift = int(math.log2(_tqt_levels(qmin, qmax)))
+    # Floor the exponent at the smallest normal number so the scale never underflows to 0.
+    min_exp = math.log2(torch.finfo(log2_t.dtype).tiny)
+    return torch.exp2((torch.ceil(log2_t) - shift).clamp_min(min_exp))
+
+
+class _TQTFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, log2_t, qmin, qmax, ch_axis):
+        ctx.save_for_backward(x, log2_t)
+        ctx.consts = (qmin, qmax, ch_axis)
+        s = _broadcast(tqt_scale(log2_t.to(x.dtype), qmin, qmax), x, ch_axis)
+        return torch.round(x / s).clamp(qmin, qmax) * s
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, log2_t = ctx.saved_tensors
+        qmin, qmax, ch_axis = ctx.consts
+        s = _broadcast(tqt_scale(log2_t.to(x.dtype), qmin, qmax), x, ch_axis)
+        v = x / s
+        r = torch.round(v)
+        grad_x = grad_out * ((r >= qmin) & (r <= qmax)) if ctx.needs_input_grad[0] else None
+        grad_l = None
+        if ctx.needs_input_grad[1]:
+            # d s / d log2_t = s * ln 2, with d ceil(l) / dl taken as 1 (straight through).
+            elem = _scale_grad_elem(r, v, qmin, qmax) * (s * math.log(2.0))
+            grad_l = _reduce_like(grad_out * elem, log2_t, ch_axis)
+        return grad_x, grad_l, None, None, None
+
+
+def tqt_fake_quantize(x: Tensor, log2_t: Tensor, qmin: int, qmax: int,
+                      ch_axis: int | None = None) -> Tensor:
+    """Trained Quantization Thresholds (Jain et al., arXiv 1903.08066).
+
+    Learns ``log2 t`` rather than ``t`` or ``s``: gradient steps in the log
+    domain are scale invariant, and the scale ``2^ceil(log2 t) / 2^(b-1)``
+    (see :func:`tqt_scale`) is a power of two, i.e. a bit shift on integer
+    hardware. Forward: ``y = clamp(round_half_even(x/s), qmin, qmax) * s``,
+    exact in float since ``s`` is a power of two. Backward: ``dy/dx = 1`` in
+    range and 0 outside; ``dy/dlog2_t = s * ln2 * {round(x/s) - x/s in range,
+    qmin below, qmax above}``, summed per threshold element.
+
+    Args:
+        x: the tensor to fake-quantize.
+        log2_t: learnable log2 threshold, 0-d or (C,) along ``ch_axis``.
+        qmin: lowest integer of the grid.
+        qmax: highest integer of the grid.
+        ch_axis: channel axis for a (C,) ``log2_t``.
+
+    Returns:
+        The dequantized tensor, same shape and dtype as ``x``.
+    """
+    ch_axis = _norm_axis(ch_axis, x.dim())
+    return _TQTFakeQuantize.apply(x, log2_t, qmin, qmax, ch_axis)
+
+
+def _safe_log2(t: Tensor) -> Tensor:
+    return torch.log2(t.clamp_min(_eps(t.dtype)))
+
+
+def tqt_init_log2t_weight(w: Tensor, ch_axis: int | None = None) -> Tensor:
+    """TQT's weight init: ``log2(|mean| + 3 * std)``, the 3-sigma threshold (arXiv 1903.08066).
+
+    Uses the population std (``correction=0``) so a single-element channel is
+    defined. Returns a detached 0-d tensor, or (C,) with ``ch_axis``.
+    """
+    rows = _per_channel(w.detach(), ch_axis)
+    t = rows.mean(dim=1).abs() + 3.0 * rows.std(dim=1, correction=0)
+    return _squeeze_per_tensor(_safe_log2(t), ch_axis)
+
+
+def tqt_init_log2t_max(x: Tensor, ch_axis: int | None = None) -> Tensor:
+    """``log2(max|x|)``: the threshold that clips nothing (floored at eps); 0-d or (C,)."""
+    return _squeeze_per_tensor(_safe_log2(_per_channel(x.detach(), ch_axis).abs().amax(dim=1)), ch_axis)
+
+
+def _kl_j(p: Tensor, q: Tensor, smooth: float = 1e-8) -> Tensor:
+    """Symmetric KL-J distance ``KL(P||Q) + KL(Q||P) = sum (p - q) log(p / q)``, additively smoothed."""
+    p = (p + smooth) / (p + smooth).sum()
+    q = (q + smooth) / (q + smooth).sum()
+    return ((p - q) * (p.log() - q.log())).sum()
+
+
+def _quantized_reference(hist: Tensor, i: int, levels: int) -> tuple[Tensor, Tensor]:
+    """P: the first ``i`` bins with the clipped tail folded into the last; Q: the same bins merged
+    into ``levels`` groups, each group's mass spread evenly over its non-empty bins."""
+    ref = hist[:i].clone()
+    ref[-1] += hist[i:].sum()
+    body = hist[:i]
+    group = torch.arange(i, device=hist.device) * levels // i
+    nonempty = (body > 0).to(hist.dtype)
+    mass = torch.zeros(levels, dtype=hist.dtype, device=hist.device).index_add_(0, group, body)
+    count = torch.zeros(levels, dtype=hist.dtype, device=hist.device).index_add_(0, group, nonempty)
+    q = (mass / count.clamp_min(1.0))[group] * nonempty
+    return ref, q
+
+
+def tqt_init_log2t_kl(x_or_hist: Tensor | Sequence, bits: int = 8, bins: int = 2048) -> Tensor:
+    """TQT's activation init: the KL-J calibrated threshold (arXiv 1903.08066).
+
+    A histogram of ``|x|`` over ``[0, max|x|]`` is the reference distribution.
+    For each candidate threshold (a bin edge, from ``2^(b-1)`` bins up), P is
+    the histogram clipped there (the tail folded into the last bin) and Q is
+    the bins below it quantized to ``2^(b-1)`` levels (so Q lacks the clipped
+    mass); the threshold minimising the symmetric
+    distance ``J = KL(P||Q) + KL(Q||P)`` balances clipping error against
+    rounding error. Zero bins are smoothed with a tiny additive constant.
+
+    Args:
+        x_or_hist: a tensor of samples, or ``(counts, max_abs)``: a histogram
+            of ``|x|`` in equal bins over ``[0, max_abs]`` (so observers can
+            accumulate it over batches).
+        bits: bit width of the signed grid.
+        bins: histogram bins when samples are given.
+
+    Returns:
+        A 0-d float32 CPU tensor: log2 of the threshold, which lies in
+        ``(0, max|x|]`` (log2 of eps when ``x`` is all zeros). The search runs
+        on the CPU: it is a one-off loop over ~2000 small vectors.
+    """
+    if isinstance(x_or_hist, Tensor):
+        a = x_or_hist.detach().abs().flatten().double()
+        max_abs = float(a.max()) if a.numel() else 0.0
+        hist = torch.histc(a, bins=bins, min=0.0, max=max_abs).cpu() if max_abs > 0 else None
+    else:
+        counts, max_abs = x_or_hist
+        hist, max_abs = torch.as_tensor(counts).detach().double().cpu(), float(max_abs)
+    if hist is None or max_abs <= 0.0 or float(hist.sum()) <= 0.0:
+        return _safe_log2(torch.tensor(0.0))
+    levels = 1 << (bits - 1)
+    n = hist.numel()
+    if n <= levels:
+        return torch.tensor(math.log2(max_abs))
+    best_i, best_j = n, math.inf
+    for i in range(levels, n + 1):
+        p, q = _quantized_reference(hist, i, levels)
+        j = float(_kl_j(p, q))
+        if j < best_j:
+            best_i, best_j = i, j
+    return torch.tensor(math.log2(best_i * max_abs / n))

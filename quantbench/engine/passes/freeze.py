@@ -1,0 +1,101 @@
+"""Freeze: fake-quant graph -> plain GraphModule of integer tensors and Q/DQ calls.
+
+Before: a graph from :meth:`ModelQuantizer.quantize_model` whose quantizer
+modules hold scales (calibrated or learned). After: no quantizer modules;
+each activation quantizer call is a :func:`quantbench.engine.qdq.quantize` /
+:func:`~quantbench.engine.qdq.dequantize` pair with the scale baked in;
+weights, constants and biases are integer buffers (int8 / int4-in-int8 /
+int32) read through ``dequantize``. The float weights are gone. Freezing a
+frozen graph is a no-op (there are no quantizers left).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+
+from quantbench.engine.fake_quant import FakeQuantizeBase
+from quantbench.engine.passes.integer import fuse_integer_kernels
+from quantbench.engine.passes.prequant import get_attr_tensor, set_attr_tensor
+from quantbench.engine.qdq import dequantize, quantize
+
+__all__ = ["freeze_graph", "bake_quantizers", "FREEZE_TARGETS"]
+
+FREEZE_TARGETS = ("ort",)
+
+
+def _qdq_args(gm: fx.GraphModule, mod: FakeQuantizeBase, base: str) -> tuple:
+    scale, zp = mod.qparams()
+    spec = mod.spec
+    if scale.dim() == 0:
+        s_arg, z_arg, axis = float(scale), int(zp), None
+    else:
+        axis = 0 if mod.role == "bias" else spec.ch_axis
+        s_arg = gm.graph.get_attr(set_attr_tensor(gm, f"{base}_scale", scale.float(), param=False))
+        z_arg = gm.graph.get_attr(set_attr_tensor(gm, f"{base}_zero_point", zp.to(torch.int32), param=False))
+    return s_arg, z_arg, axis, spec.qmin, spec.qmax, spec.dtype, spec.round_method
+
+
+def bake_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every quantizer call by baked integers / Q-DQ calls (in place)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, FakeQuantizeBase):
+            continue
+        src = node.args[0]
+        base = f"{node.name}"
+        with graph.inserting_before(node):
+            args = _qdq_args(gm, mod, base)
+            if src.op == "get_attr":
+                # Constant: quantize now, keep only the integer tensor.
+                tensor = get_attr_tensor(gm, src.target).detach().float()
+                s, z, axis = args[0], args[1], args[2]
+                if isinstance(s, fx.Node):
+                    s, z = get_attr_tensor(gm, s.target), get_attr_tensor(gm, z.target)
+                q = quantize(tensor, s, z, axis, *args[3:])
+                qnode = graph.get_attr(set_attr_tensor(gm, f"{base}_int", q, param=False))
+                out = graph.call_function(dequantize, (qnode, *args))
+            else:
+                q = graph.call_function(quantize, (src, *args))
+                out = graph.call_function(dequantize, (q, *args))
+        out.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    _drop_unused_attributes(gm)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters(recurse=False)]:
+        if name not in used:
+            delattr(gm, name)
+    for name in [n for n, _ in gm.named_buffers(recurse=False)]:
+        if name not in used:
+            delattr(gm, name)
+    for mod_name, mod in list(gm.named_children()):
+        if mod_name == "_guards_fn":
+            continue
+        if not any(t == mod_name or t.startswith(mod_name + ".") for t in used) and not list(mod.children()):
+            if not any(n.op == "call_module" and n.target == mod_name for n in gm.graph.nodes):
+                delattr(gm, mod_name)
+
+
+def freeze_graph(qmodel: fx.GraphModule, target: str = "ort") -> fx.GraphModule:
+    """A frozen copy of ``qmodel`` for the given target (see module docstring)."""
+    if target not in FREEZE_TARGETS:
+        raise ValueError(f"freeze target {target!r} is not one of {list(FREEZE_TARGETS)}")
+    frozen = copy.deepcopy(qmodel)
+    frozen = bake_quantizers(frozen)
+    frozen = fuse_integer_kernels(frozen)
+    frozen.meta["qb_frozen_target"] = target
+    return frozen

@@ -1,0 +1,247 @@
+"""Pre-quantization passes: pure GraphModule -> GraphModule rewrites.
+
+Each pass takes the ATen graph that :func:`quantbench.engine.capture` returns
+and rewrites it in place, returning the same module for chaining. Each is
+idempotent: running it twice is a no-op the second time. Each ends with
+``graph.lint()`` and ``recompile()``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+__all__ = [
+    "functionalize_inplace",
+    "remove_dropout",
+    "fold_bn",
+    "bn_to_affine",
+    "lift_scalar_constants",
+    "op_name",
+    "get_attr_tensor",
+    "set_attr_tensor",
+    "PREQUANT_PTQ",
+    "PREQUANT_QAT",
+    "run_passes",
+]
+
+aten = torch.ops.aten
+
+_CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+def op_name(node: fx.Node) -> str:
+    """Short op type of a node: ``aten.conv2d.default`` -> ``"conv2d"``."""
+    if node.op != "call_function":
+        return node.op
+    if node.target is operator.getitem:
+        return "getitem"
+    packet = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
+    return str(packet)
+
+
+def get_attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor, *, param: bool) -> str:
+    """Register a new top-level tensor attribute under a fresh name and return the name."""
+    base = name.replace(".", "_")
+    candidate, k = base, 0
+    while hasattr(gm, candidate):
+        k += 1
+        candidate = f"{base}_{k}"
+    if param:
+        gm.register_parameter(candidate, torch.nn.Parameter(value.detach().clone(), requires_grad=True))
+    else:
+        gm.register_buffer(candidate, value.detach().clone())
+    return candidate
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def functionalize_inplace(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace in-place activations (``hardtanh_``, ``relu_``...) by their out-of-place form.
+
+    Before: in-place ops may appear (mobilenet's ``ReLU6(inplace=True)``).
+    After: none whose input has a single user, so quantizers can sit between
+    ops without being overwritten. Idempotent.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target._opname
+        if not name.endswith("_") or name.startswith("_") or len(node.args) == 0:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or len(src.users) != 1:
+            continue
+        functional = getattr(aten, name[:-1], None)
+        overload = getattr(functional, node.target._overloadname, None) if functional is not None else None
+        if overload is not None:
+            node.target = overload
+    return _finish(gm)
+
+
+def remove_dropout(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove dropout nodes (identity at inference). Idempotent."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and op_name(node) in {"dropout", "feature_dropout", "alpha_dropout"}:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    return _finish(gm)
+
+
+def _bn_params(gm: fx.GraphModule, bn: fx.Node, channels: int):
+    args = list(bn.args) + [None] * (9 - len(bn.args))
+    _, w, b, mean, var, _, _, eps, _ = args[:9]
+    mean_t = get_attr_tensor(gm, mean.target).detach().float()
+    var_t = get_attr_tensor(gm, var.target).detach().float()
+    gamma = get_attr_tensor(gm, w.target).detach().float() if w is not None else torch.ones(channels)
+    beta = get_attr_tensor(gm, b.target).detach().float() if b is not None else torch.zeros(channels)
+    inv_std = torch.rsqrt(var_t + float(eps if eps is not None else 1e-5))
+    return gamma, beta, mean_t, inv_std
+
+
+def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold an inference BatchNorm that follows a conv into the conv's weight and bias.
+
+    Before: ``conv -> batch_norm(training=False)`` where the conv has one user
+    and its weight is a constant. After: one conv with ``w * gamma/sigma`` and
+    ``(b - mu) * gamma/sigma + beta``; the BN node is gone. Running it twice
+    folds nothing more. Used for PTQ; QAT keeps BN and simulates folding
+    (Jacob et al., arXiv 1712.05877, sec. 3.2).
+    """
+    for bn in list(gm.graph.nodes):
+        if bn.op != "call_function" or op_name(bn) != "batch_norm":
+            continue
+        conv = bn.args[0]
+        if not (isinstance(conv, fx.Node) and op_name(conv) in _CONV_OPS and len(conv.users) == 1):
+            continue
+        w_node = conv.args[1]
+        if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
+            continue
+        transposed = op_name(conv).startswith("conv_transpose")
+        weight = get_attr_tensor(gm, w_node.target).detach().float()
+        out_ch = weight.shape[1] * _groups(conv) if transposed else weight.shape[0]
+        gamma, beta, mean, inv_std = _bn_params(gm, bn, out_ch)
+        factor = gamma * inv_std
+        if transposed:
+            groups = _groups(conv)
+            w = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+            w = w * factor.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))
+            new_w = w.reshape(weight.shape)
+        else:
+            new_w = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+        b_node = conv.args[2] if len(conv.args) > 2 else None
+        bias = get_attr_tensor(gm, b_node.target).detach().float() if b_node is not None else torch.zeros(out_ch)
+        new_b = (bias - mean) * factor + beta
+        with gm.graph.inserting_before(conv):
+            w_name = set_attr_tensor(gm, f"{w_node.target}_bnfold", new_w, param=True)
+            b_name = set_attr_tensor(gm, f"{w_node.target.rsplit('.', 1)[0]}.bias_bnfold", new_b, param=True)
+            nw = gm.graph.get_attr(w_name)
+            nb = gm.graph.get_attr(b_name)
+        args = list(conv.args)
+        args += [None] * max(0, 3 - len(args))
+        args[1], args[2] = nw, nb
+        conv.args = tuple(args)
+        bn.replace_all_uses_with(conv)
+        gm.graph.erase_node(bn)
+    return _finish(gm)
+
+
+def _groups(conv: fx.Node) -> int:
+    name = op_name(conv)
+    idx = 7 if name.startswith("conv_transpose") else 6
+    if len(conv.args) > idx:
+        return int(conv.args[idx])
+    return int(conv.kwargs.get("groups", 1))
+
+
+def bn_to_affine(gm: fx.GraphModule) -> fx.GraphModule:
+    """Turn an inference BatchNorm that could not be folded into ``x * a + b``.
+
+    Integer hardware has no BatchNorm; as a per-channel multiply and add with
+    constant tensors it quantizes like any other elementwise op. Before: a
+    ``batch_norm(training=False)`` node; after: ``add(mul(x, a), b)`` with
+    ``a, b`` shaped ``(C, 1, ..., 1)``. Idempotent.
+    """
+    for bn in list(gm.graph.nodes):
+        if bn.op != "call_function" or op_name(bn) != "batch_norm":
+            continue
+        if len(bn.args) > 5 and bn.args[5]:
+            continue  # training-mode BN (QAT) is left alone
+        x = bn.args[0]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if val is None or val.dim() < 2:
+            continue
+        channels = val.shape[1]
+        gamma, beta, mean, inv_std = _bn_params(gm, bn, channels)
+        shape = (channels, *([1] * (val.dim() - 2)))
+        a = (gamma * inv_std).reshape(shape)
+        b = (beta - mean * gamma * inv_std).reshape(shape)
+        with gm.graph.inserting_before(bn):
+            an = gm.graph.get_attr(set_attr_tensor(gm, f"{bn.name}_scale", a, param=False))
+            bnode = gm.graph.get_attr(set_attr_tensor(gm, f"{bn.name}_shift", b, param=False))
+            mul = gm.graph.call_function(aten.mul.Tensor, (x, an))
+            add = gm.graph.call_function(aten.add.Tensor, (mul, bnode))
+        mul.meta["val"] = val
+        add.meta["val"] = val
+        bn.replace_all_uses_with(add)
+        gm.graph.erase_node(bn)
+    return _finish(gm)
+
+
+_SCALAR_BINARY = {"add", "sub", "mul", "div", "rsub"}
+
+
+def lift_scalar_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make Python-number operands of add/sub/mul/div tensor constants.
+
+    ``x + 10`` exports as ``aten.add.Tensor(x, 10)``: on integer hardware the
+    10 must be an integer too, so it becomes a 0-d constant (a buffer read by a
+    ``get_attr`` node) that the annotator quantizes like a weight.
+    ``rsub(x, c)`` becomes ``sub(c, x)``. Idempotent (no scalars remain).
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or op_name(node) not in _SCALAR_BINARY:
+            continue
+        args = list(node.args[:2])
+        if not any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            continue
+        if not any(isinstance(a, fx.Node) for a in args):
+            continue
+        for i, a in enumerate(args):
+            if isinstance(a, (int, float)) and not isinstance(a, bool):
+                with gm.graph.inserting_before(node):
+                    name = set_attr_tensor(gm, f"{node.name}_const", torch.tensor(float(a)), param=False)
+                    args[i] = gm.graph.get_attr(name)
+                    args[i].meta["val"] = torch.tensor(float(a))
+        if op_name(node) == "rsub":
+            node.target = aten.sub.Tensor
+            args = [args[1], args[0]]
+        elif not str(node.target).endswith(".Tensor"):
+            node.target = getattr(aten, op_name(node)).Tensor
+        node.args = (*args, *node.args[2:])
+    return _finish(gm)
+
+
+PREQUANT_PTQ = (functionalize_inplace, remove_dropout, fold_bn, bn_to_affine, lift_scalar_constants)
+PREQUANT_QAT = (functionalize_inplace, remove_dropout, lift_scalar_constants)
+
+
+def run_passes(gm: fx.GraphModule, passes) -> fx.GraphModule:
+    """Run a pipeline of passes top to bottom."""
+    for p in passes:
+        gm = p(gm)
+    return gm

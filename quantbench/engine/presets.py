@@ -1,0 +1,123 @@
+"""Named quantization configs (a registry): ``presets.get(name)``, ``presets.list()``.
+
+A preset is a function returning a :class:`Config`; its name is the function's
+name. PTQ presets quantize the whole graph: weights, bias (int32 derived),
+inputs and outputs. QAT presets use the same grids with static observers
+(``qat_pow2``, ``qat_float``) or learnable scales (``qat_lsq``, ``qat_tqt``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable
+
+from quantbench.engine.spec import Config, QuantizationConfig, QuantizationSpec
+
+__all__ = ["get", "list", "register", "PresetError"]
+
+_REGISTRY: dict[str, Callable[[], Config]] = {}
+_builtin_list = list
+
+
+class PresetError(KeyError):
+    """Unknown preset name; the message lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register(fn: Callable[[], Config]) -> Callable[[], Config]:
+    """Register a preset under its function name; a duplicate raises."""
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise KeyError(f"preset {name!r} is already registered")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def get(name: str) -> Config:
+    """The Config of a preset."""
+    if name not in _REGISTRY:
+        raise PresetError(f"unknown preset {name!r}; known presets: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]().replace(name=name)
+
+
+def list(pattern: str = "*") -> _builtin_list[str]:  # noqa: A001 - mirrors timm.list_models
+    """Preset names matching a wildcard pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def _int32_bias() -> QuantizationSpec:
+    return QuantizationSpec(dtype="int32", symmetric=True)
+
+
+def _config(weight: QuantizationSpec, act: QuantizationSpec, bias: QuantizationSpec | None = None) -> Config:
+    qc = QuantizationConfig(weight=weight, bias=bias or _int32_bias(), input_tensors=act, output_tensors=act)
+    return Config(global_quant_config=qc)
+
+
+_W8 = QuantizationSpec(dtype="int8", symmetric=True)
+_A8 = QuantizationSpec(dtype="int8", symmetric=True)
+
+
+@register
+def int8_float() -> Config:
+    """INT8 per-tensor symmetric min-max everywhere: the 'PTQ float scale' rows of the Quark table."""
+    return _config(_W8, _A8)
+
+
+@register
+def int8_float_perchannel() -> Config:
+    """Per-channel symmetric weights, per-tensor symmetric activations."""
+    return _config(_W8.replace(qscheme="per_channel", ch_axis=0), _A8)
+
+
+@register
+def int8_pow2() -> Config:
+    """Power-of-two ('non-overflow') scales everywhere, per tensor: what pow2 NPUs run."""
+    return _config(_W8.replace(scale_type="pow2"), _A8.replace(scale_type="pow2"))
+
+
+@register
+def int8_pow2_mse() -> Config:
+    """Power-of-two scales whose exponent minimises the quantization MSE."""
+    return _config(_W8.replace(scale_type="pow2", observer="mse"),
+                   _A8.replace(scale_type="pow2", observer="mse"))
+
+
+@register
+def int8_percentile() -> Config:
+    """Float scales; activations clipped at the 99.99th percentile (histogram)."""
+    return _config(_W8.replace(qscheme="per_channel"), _A8.replace(observer="percentile"))
+
+
+@register
+def int8_mse() -> Config:
+    """Float scales; activation clipping range chosen by quantization MSE."""
+    return _config(_W8.replace(qscheme="per_channel"), _A8.replace(observer="mse"))
+
+
+@register
+def uint8_asym() -> Config:
+    """onnxruntime's native format: asymmetric uint8 activations, per-channel int8 weights."""
+    return _config(_W8.replace(qscheme="per_channel"), QuantizationSpec(dtype="uint8", symmetric=False))
+
+
+@register
+def w4a8_float() -> Config:
+    """4-bit per-channel weights (int4 in int8 containers), int8 activations, float scales."""
+    return _config(QuantizationSpec(dtype="int4", qscheme="per_channel"), _A8)
+
+
+@register
+def w4a8_pow2() -> Config:
+    """4-bit per-channel weights and int8 activations, power-of-two scales."""
+    return _config(QuantizationSpec(dtype="int4", qscheme="per_channel", scale_type="pow2"),
+                   _A8.replace(scale_type="pow2"))
+
+
+@register
+def w4a8_mse() -> Config:
+    """4-bit per-channel MSE-clipped weights, int8 activations: the strongest low-bit PTQ here."""
+    return _config(QuantizationSpec(dtype="int4", qscheme="per_channel", observer="mse"),
+                   _A8.replace(observer="mse"))

@@ -1,0 +1,361 @@
+"""ModelQuantizer: the public PTQ / QAT-ready entry point, and coverage.
+
+The whole flow (every step GraphModule in, GraphModule out)::
+
+    gm = capture(model.eval(), (x,))                    # torch.export ATen graph
+    quantizer = ModelQuantizer(presets.get("int8_pow2"))
+    qmodel = quantizer.quantize_model(gm, calib_loader)  # passes, annotate, insert, calibrate
+    print(quantizer.coverage(qmodel))                   # every compute node left in float, and why
+    frozen = quantizer.freeze(qmodel)                   # scales baked, int weights / int32 bias
+    export_onnx(frozen, (x,), "model.onnx")             # QDQ ONNX
+
+Why the insertion is written here and not with torchao's ``prepare_pt2e``:
+the engine needs (1) one module instance per *group* of tensors that share a
+scale, called at every site, so that pow2 hardware alignment, LSQ/TQT
+parameters and DDP synchronisation act on one object; (2) a derived int32
+bias quantizer that is live during QAT; (3) a conversion whose rounding is
+bit-exact with onnxruntime, which torchao's ``convert_pt2e`` is not (its
+``quantized_decomposed`` ops multiply by 1/scale). The annotation
+vocabulary (specs, shared and derived specs) follows PT2E's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+
+from quantbench.engine.annotate import Plan, annotate, op_kind
+from quantbench.engine.fake_quant import (
+    DerivedBiasFakeQuantize,
+    FakeQuantizeBase,
+    build_fake_quantize,
+)
+from quantbench.engine.modes import calibration_mode, fake_quantizers, set_fake_quant, set_observers
+from quantbench.engine.passes.prequant import PREQUANT_PTQ, PREQUANT_QAT, get_attr_tensor, op_name, run_passes
+from quantbench.engine.progress import progress
+from quantbench.engine.spec import Config
+
+__all__ = ["ModelQuantizer", "CoverageReport", "QuantizationError", "CalibrationError", "coverage",
+           "batch_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+class QuantizationError(RuntimeError):
+    """The model cannot be quantized as asked; the message says why and what to do."""
+
+
+class CalibrationError(QuantizationError):
+    """A calibration batch does not fit the captured model."""
+
+
+def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
+    """Inputs of a calibration batch: a tensor, a tuple of tensors, or (inputs, target)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, dict):
+        raise CalibrationError("calibration batches must be tensors or (inputs, target) pairs, got a dict")
+    if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)  # (inputs, target): the target is ignored
+    if isinstance(batch, (list, tuple)) and all(isinstance(b, torch.Tensor) for b in batch):
+        return tuple(batch)
+    if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
+        return tuple(batch[0])
+    raise CalibrationError(f"cannot read inputs from a calibration batch of type {type(batch).__name__}")
+
+
+def _module_name(node: fx.Node, role: str, taken: set[str]) -> str:
+    base = re.sub(r"\W", "_", f"{role}_fq_{node.name}")
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def _insert_group_modules(gm: fx.GraphModule, plan: Plan) -> None:
+    taken = {n for n, _ in gm.named_modules()}
+    for g in plan.groups():
+        head = g.members[0]
+        g.module_name = _module_name(head, g.role, taken)
+        label = ", ".join(m.name for m in g.members[:4]) + (" ..." if len(g.members) > 4 else "")
+        gm.add_submodule(g.module_name, build_fake_quantize(g.spec, g.role, name=label))
+
+
+def _rewire_values(gm: fx.GraphModule, plan: Plan) -> None:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, g in list(plan.value_group.items()):
+        if op_kind(node) == "tuple_passthrough":
+            continue  # a list value: its getitem users carry the quantizer
+        anchor = placeholders[-1] if node.op == "placeholder" else node
+        with graph.inserting_after(anchor):
+            fq = graph.call_module(g.root().module_name, (node,))
+        fq.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(
+            fq, delete_user_cb=lambda u, fq=fq: u is not fq and u.target != "_guards_fn")
+
+
+def _set_arg(node: fx.Node, i: int, j: int, value: fx.Node) -> None:
+    args = list(node.args)
+    if j < 0:
+        args[i] = value
+    else:
+        inner = list(args[i])
+        inner[j] = value
+        args[i] = type(node.args[i])(inner)
+    node.args = tuple(args)
+
+
+def _get_arg(node: fx.Node, i: int, j: int) -> fx.Node:
+    return node.args[i] if j < 0 else node.args[i][j]
+
+
+def _insert_input_quantizers(gm: fx.GraphModule, plan: Plan) -> None:
+    graph = gm.graph
+    for (node, i), g in plan.weight_group.items():
+        with graph.inserting_before(node):
+            fq = graph.call_module(g.root().module_name, (node.args[i],))
+        _set_arg(node, i, -1, fq)
+    for (node, i, j), g in plan.edge_group.items():
+        with graph.inserting_before(node):
+            fq = graph.call_module(g.root().module_name, (_get_arg(node, i, j),))
+        _set_arg(node, i, j, fq)
+
+
+def _insert_bias_quantizers(gm: fx.GraphModule, plan: Plan, act_of: dict[fx.Node, str]) -> None:
+    graph = gm.graph
+    for node, (i, spec) in plan.bias.items():
+        act_name = act_of.get(node)
+        if act_name is None:
+            node.meta["qb_float_reason"] = "bias left in float: the input is not quantized"
+            continue
+        act = gm.get_submodule(act_name)
+        weight = gm.get_submodule(plan.weight_group[(node, 1)].root().module_name)
+        if spec.dtype == "int32":
+            module: FakeQuantizeBase = DerivedBiasFakeQuantize(spec, act, weight, name=f"{node.name}.bias")
+        else:
+            module = build_fake_quantize(spec, "const", name=f"{node.name}.bias")
+        name = _module_name(node, "bias", {n for n, _ in gm.named_modules()})
+        gm.add_submodule(name, module)
+        with graph.inserting_before(node):
+            fq = graph.call_module(name, (node.args[i],))
+        _set_arg(node, i, -1, fq)
+
+
+def _input_quantizer_names(plan: Plan) -> dict[fx.Node, str]:
+    """For each weighted op with a bias spec: the module quantizing its activation input."""
+    out = {}
+    for node in plan.bias:
+        g = plan.edge_group.get((node, 0, -1)) or plan.group_of(node.args[0])
+        if g is not None:
+            out[node] = g.root().module_name
+    return out
+
+
+def _init_constant_quantizers(gm: fx.GraphModule) -> None:
+    """Weights and constants are known now: observe them once and fix their scales."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, FakeQuantizeBase) or mod.role not in ("weight", "const"):
+            continue
+        src = node.args[0]
+        if src.op != "get_attr":
+            continue
+        tensor = get_attr_tensor(gm, src.target).detach()
+        mod.observer_enabled, mod.fake_quant_enabled = True, False
+        mod(tensor)
+        if mod.spec.learnable == "none" or mod.role == "const":
+            mod.update_qparams()
+        mod.observer_enabled = False
+
+
+def _mark_nodes(gm: fx.GraphModule, plan: Plan) -> None:
+    for node in plan.fused:
+        node.meta["qb_fused"] = True
+    for node, reason in plan.float_reasons.items():
+        node.meta["qb_float_reason"] = reason
+
+
+def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False) -> fx.GraphModule:
+    """Pre-quant passes, annotation and quantizer insertion (no calibration)."""
+    passes = PREQUANT_QAT if qat or not config.fold_bn else PREQUANT_PTQ
+    gm = run_passes(gm, passes)
+    plan = annotate(gm, config)
+    _mark_nodes(gm, plan)
+    _insert_group_modules(gm, plan)
+    act_of = _input_quantizer_names(plan)
+    _rewire_values(gm, plan)
+    _insert_input_quantizers(gm, plan)
+    _insert_bias_quantizers(gm, plan, act_of)
+    gm.graph.lint()
+    gm.recompile()
+    _init_constant_quantizers(gm)
+    gm.meta["qb_config"] = config
+    return gm
+
+
+def calibrate(qmodel: fx.GraphModule, loader: Iterable[Any], *, max_batches: int | None = None,
+              device: torch.device | None = None) -> int:
+    """Run calibration batches through the graph with observers on; returns the batch count."""
+    expected = qmodel.meta.get("qb_example_shapes")
+    n = 0
+    with torch.no_grad(), calibration_mode(qmodel):
+        for batch in progress(loader, desc="calibrate", unit="batch"):
+            inputs = batch_inputs(batch)
+            if device is not None:
+                inputs = tuple(t.to(device) for t in inputs)
+            _check_shapes(inputs, expected, n)
+            try:
+                qmodel(*inputs)
+            except (RuntimeError, AssertionError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                shapes = [tuple(t.shape) for t in inputs]
+                raise CalibrationError(
+                    f"calibration batch {n} with input shapes {shapes} does not fit the captured model "
+                    f"(example shapes {expected}): {first}") from exc
+            n += 1
+            if max_batches is not None and n >= max_batches:
+                break
+    for m in fake_quantizers(qmodel):
+        if m.role == "activation":
+            m.update_qparams()
+    return n
+
+
+def _check_shapes(inputs, expected, index: int) -> None:
+    if not expected:
+        return
+    for t, shape in zip(inputs, expected):
+        if t.dim() != len(shape) or tuple(t.shape[1:]) != tuple(shape[1:]):
+            raise CalibrationError(
+                f"calibration batch {index} has input shape {tuple(t.shape)}, but the model was captured "
+                f"with {tuple(shape)} (only the batch dimension may differ); fix the calibration loader's "
+                "transforms or capture with a matching example")
+
+
+@dataclass
+class CoverageReport:
+    """Which compute nodes are quantized, and why the others are not."""
+
+    quantized_ops: int
+    total_ops: int
+    float_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # (node, op, reason)
+
+    @property
+    def fraction(self) -> float:
+        return self.quantized_ops / self.total_ops if self.total_ops else 1.0
+
+    def __str__(self) -> str:
+        lines = [f"coverage: {self.quantized_ops}/{self.total_ops} compute ops quantized"]
+        lines += [f"  float: {n} ({op}): {reason}" for n, op, reason in self.float_nodes]
+        return "\n".join(lines)
+
+
+def _is_fq_node(gm: fx.GraphModule, node: Any) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_module"
+            and isinstance(gm.get_submodule(node.target), FakeQuantizeBase))
+
+
+def _float_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if "qb_float_reason" in node.meta:
+        return node.meta["qb_float_reason"]
+    for a in node.all_input_nodes:
+        if _is_fq_node(gm, a) or a.meta.get("qb_fused"):
+            continue
+        if op_kind(a) in ("passthrough", "tuple_passthrough") and a.meta.get("qb_quantized_tuple"):
+            continue
+        if a.op == "get_attr" and op_name(node) == "batch_norm":
+            continue
+        return f"input '{a.name}' is not quantized"
+    if node.meta.get("qb_fused"):
+        return None
+    users = list(node.users)
+    if not users or not all(_is_fq_node(gm, u) for u in users):
+        return "output is not quantized"
+    return None
+
+
+def coverage(qmodel: fx.GraphModule) -> CoverageReport:
+    """Every compute node of a quantized graph, and whether it computes on the integer grid."""
+    float_nodes = []
+    total = 0
+    for node in qmodel.graph.nodes:
+        if node.op != "call_function" or op_kind(node) in ("passthrough", "tuple_passthrough"):
+            continue
+        if node.target.__module__ == "quantbench.engine.qdq":
+            continue
+        total += 1
+        reason = _float_reason(qmodel, node)
+        if reason is not None:
+            float_nodes.append((node.name, op_name(node), reason))
+    return CoverageReport(total - len(float_nodes), total, float_nodes)
+
+
+class ModelQuantizer:
+    """Quantizes a captured graph per a :class:`Config` (Quark FX-mode shaped API).
+
+    Args:
+        config: the quantization config (see :mod:`quantbench.engine.presets`).
+    """
+
+    def __init__(self, config: Config) -> None:
+        if not isinstance(config, Config):
+            raise TypeError(f"ModelQuantizer needs a quantbench Config, got {type(config).__name__}")
+        self.config = config
+
+    def quantize_model(self, gm: fx.GraphModule, calib_loader: Iterable[Any] | None = None, *,
+                       qat: bool | None = None, max_batches: int | None = None) -> fx.GraphModule:
+        """Insert quantizers into a copy of ``gm`` and calibrate it.
+
+        Args:
+            gm: a graph from :func:`quantbench.engine.capture` (left untouched).
+            calib_loader: calibration batches (tensors or (inputs, target) pairs);
+                ``[]`` or None skips calibration (e.g. LSQ/TQT initialised on the
+                first training batch).
+            qat: keep BatchNorm for QAT (default: True when the config has a
+                learnable spec).
+            max_batches: stop calibration after this many batches.
+
+        Returns:
+            The fake-quant GraphModule, ready for evaluation (or for QAT).
+        """
+        qat = self.config.learnable if qat is None else qat
+        start = time.perf_counter()
+        qmodel = prepare(copy.deepcopy(gm), self.config, qat=qat)
+        batches = 0
+        if calib_loader is not None:
+            batches = calibrate(qmodel, calib_loader, max_batches=max_batches)
+        if batches == 0:
+            log.warning("no calibration data: activation scales are initialised on the first batch "
+                        "(LSQ/TQT) or stay at 1.0 (static); pass a calib_loader for PTQ")
+        set_observers(qmodel, False)
+        set_fake_quant(qmodel, True)
+        qmodel.meta["qb_calibration_batches"] = batches
+        qmodel.meta["qb_quantize_seconds"] = time.perf_counter() - start
+        return qmodel
+
+    def coverage(self, qmodel: fx.GraphModule) -> CoverageReport:
+        """See :func:`coverage`."""
+        return coverage(qmodel)
+
+    def freeze(self, qmodel: fx.GraphModule, target: str = "ort") -> fx.GraphModule:
+        """Bake scales into a plain GraphModule of integer weights and Q/DQ calls.
+
+        Args:
+            qmodel: the (calibrated or trained) fake-quant graph; left untouched.
+            target: ``"ort"`` (generic QDQ for onnxruntime, int32 bias).
+        """
+        from quantbench.engine.passes.freeze import freeze_graph
+
+        return freeze_graph(qmodel, target=target)

@@ -1,0 +1,287 @@
+"""Quantization policy as data: specs, per-op configs and the global Config.
+
+A :class:`QuantizationSpec` says how one tensor is quantized (integer type,
+granularity, symmetry, scale type, rounding, observer, learnable method). A
+:class:`QuantizationConfig` groups the specs an op applies to its weight,
+bias, activation inputs and output. A :class:`Config` holds the global
+QuantizationConfig plus overrides by op type and by node name, and an exclude
+list. All three are frozen dataclasses that validate themselves at
+construction, so an invalid combination fails where it is written, naming the
+field.
+
+Shaped after AMD Quark's FX-mode ``Config`` and PT2E's ``QuantizationSpec``
+(torchao ``quantization/pt2e/quantizer/quantizer.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+__all__ = [
+    "DTYPES",
+    "IntType",
+    "QuantizationSpec",
+    "QuantizationConfig",
+    "Config",
+    "SpecError",
+]
+
+
+class SpecError(ValueError):
+    """An invalid quantization spec or config; the message names the field."""
+
+
+@dataclass(frozen=True)
+class IntType:
+    """An integer grid: its range and the torch dtype that stores it.
+
+    int4 values are stored in int8 containers (ONNX DequantizeLinear of int8
+    initializers whose values lie in [-8, 7]); that is exact and fuses in
+    onnxruntime, which has no int4 activation kernels.
+    """
+
+    name: str
+    qmin: int
+    qmax: int
+    storage: torch.dtype
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+DTYPES: dict[str, IntType] = {
+    t.name: t
+    for t in (
+        IntType("int4", -8, 7, torch.int8),
+        IntType("uint4", 0, 15, torch.uint8),
+        IntType("int8", -128, 127, torch.int8),
+        IntType("uint8", 0, 255, torch.uint8),
+        IntType("int16", -32768, 32767, torch.int16),
+        IntType("int32", -(2**31), 2**31 - 1, torch.int32),
+    )
+}
+
+QSCHEMES = ("per_tensor", "per_channel")
+SCALE_TYPES = ("float", "pow2")
+ROUND_METHODS = ("half_even", "half_up", "floor")
+LEARNABLE = ("none", "lsq", "tqt")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise SpecError(f"QuantizationSpec.{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """How one tensor is quantized.
+
+    Attributes:
+        dtype: integer grid, a key of :data:`DTYPES` (int8, uint8, int4, int16,
+            int32 for bias).
+        qscheme: ``per_tensor`` or ``per_channel`` (with ``ch_axis``).
+        ch_axis: channel axis for per-channel quantization.
+        observer: how the range is estimated: ``minmax``, ``moving_average``,
+            ``percentile`` (histogram) or ``mse``. With ``scale_type="pow2"``,
+            ``minmax`` gives the non-overflow power of two and ``mse`` searches
+            exponents around it.
+        symmetric: zero point 0 (signed types) instead of an affine range.
+        scale_type: ``float`` or ``pow2`` (scale = 2^-k, an integer shift on
+            hardware).
+        round_method: ``half_even`` (what ONNX QuantizeLinear does),
+            ``half_up`` or ``floor``.
+        is_dynamic: runtime-computed scales; not supported by this static
+            engine (kept for API shape; raises if set).
+        narrow_range: use ``qmin + 1`` (e.g. [-127, 127]) so the grid is
+            symmetric. Weights only: ONNX QuantizeLinear cannot express it for
+            activations.
+        learnable: QAT method for the scale: ``none`` (static, observer
+            driven), ``lsq`` (float step, arXiv 1902.08153) or ``tqt`` (log2
+            threshold, pow2 scale, arXiv 1903.08066).
+        percentile: the percentile kept by the ``percentile`` observer.
+        averaging_constant: update rate of the ``moving_average`` observer.
+    """
+
+    dtype: str = "int8"
+    qscheme: str = "per_tensor"
+    ch_axis: int = 0
+    observer: str = "minmax"
+    symmetric: bool = True
+    scale_type: str = "float"
+    round_method: str = "half_even"
+    is_dynamic: bool = False
+    narrow_range: bool = False
+    learnable: str = "none"
+    percentile: float = 99.99
+    averaging_constant: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SpecError(f"QuantizationSpec.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        _choice("qscheme", self.qscheme, QSCHEMES)
+        _choice("scale_type", self.scale_type, SCALE_TYPES)
+        _choice("round_method", self.round_method, ROUND_METHODS)
+        _choice("learnable", self.learnable, LEARNABLE)
+        _choice("observer", self.observer, OBSERVERS)
+        if self.is_dynamic:
+            raise SpecError(
+                "QuantizationSpec.is_dynamic=True is not supported: quantbench builds static "
+                "integer graphs; use is_dynamic=False"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise SpecError(f"QuantizationSpec.percentile={self.percentile} must be in (50, 100]")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise SpecError(
+                f"QuantizationSpec.averaging_constant={self.averaging_constant} must be in (0, 1]"
+            )
+        itype = DTYPES[self.dtype]
+        if self.symmetric and not itype.signed:
+            raise SpecError(
+                f"QuantizationSpec.symmetric=True needs a signed dtype, got dtype={self.dtype!r}; "
+                "use symmetric=False for unsigned types"
+            )
+        if self.scale_type == "pow2" and not self.symmetric:
+            raise SpecError(
+                "QuantizationSpec.scale_type='pow2' needs symmetric=True (power-of-two "
+                "hardware has no zero point)"
+            )
+        if self.learnable == "tqt" and self.scale_type != "pow2":
+            raise SpecError("QuantizationSpec.learnable='tqt' needs scale_type='pow2' (TQT learns a log2 threshold)")
+        if self.learnable == "lsq" and self.scale_type != "float":
+            raise SpecError("QuantizationSpec.learnable='lsq' needs scale_type='float' (LSQ learns a float step)")
+        if self.learnable != "none" and not self.symmetric:
+            raise SpecError(f"QuantizationSpec.learnable={self.learnable!r} needs symmetric=True")
+        if self.narrow_range and not itype.signed:
+            raise SpecError("QuantizationSpec.narrow_range=True needs a signed dtype")
+        if self.dtype == "int32" and self.scale_type == "pow2" and self.observer == "mse":
+            raise SpecError("QuantizationSpec.observer='mse' is pointless for int32 (bias) specs")
+
+    @property
+    def itype(self) -> IntType:
+        return DTYPES[self.dtype]
+
+    @property
+    def qmin(self) -> int:
+        return self.itype.qmin + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return self.itype.qmax
+
+    @property
+    def per_channel(self) -> bool:
+        return self.qscheme == "per_channel"
+
+    def replace(self, **changes: Any) -> "QuantizationSpec":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """The specs one op applies: weight, bias, activation inputs and output.
+
+    ``None`` leaves that tensor in float. ``bias`` with ``dtype="int32"`` is a
+    derived spec: its scale is always input scale x weight scale with zero
+    point 0, which is what integer kernels (onnxruntime QLinearConv, NPUs)
+    accumulate in. Any other bias dtype gets its own observer.
+    """
+
+    weight: QuantizationSpec | None = None
+    bias: QuantizationSpec | None = None
+    input_tensors: QuantizationSpec | None = None
+    output_tensors: QuantizationSpec | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input_tensors", "output_tensors"):
+            spec = getattr(self, name)
+            if spec is None:
+                continue
+            if spec.per_channel:
+                raise SpecError(f"QuantizationConfig.{name}: per_channel activations are not supported; use per_tensor")
+            if spec.narrow_range:
+                raise SpecError(
+                    f"QuantizationConfig.{name}.narrow_range=True cannot be exported: ONNX "
+                    "QuantizeLinear clamps to the full range; use narrow_range=False"
+                )
+            if spec.dtype == "int32":
+                raise SpecError(f"QuantizationConfig.{name}.dtype='int32' is for bias only")
+        if self.bias is not None and self.weight is None:
+            raise SpecError("QuantizationConfig.bias needs a weight spec (int32 bias scale = input x weight scale)")
+        if self.bias is not None and self.bias.per_channel and self.bias.dtype != "int32":
+            raise SpecError("QuantizationConfig.bias: per_channel is only derived (int32); use per_tensor")
+        if self.weight is not None and self.weight.dtype == "int32":
+            raise SpecError("QuantizationConfig.weight.dtype='int32' is for bias only")
+
+    def replace(self, **changes: Any) -> "QuantizationConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Global config plus overrides by op type and by node name, and excludes.
+
+    Precedence when an op is annotated: node name > op type > global.
+
+    Attributes:
+        global_quant_config: the default for every op.
+        op_type_quant_config: op type (short aten name, e.g. ``"conv2d"``,
+            ``"linear"``, ``"add"``; see ``annotate.OP_TYPES``) -> config.
+        node_name_quant_config: exported node name -> config.
+        exclude: node names, or module-path prefixes (``"features.0"``), left
+            in float.
+        fold_bn: fold BatchNorm into conv weights for PTQ.
+        unsigned_relu: quantize outputs that are non-negative by construction
+            (relu, relu6) with an unsigned grid of the same width and the same
+            scale rule. Off by default (the whole graph stays signed, as in the
+            Quark results table); on, it gains a bit on those tensors.
+        name: a label (presets set it).
+    """
+
+    global_quant_config: QuantizationConfig
+    op_type_quant_config: Mapping[str, QuantizationConfig] = field(default_factory=dict)
+    node_name_quant_config: Mapping[str, QuantizationConfig] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    fold_bn: bool = True
+    unsigned_relu: bool = False
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.global_quant_config, QuantizationConfig):
+            raise SpecError("Config.global_quant_config must be a QuantizationConfig")
+        for label, mapping in (("op_type_quant_config", self.op_type_quant_config),
+                               ("node_name_quant_config", self.node_name_quant_config)):
+            for key, value in mapping.items():
+                if not isinstance(value, QuantizationConfig):
+                    raise SpecError(f"Config.{label}[{key!r}] must be a QuantizationConfig")
+        if isinstance(self.exclude, str):
+            raise SpecError("Config.exclude must be a list of node names or module prefixes, not a string")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def for_node(self, node_name: str, op_type: str) -> QuantizationConfig:
+        """The QuantizationConfig that applies to one node."""
+        if node_name in self.node_name_quant_config:
+            return self.node_name_quant_config[node_name]
+        if op_type in self.op_type_quant_config:
+            return self.op_type_quant_config[op_type]
+        return self.global_quant_config
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def learnable(self) -> bool:
+        """True if any spec asks for a learnable scale (QAT)."""
+        configs = [self.global_quant_config, *self.op_type_quant_config.values(),
+                   *self.node_name_quant_config.values()]
+        return any(
+            s is not None and s.learnable != "none"
+            for c in configs
+            for s in (c.weight, c.bias, c.input_tensors, c.output_tensors)
+        )

@@ -1,0 +1,54 @@
+"""Composing quantbench's Hydra config outside a Hydra job (CLI, reports, gates, tests)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+from quantbench.harness.schema import register_configs
+from quantbench.harness.tracking import project_root
+
+__all__ = ["CONF_DIR", "compose_config", "first_job_overrides", "known_options", "sweep_grid"]
+
+CONF_DIR = project_root() / "conf"
+
+
+def known_options(group: str) -> list[str]:
+    """The YAML options of a config group (``conf/<group>/*.yaml``)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: Iterable[str] = (), *, hydra_config: bool = False) -> DictConfig:
+    """The primary config with ``overrides``, validated against the schema."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="quantbench"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def first_job_overrides(overrides: Iterable[str]) -> list[str]:
+    """Sweep overrides (``a=1,2``) reduced to their first value: the config of a sweep's first job."""
+    out = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.is_sweep_override():
+            out.append(f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}")
+        else:
+            out.append(override.input_line)
+    return out
+
+
+def _values(key: str, spec: str) -> list[str]:
+    override = OverridesParser.create().parse_overrides([f"{key}={spec}"])[0]
+    if override.is_discrete_sweep():
+        return [str(v) for v in override.sweep_string_iterator()]
+    return [override.get_value_element_as_str()]
+
+
+def sweep_grid(task: str, overrides: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """The models and schemes that ``conf/sweep/<task>.yaml`` sweeps over, in file order."""
+    cfg = compose_config([f"sweep={task}", *overrides], hydra_config=True)
+    params = cfg.hydra.sweeper.params or {}
+    return tuple(_values(g, str(params[g])) if g in params else [cfg[g].name]  # type: ignore[return-value]
+                 for g in ("model", "scheme"))

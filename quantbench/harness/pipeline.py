@@ -1,0 +1,223 @@
+"""The stages of one run, in order, each logging its metrics as soon as it has them.
+
+float eval -> capture -> quantize (PTQ calibration) -> QAT -> fake-quant eval
+-> freeze -> ONNX export -> onnxruntime eval -> parity -> per-node SQNR ->
+latency (ORT int8 vs ORT fp32).
+
+Every stage reads and extends one :class:`Context`; a stage that does not
+apply to the scheme (the float reference has no quantizer) returns at once.
+Metrics go to MLflow the moment a stage ends, so a run that fails in a late
+stage keeps everything measured before it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from matplotlib.figure import Figure
+
+from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
+from quantbench.harness.protocol import PredictFn, TaskAdapter
+from quantbench.harness.schemes import engine_config
+from quantbench.harness.tracking import RunRecorder
+
+__all__ = ["STAGES", "Context", "QATUnavailableError", "execute"]
+
+log = logging.getLogger(__name__)
+
+
+class QATUnavailableError(RuntimeError):
+    """A QAT scheme asked for an engine preset that this checkout does not have yet."""
+
+
+@dataclass
+class Context:
+    """What the stages share: inputs from the config, and what earlier stages built."""
+
+    task: TaskAdapter
+    scheme: dict[str, Any]
+    qat_recipe: dict[str, Any]
+    settings: dict[str, Any]
+    workdir: Path
+    recorder: RunRecorder
+    metrics: dict[str, float] = field(default_factory=dict)
+    model: torch.nn.Module | None = None
+    example: tuple[torch.Tensor, ...] = ()
+    gm: torch.fx.GraphModule | None = None
+    quantizer: ModelQuantizer | None = None
+    qmodel: torch.fx.GraphModule | None = None
+    frozen: torch.fx.GraphModule | None = None
+    onnx_path: Path | None = None
+    fp32_path: Path | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.scheme.get("preset"))
+
+    def log(self, metrics: dict[str, float], step: int = 0) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if step == 0:
+            self.metrics.update(clean)
+        self.recorder.log_metrics(clean, step=step)
+
+
+def _torch_predict(model: torch.nn.Module) -> PredictFn:
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return predict
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def evaluate_float(ctx: Context) -> None:
+    ctx.model = ctx.task.build_model().eval()
+    ctx.log(_prefixed("float", ctx.task.evaluate(_torch_predict(ctx.model), desc="float")))
+
+
+def capture_graph(ctx: Context) -> None:
+    ctx.example = tuple(ctx.task.example_inputs())
+    ctx.gm = capture(ctx.model, ctx.example)
+
+
+def quantize(ctx: Context) -> None:
+    """PTQ: insert quantizers and calibrate (QAT schemes start from the same point)."""
+    if not ctx.quantized:
+        return
+    if ctx.scheme.get("qat") and ctx.scheme["preset"] not in presets.list():
+        raise QATUnavailableError(
+            f"scheme {ctx.scheme['name']!r} needs the engine's QAT preset {ctx.scheme['preset']!r}, which "
+            f"this checkout does not have yet (engine presets: {', '.join(presets.list())}); run a ptq_* "
+            "scheme, or update the engine")
+    ctx.quantizer = ModelQuantizer(engine_config(ctx.scheme))
+    n = int(ctx.scheme.get("calib_batches") or 0)
+    start = time.perf_counter()
+    ctx.qmodel = ctx.quantizer.quantize_model(ctx.gm, ctx.task.calib_loader() if n else [], max_batches=n or None)
+    cov = ctx.quantizer.coverage(ctx.qmodel)
+    _write_csv(ctx, "float_nodes.csv", [dict(zip(("node", "op", "reason"), row)) for row in cov.float_nodes],
+               ("node", "op", "reason"))
+    ctx.log({"time/quantize_s": time.perf_counter() - start, "coverage/quantized_ops": cov.quantized_ops,
+             "coverage/total_ops": cov.total_ops, "coverage/fraction": cov.fraction})
+
+
+def train_qat(ctx: Context) -> None:
+    """QAT with the task's training loop and the ``train.qat`` recipe."""
+    if not (ctx.quantized and ctx.scheme.get("qat")):
+        return
+    start = time.perf_counter()
+    result = ctx.task.train(ctx.qmodel, ctx.qat_recipe, qat=True)
+    ctx.qmodel = result.model
+    for epoch, row in enumerate(result.history, start=1):
+        ctx.log(_prefixed("qat", row), step=epoch)
+    ctx.log({"time/qat_s": result.seconds or time.perf_counter() - start})
+
+
+def evaluate_quant(ctx: Context) -> None:
+    if ctx.quantized:
+        ctx.log(_prefixed("quant", ctx.task.evaluate(_torch_predict(ctx.qmodel), desc="fake-quant")))
+
+
+def freeze_and_export(ctx: Context) -> None:
+    """Freeze to integer weights + Q/DQ and export it; the fp32 baseline is the captured float graph."""
+    ctx.fp32_path = export_onnx(ctx.gm, ctx.example, ctx.workdir / "fp32" / "model.onnx")
+    if ctx.quantized:
+        ctx.frozen = ctx.quantizer.freeze(ctx.qmodel)
+        ctx.onnx_path = export_onnx(ctx.frozen, ctx.example, ctx.workdir / "int8" / "model.onnx")
+    else:
+        ctx.frozen, ctx.onnx_path = ctx.gm, ctx.fp32_path
+    ctx.recorder.log_artifact(ctx.onnx_path)
+
+
+def evaluate_onnx(ctx: Context) -> None:
+    session = check.ort_session(ctx.onnx_path, threads=ctx.settings["threads"])
+    ctx.log(_prefixed("onnx", ctx.task.evaluate(check.ort_predict_fn(session), desc="onnxruntime")))
+
+
+def _parity_inputs(ctx: Context) -> list[Any]:
+    batches = list(islice(ctx.task.calib_loader(), int(ctx.settings["parity_batches"])))
+    return batches or [ctx.example[0]]
+
+
+def check_parity(ctx: Context) -> None:
+    """onnxruntime vs the frozen graph (LSB error, top-1 agreement) and SQNR vs float."""
+    float_model = ctx.gm if ctx.quantized else None
+    report = check.compare(ctx.onnx_path, ctx.frozen, _parity_inputs(ctx), float_model=float_model)
+    ctx.log({"onnx/parity_top1": report.top1_agreement, "onnx/max_lsb_err": report.max_lsb_err,
+             "onnx/max_abs_err": report.max_abs_err})
+    if ctx.quantized:
+        ctx.log({"quant/sqnr_db": report.sqnr_db, "onnx/sqnr_db": report.onnx_sqnr_db})
+
+
+def node_sqnr(ctx: Context) -> None:
+    """Per-node SQNR table (csv) and a bar plot of the worst layers."""
+    if not ctx.quantized:
+        return
+    rows = check.per_node_sqnr(ctx.qmodel, _parity_inputs(ctx))
+    _write_csv(ctx, "node_sqnr.csv", rows, ("node", "op", "sqnr_db"))
+    finite = [r for r in rows if r["sqnr_db"] != float("inf")]
+    if finite:
+        ctx.log({"quant/min_node_sqnr_db": finite[0]["sqnr_db"]})
+        path = ctx.workdir / "node_sqnr.png"
+        plot_node_sqnr(finite[: int(ctx.settings["sqnr_plot_layers"])], path,
+                       f"{ctx.scheme['name']}: worst layers by SQNR")
+        ctx.recorder.log_artifact(path)
+
+
+def measure_latency(ctx: Context) -> None:
+    """Median onnxruntime latency on the example batch, fp32 vs the quantized model."""
+    threads, iters = ctx.settings["threads"], int(ctx.settings["latency_iters"])
+    x = ctx.example[0]
+    fp32 = check.ort_latency(ctx.fp32_path, x, threads=threads, iters=iters)
+    ctx.log({"latency/ort_fp32_ms": fp32, "latency/batch": x.shape[0]})
+    if ctx.quantized:
+        int8 = check.ort_latency(ctx.onnx_path, x, threads=threads, iters=iters)
+        ctx.log({"latency/ort_int8_ms": int8, "latency/speedup": fp32 / int8})
+
+
+STAGES: tuple[Callable[[Context], None], ...] = (
+    evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, freeze_and_export,
+    evaluate_onnx, check_parity, node_sqnr, measure_latency,
+)
+
+
+def execute(ctx: Context) -> dict[str, float]:
+    """Run every stage in order; returns all metrics logged (also in MLflow already)."""
+    total = time.perf_counter()
+    for stage in STAGES:
+        start = time.perf_counter()
+        stage(ctx)
+        log.info("stage %s done in %.1f s", stage.__name__, time.perf_counter() - start)
+    ctx.log({"time/total_s": time.perf_counter() - total})
+    return dict(ctx.metrics)
+
+
+def _write_csv(ctx: Context, name: str, rows: list[dict], columns: tuple[str, ...]) -> None:
+    path = ctx.workdir / name
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    ctx.recorder.log_artifact(path)
+
+
+def plot_node_sqnr(rows: list[dict], path: Path, title: str) -> None:
+    """Horizontal bars, worst layer on top (``rows`` come worst first)."""
+    fig = Figure(figsize=(7, 0.3 * len(rows) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{r['node']} ({r['op']})" for r in rows][::-1]
+    ax.barh(labels, [r["sqnr_db"] for r in rows][::-1], color="tab:red")
+    ax.set_xlabel("SQNR vs float (dB)")
+    ax.set_title(title)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,90 @@
+"""Report plots: accuracy per scheme per model, and per-node SQNR of the worst layers.
+
+Matplotlib through :class:`~matplotlib.figure.Figure` only (no pyplot), so no
+global backend state and no display is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from quantbench.harness.tracking import Store
+
+__all__ = ["accuracy_plot", "node_sqnr_plot"]
+
+log = logging.getLogger(__name__)
+
+
+def _headline(row: pd.Series, metric: str) -> float:
+    """The accuracy a row stands for: fake-quant, or float for the float scheme."""
+    for key in (f"quant/{metric}", f"float/{metric}"):
+        value = row.get(key)
+        if value is not None and not pd.isna(value):
+            return float(value)
+    return float("nan")
+
+
+def accuracy_plot(runs: pd.DataFrame, path: Path, metric: str = "top1") -> None:
+    """Grouped bars: one group per scheme, one bar per model."""
+    schemes = list(dict.fromkeys(runs["scheme"]))
+    table = runs.assign(_v=[_headline(r, metric) for _, r in runs.iterrows()]).pivot_table(
+        index="scheme", columns="model", values="_v", sort=False).reindex(schemes)
+    names = dict(zip(runs["model"], runs["model_name"]))
+    fig = Figure(figsize=(max(6.0, 0.9 * len(schemes) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(len(table.columns), 1)
+    for i, model in enumerate(table.columns):
+        ax.bar([j + i * width for j in range(len(schemes))], table[model], width, label=names[model])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(schemes))], schemes, rotation=30, ha="right")
+    low = table.min().min()
+    ax.set_ylim(max(0.0, low - 5) if pd.notna(low) else 0.0, None)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per scheme (fake-quant; float for the float row)")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def _node_rows(store: Store, run_id: str, tmp: Path) -> list[dict]:
+    try:
+        local = store.client.download_artifacts(run_id, "node_sqnr.csv", str(tmp))
+    except Exception as exc:  # MLflow raises several types for a missing artifact
+        log.info("run %s has no node_sqnr.csv (%s)", run_id, type(exc).__name__)
+        return []
+    with open(local, newline="") as f:
+        return [{"node": r["node"], "op": r["op"], "sqnr_db": float(r["sqnr_db"])} for r in csv.DictReader(f)]
+
+
+def node_sqnr_plot(store: Store, runs: pd.DataFrame, path: Path, layers: int = 10) -> bool:
+    """One panel per model: SQNR of its worst layers (lowest over schemes), one line per scheme.
+
+    Returns False (and writes nothing) when no run has a per-node table.
+    """
+    panels = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, group in runs.groupby("model", sort=False):
+            tables = {}
+            for _, row in group.iterrows():
+                rows = _node_rows(store, row["run_id"], Path(tmp) / row["run_id"])
+                if rows:
+                    tables[row["scheme"]] = {r["node"]: r["sqnr_db"] for r in rows}
+            if tables:
+                panels.append((group["model_name"].iloc[0], tables))
+    if not panels:
+        return False
+    fig = Figure(figsize=(9, 3.2 * len(panels)), layout="constrained")
+    for ax, (name, tables) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        worst = pd.DataFrame(tables).replace(float("inf"), float("nan")).min(axis=1).nsmallest(layers).index
+        for scheme, table in tables.items():
+            ax.plot(range(len(worst)), [table.get(n, float("nan")) for n in worst], marker="o", label=scheme)
+        ax.set_xticks(range(len(worst)), list(worst), rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("SQNR vs float (dB)")
+        ax.set_title(f"{name}: the {len(worst)} worst layers")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    return True

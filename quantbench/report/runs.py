@@ -1,0 +1,68 @@
+"""MLflow runs of one task -> a pandas DataFrame, one row per run.
+
+Columns: ``run_id``, ``start_time``, ``status``, ``model``, ``scheme``,
+``model_name`` (the display name), ``method``, ``primary_metric`` and one
+column per logged metric under its own key (``float/top1``, ``onnx/top1``,
+...). :func:`latest` keeps the newest run of each model x scheme: a rerun
+replaces an older result in every table, and a newer failure shows as a
+failure instead of hiding behind an old success.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from quantbench.harness.config import compose_config
+from quantbench.harness.tracking import Store
+
+__all__ = ["BASE_COLUMNS", "latest", "load_runs", "order_rows", "task_store"]
+
+BASE_COLUMNS = ("run_id", "start_time", "status", "error", "model", "scheme", "model_name", "method",
+                "primary_metric", "sweep")
+
+
+def task_store(task: str, overrides: Iterable[str] = ()) -> tuple[Store, str]:
+    """The store and experiment name of ``task``, as its sweep config resolves them."""
+    cfg = compose_config([f"sweep={task}", *overrides])
+    tracking = OmegaConf.to_container(cfg.tracking, resolve=True)
+    return Store.from_config(tracking), str(tracking["experiment"])
+
+
+def load_runs(store: Store, experiment: str) -> pd.DataFrame:
+    """Every run of ``experiment`` (newest first) as a DataFrame."""
+    rows = []
+    for run in store.search("", [experiment]):
+        tags, params = run.data.tags, run.data.params
+        rows.append({
+            "run_id": run.info.run_id,
+            "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
+            "status": tags.get("status", run.info.status),
+            "error": tags.get("error", ""),
+            "model": tags.get("model", params.get("model.name", "")),
+            "scheme": tags.get("scheme", params.get("scheme.name", "")),
+            "model_name": params.get("model.display_name") or tags.get("model", ""),
+            "method": params.get("scheme.method") or tags.get("scheme", ""),
+            "primary_metric": tags.get("primary_metric", "top1"),
+            "sweep": tags.get("sweep", ""),
+            **run.data.metrics,
+        })
+    return pd.DataFrame(rows, columns=None if rows else list(BASE_COLUMNS))
+
+
+def latest(runs: pd.DataFrame, *, finished_only: bool = True) -> pd.DataFrame:
+    """The newest run per model x scheme (of the FINISHED ones when ``finished_only``)."""
+    if finished_only:
+        runs = runs[runs["status"] == "FINISHED"]
+    return runs.sort_values("start_time", ascending=False).drop_duplicates(["model", "scheme"])
+
+
+def order_rows(runs: pd.DataFrame, models: Sequence[str], schemes: Sequence[str]) -> pd.DataFrame:
+    """Rows in sweep order (models, then schemes, as conf/sweep lists them); others after, by name."""
+    def rank(values: pd.Series, order: Sequence[str]) -> pd.Series:
+        return values.map({v: i for i, v in enumerate(order)}).fillna(len(order))
+
+    keyed = runs.assign(_m=rank(runs["model"], models), _s=rank(runs["scheme"], schemes))
+    return keyed.sort_values(["_m", "model", "_s", "scheme"]).drop(columns=["_m", "_s"])

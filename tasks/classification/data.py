@@ -1,0 +1,248 @@
+"""ImageFolder data for classification: transforms, subsets, loaders, digits.
+
+One code path serves ImageNet and the embedded ``digits`` task: both are an
+ImageFolder tree (``train/<class>/*``, ``val/<class>/*``). The digits tree is
+written from scikit-learn's real 8x8 handwritten digits (offline, 1797 images),
+so a fresh machine runs the whole sweep without downloading anything, through
+exactly the loader that ImageNet uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from tasks.classification.config import DataConfig
+
+__all__ = [
+    "DataNotFoundError",
+    "GENERATORS",
+    "TRAIN_AUGMENTS",
+    "calibration_subset",
+    "ensure_tree",
+    "eval_transform",
+    "fraction_subset",
+    "image_folder",
+    "make_loader",
+    "resolve_root",
+    "train_transform",
+    "with_transform",
+    "write_digits_imagefolder",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is not where the config says; the message is one line.
+
+    The harness turns it into exit code 2 and prints the message as is, so the
+    message says what to set (``data.root``, the env variable) and what to try.
+    """
+
+
+def _normalize(cfg: DataConfig) -> list[Callable]:
+    return [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
+
+
+def eval_transform(cfg: DataConfig) -> transforms.Compose:
+    """Resize the shorter side to ``resize_size``, center-crop ``image_size``, normalize."""
+    return transforms.Compose(
+        [transforms.Resize(cfg.resize_size), transforms.CenterCrop(cfg.image_size), *_normalize(cfg)]
+    )
+
+
+def _random_resized_crop(cfg: DataConfig) -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(cfg.image_size),
+            transforms.RandomHorizontalFlip(),
+            *_normalize(cfg),
+        ]
+    )
+
+
+def _pad_crop(cfg: DataConfig) -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.Resize(cfg.resize_size),
+            transforms.CenterCrop(cfg.image_size),
+            transforms.RandomCrop(cfg.image_size, padding=cfg.pad),
+            *_normalize(cfg),
+        ]
+    )
+
+
+TRAIN_AUGMENTS: dict[str, Callable[[DataConfig], transforms.Compose]] = {
+    "random_resized_crop": _random_resized_crop,
+    "pad_crop": _pad_crop,
+    "none": eval_transform,
+}
+
+
+def train_transform(cfg: DataConfig) -> transforms.Compose:
+    """The training transform named by ``cfg.train_augment``."""
+    try:
+        return TRAIN_AUGMENTS[cfg.train_augment](cfg)
+    except KeyError:
+        raise ValueError(
+            f"unknown data.train_augment {cfg.train_augment!r}; known: {sorted(TRAIN_AUGMENTS)}"
+        ) from None
+
+
+def resolve_root(cfg: DataConfig) -> Path | None:
+    """``cfg.root``, else the ``cfg.root_env`` environment variable, else ``None``."""
+    root = cfg.root or (os.environ.get(cfg.root_env) if cfg.root_env else None)
+    return Path(root).expanduser() if root else None
+
+
+def _not_found(cfg: DataConfig, task: str, root: Path | None, missing: str) -> DataNotFoundError:
+    where = f"'{root}'" if root is not None else "no data.root given"
+    env = f" or the {cfg.root_env} env variable" if cfg.root_env else ""
+    return DataNotFoundError(
+        f"{task} data not found ({where}; {missing}): set data.root=PATH{env} to an ImageFolder tree "
+        f"with train/<class>/ and val/<class>/, or run the embedded task with TASK=digits"
+    )
+
+
+def ensure_tree(cfg: DataConfig, task: str) -> Path:
+    """Return the root of a usable tree, generating it if the config says how.
+
+    Raises:
+        DataNotFoundError: When the tree is absent and cannot be generated.
+    """
+    root = resolve_root(cfg)
+    if root is not None and not root.exists() and cfg.generate:
+        if cfg.generate not in GENERATORS:
+            raise ValueError(f"unknown data.generate {cfg.generate!r}; known: {sorted(GENERATORS)}")
+        log.info("writing the %s ImageFolder tree to %s", cfg.generate, root)
+        try:
+            GENERATORS[cfg.generate](root, size=cfg.image_size, seed=cfg.seed)
+        except OSError:
+            if not root.is_dir():  # another process may have renamed its copy into place first
+                raise
+    if root is None or not root.is_dir():
+        raise _not_found(cfg, task, root, "no such directory")
+    for split in ("train", "val"):
+        split_dir = root / split
+        if not split_dir.is_dir() or not any(p.is_dir() for p in split_dir.iterdir()):
+            raise _not_found(cfg, task, root, f"no class folders under {split}/")
+    return root
+
+
+def image_folder(root: Path, split: str, transform: Callable) -> datasets.ImageFolder:
+    """``torchvision.datasets.ImageFolder`` of ``root/split`` (PIL decoding, RGB)."""
+    return datasets.ImageFolder(str(Path(root) / split), transform=transform)
+
+
+def with_transform(dataset: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
+    """The same file list under another transform, without rescanning the tree.
+
+    Why: the calibration subset is drawn from the train split but must see the
+    deterministic eval transform, and scanning ImageNet's 1.28M files twice
+    costs seconds.
+    """
+    clone = copy.copy(dataset)
+    clone.transform = transform
+    return clone
+
+
+def _seeded_indices(n: int, k: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+
+
+def fraction_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """A seeded random ``fraction`` of ``dataset`` (all of it when 1.0)."""
+    if fraction >= 1.0:
+        return dataset
+    n = len(dataset)
+    return Subset(dataset, _seeded_indices(n, max(1, round(n * fraction)), seed))
+
+
+def calibration_subset(dataset: Dataset, size: int, seed: int) -> Subset:
+    """``size`` seeded images of ``dataset`` (fewer if it is smaller), in file order."""
+    n = len(dataset)
+    return Subset(dataset, _seeded_indices(n, min(size, n), seed))
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory=False
+) -> DataLoader:
+    """A DataLoader whose shuffling (and worker seeds) follow ``seed``."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
+
+
+def _digit_image(pixels: np.ndarray, size: int) -> Image.Image:
+    """An 8x8 digit (values 0..16) as a ``size`` x ``size`` RGB image (bilinear)."""
+    gray = Image.fromarray((pixels.reshape(8, 8) * (255.0 / 16.0)).round().astype(np.uint8))
+    return gray.resize((size, size), Image.BILINEAR).convert("RGB")
+
+
+def write_digits_imagefolder(
+    out_dir: str | os.PathLike, size: int = 32, seed: int = 0, val_fraction: float = 0.2
+) -> Path:
+    """Write scikit-learn's 8x8 digits as an ImageFolder tree of PNGs.
+
+    The split is stratified and seeded (80/20 by default), so every machine
+    writes the same tree. Files are named by their index in ``load_digits``
+    (``train/3/0042.png``). The tree is written to a temporary sibling and
+    renamed into place, so an interrupted write never leaves a half tree that
+    a later run would take for the data set.
+
+    Args:
+        out_dir: Root of the tree; must not exist yet.
+        size: Side of the upscaled square images (32 suits ResNet/MobileNet).
+        seed: Seed of the train/val split.
+        val_fraction: Share of each class that goes to ``val``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another --out")
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    train_idx, val_idx = train_test_split(
+        index, test_size=val_fraction, stratify=digits.target, random_state=seed
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for split, idx in (("train", train_idx), ("val", val_idx)):
+            for i in sorted(idx):
+                folder = tmp / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                _digit_image(digits.data[i], size).save(folder / f"{i:04d}.png")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d train and %d val digits (%dx%d) to %s", len(train_idx), len(val_idx), size, size, out)
+    return out
+
+
+GENERATORS: dict[str, Callable[..., Path]] = {"digits": write_digits_imagefolder}

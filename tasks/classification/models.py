@@ -1,0 +1,222 @@
+"""Classification models by name: torchvision, timm, and tiny test models.
+
+Names resolve through registries, never if/elif chains (timm
+``models/_registry.py``): ``timm:<name>`` goes to timm, ``tv:<name>`` or a bare
+torchvision name (``resnet18``, ``mobilenet_v2``) to
+``torchvision.models.get_model``, and ``test_*`` names to the tiny models
+registered here, which let tests run the real code paths at toy size.
+
+Weights come from the libraries' own loaders and caches (``pretrained``) or a
+local ``state_dict`` (``checkpoint``). Offline, a missing pretrained file fails
+with one line that says where to put it, instead of a urllib traceback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.mobilenetv2 import MobileNetV2
+from torchvision.models.resnet import BasicBlock
+
+__all__ = [
+    "MODELS",
+    "SOURCES",
+    "ModelRegistry",
+    "WeightsNotFoundError",
+    "build_model",
+    "list_models",
+    "load_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[..., nn.Module]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Weights could not be found or fetched; the message is one line that says how to supply them."""
+
+
+class ModelRegistry:
+    """Name -> model constructor. The name is the function's; duplicates raise."""
+
+    def __init__(self) -> None:
+        self._builders: dict[str, Builder] = {}
+
+    def register(self, fn: Builder) -> Builder:
+        """Decorator: register ``fn`` under ``fn.__name__``."""
+        if fn.__name__ in self._builders:
+            raise ValueError(f"model {fn.__name__!r} is already registered")
+        self._builders[fn.__name__] = fn
+        return fn
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching the shell-style ``pattern``."""
+        return sorted(fnmatch.filter(self._builders, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._builders
+
+    def get(self, name: str) -> Builder:
+        """The builder of ``name``; an unknown name raises a KeyError listing the known ones."""
+        try:
+            return self._builders[name]
+        except KeyError:
+            raise KeyError(f"unknown model {name!r}; known: {self.names()}") from None
+
+
+MODELS = ModelRegistry()
+
+
+def _weights_hint(name: str, where: str, reason: BaseException) -> WeightsNotFoundError:
+    first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return WeightsNotFoundError(
+        f"pretrained weights for {name!r} are not available offline ({type(reason).__name__}: {first}): "
+        f"{where}, or pass model.checkpoint=PATH to a state_dict, or model.pretrained=false"
+    )
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the last Linear for a fresh one with ``num_classes`` outputs (fine-tuning a 1000-way model)."""
+    name, last = next((n, m) for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear))
+    if last.out_features != num_classes:
+        model.set_submodule(name, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+    return model
+
+
+def _torchvision(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise KeyError(f"unknown torchvision model {name!r}; known: {known}")
+    if not pretrained:
+        return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    try:
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    except OSError as exc:  # URLError, socket and DNS errors are all OSErrors
+        raise _weights_hint(name, f"put {cached.name} in {cached.parent} (TORCH_HOME)", exc) from exc
+    return _replace_head(model, num_classes)
+
+
+def _timm(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise KeyError(f"unknown timm model {name!r}; see timm.list_models()")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except Exception as exc:  # huggingface_hub raises non-OSError http errors too
+        if not pretrained:
+            raise
+        hub = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise _weights_hint(
+            f"timm:{name}", f"put them in the Hugging Face cache ({hub}; HF_HUB_OFFLINE=1 fails fast)", exc
+        ) from exc
+
+
+def _registered(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+    if pretrained:
+        raise WeightsNotFoundError(f"model {name!r} has no pretrained weights; pass model.checkpoint=PATH")
+    return MODELS.get(name)(num_classes=num_classes, **kwargs)
+
+
+SOURCES: dict[str, Builder] = {"tv": _torchvision, "timm": _timm, "local": _registered}
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``"timm:x"`` -> ``("timm", "x")``; a bare name is local if registered, else torchvision."""
+    prefix, sep, rest = name.partition(":")
+    if sep:
+        if prefix not in SOURCES:
+            raise KeyError(f"unknown model source {prefix!r} in {name!r}; known: {sorted(SOURCES)}")
+        return prefix, rest
+    return ("local" if name in MODELS else "tv"), name
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Local and torchvision names matching ``pattern`` (timm: ``timm.list_models``)."""
+    tv = torchvision.models.list_models(module=torchvision.models)
+    return sorted(set(MODELS.names(pattern)) | set(fnmatch.filter(tv, pattern)))
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a local ``state_dict`` into ``model`` (strict), safely (``weights_only``).
+
+    Accepts a bare state_dict or one nested under ``state_dict``/``model`` (the
+    usual training-script layouts), with or without DDP's ``module.`` prefix.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"model.checkpoint {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a classification model by name, in eval mode, on the CPU.
+
+    Args:
+        name: ``resnet18``, ``tv:<name>``, ``timm:<name>`` or ``test_*``.
+        num_classes: Outputs; a pretrained 1000-way head is replaced when it differs.
+        pretrained: Load the library's pretrained weights (its cache or a download).
+        checkpoint: Local state_dict to load; takes precedence over ``pretrained``.
+        **kwargs: Passed to the model constructor.
+
+    Raises:
+        KeyError: Unknown name (the message lists the known ones).
+        WeightsNotFoundError: Weights missing; a one-line message.
+    """
+    source, bare = _split(name)
+    if checkpoint and pretrained:
+        log.info("model.checkpoint given: not loading the library's pretrained weights")
+    model = SOURCES[source](bare, num_classes, pretrained and not checkpoint, **kwargs)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+@MODELS.register
+def test_resnet(num_classes: int = 10, width: int = 8) -> nn.Module:
+    """Tiny ResNet from torchvision's own BasicBlock (stem, one plain block, one strided block).
+
+    It keeps what matters to a quantizer: conv-bn-relu, residual add, a
+    downsample branch, the ReLU module called twice per block, avg-pool, linear.
+    """
+    down = nn.Sequential(nn.Conv2d(width, 2 * width, 1, stride=2, bias=False), nn.BatchNorm2d(2 * width))
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        BasicBlock(width, width),
+        BasicBlock(width, 2 * width, stride=2, downsample=down),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
+@MODELS.register
+def test_mobilenet(num_classes: int = 10) -> nn.Module:
+    """Tiny torchvision MobileNetV2: two inverted-residual stages (ReLU6, depthwise, residual add)."""
+    return MobileNetV2(num_classes=num_classes, inverted_residual_setting=[[1, 8, 1, 1], [6, 16, 2, 2]])
