@@ -10,7 +10,6 @@ QB := $(VENV)/bin/quantbench
 TASK ?= digits
 JOBS ?= 1
 ARGS ?=
-DIGITS := data/digits
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow lint bench clean-venv sweep report gate ui
@@ -40,7 +39,7 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## engine benchmarks -> reports/bench/*.md
 	$(PY) -m quantbench.bench.engine --out reports/bench/engine.md
 
-sweep: $(STAMP) $(if $(filter digits,$(TASK)),$(DIGITS)/.written) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=1] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
+sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=1] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
 	$(QB) sweep $(TASK) --jobs $(JOBS) $(ARGS)
 
 report: $(STAMP) ## reports/TASK.md + plots + README table from the MLflow runs: make report TASK=digits
@@ -51,10 +50,6 @@ gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml) on the newest runs; fail
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1 against mlruns/ (prints the runs-table link)
 	$(QB) ui --task $(TASK) $(ARGS)
-
-$(DIGITS)/.written: | $(STAMP)
-	$(QB) data digits --out $(DIGITS)
-	@touch $@
 
 clean-venv: ## remove the virtualenv
 	rm -rf $(VENV)

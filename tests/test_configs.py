@@ -94,9 +94,18 @@ def test_every_scheme_names_an_engine_preset(option):
     if scheme["qat"] and scheme["preset"] not in presets.list():
         pytest.skip(f"engine QAT preset {scheme['preset']} not in this checkout yet")
     config = engine_config(scheme)
-    assert config.learnable == (scheme["preset"] in ("qat_lsq", "qat_tqt"))
-    if scheme["weight"]["dtype"]:
-        assert config.global_quant_config.weight.dtype == scheme["weight"]["dtype"]
+    assert config.global_quant_config.weight is not None
+
+
+def test_scheme_overrides_replace_spec_fields():
+    scheme = OmegaConf.to_container(compose_config(
+        ["scheme=ptq_pow2", "scheme.weight.dtype=int4", "scheme.output_tensors.observer=mse",
+         "scheme.fold_bn=false", "scheme.exclude=[fc]"]).scheme, resolve=True)
+    base, config = presets.get("int8_pow2"), engine_config(scheme)
+    assert config.global_quant_config.weight == base.global_quant_config.weight.replace(dtype="int4")
+    assert config.global_quant_config.output_tensors.observer == "mse"
+    assert config.global_quant_config.input_tensors == base.global_quant_config.input_tensors
+    assert (config.fold_bn, config.exclude) == (False, ("fc",))
 
 
 def test_sweeps_and_gates():
@@ -121,3 +130,40 @@ def test_job_count_and_first_job():
     assert count_jobs(params, ["model=resnet18", "scheme=ptq_pow2,qat_tqt"]) == 2
     assert first_job_overrides(["sweep=digits", "scheme=ptq_pow2,qat_tqt", "+x=1"]) == [
         "sweep=digits", "scheme=ptq_pow2", "+x=1"]
+
+
+@pytest.mark.parametrize(("schema", "target"), [
+    ("ClassificationDataConf", "DataConfig"), ("ModelConf", "ModelConfig"),
+    ("BaselineConf", "TrainConfig"), ("QatRecipeConf", "QatConfig")])
+def test_schema_mirrors_the_task_dataclasses(schema, target):
+    """conf/ is checked against the harness's schema; it must accept exactly what the task accepts."""
+    import dataclasses
+
+    from quantbench.harness import schema as schemas
+    from quantbench.harness.run import HARNESS_ONLY
+    from tasks.classification import config as task_config
+
+    def defaults(cls) -> dict:
+        out = {}
+        for f in dataclasses.fields(cls):
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    ours = {k: v for k, v in defaults(getattr(schemas, schema)).items() if k not in HARNESS_ONLY["model"]}
+    theirs = defaults(getattr(task_config, target))
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if v != "???"} == {k: theirs[k] for k in ours if ours[k] != "???"}
+
+
+def test_task_schema_matches_the_adapter_signature():
+    import dataclasses
+    import inspect
+
+    from quantbench.harness.run import HARNESS_ONLY
+    from quantbench.harness.schema import TaskConf
+    from tasks.classification.adapter import ClassificationTask
+
+    params = set(inspect.signature(ClassificationTask).parameters) - {"data", "model", "train", "qat"}
+    fields = {f.name for f in dataclasses.fields(TaskConf)} - {"_target_", *HARNESS_ONLY["task"]}
+    assert fields == params

@@ -14,9 +14,10 @@ The engine depends on torch, torchao, onnx and onnxruntime only: never on
 hydra, omegaconf, mlflow, pandas, timm or pycocotools.
 """
 
-from quantbench.engine import check, modes, presets
+from quantbench.engine import check, modes, presets, qat
 from quantbench.engine.capture import CaptureError, capture
 from quantbench.engine.export import ExportError, export_onnx
+from quantbench.engine.hardware import HardwareError, HardwareTarget, Violation, check_hardware
 from quantbench.engine.observers import NonFiniteError
 from quantbench.engine.quantizer import (
     CalibrationError,
@@ -33,16 +34,21 @@ __all__ = [
     "Config",
     "CoverageReport",
     "ExportError",
+    "HardwareError",
+    "HardwareTarget",
     "ModelQuantizer",
     "NonFiniteError",
     "QuantizationConfig",
     "QuantizationError",
     "QuantizationSpec",
     "SpecError",
+    "Violation",
     "capture",
     "check",
+    "check_hardware",
     "coverage",
     "export_onnx",
     "modes",
     "presets",
+    "qat",
 ]

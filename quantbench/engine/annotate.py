@@ -4,8 +4,11 @@ The annotator walks the ATen graph once and produces a :class:`Plan`:
 
 * every value produced by a compute op gets an output quantizer (its
   *group*), except inside a fused pattern (``conv -> relu``, ``add -> relu``,
-  ``conv -> bn -> relu`` in QAT), where only the last op's output is
+  ``conv -> bn [-> relu]`` in QAT), where only the last op's output is
   quantized, as integer kernels compute it;
+* in QAT the weight quantizer of a conv followed by BatchNorm sits on the
+  BN-folded weight (:mod:`quantbench.engine.passes.qat_bn`); dropout joins
+  its input's group and adds no quantizer (it is the identity at inference);
 * value-preserving ops (reshape, permute, slice, max pool, nearest upsample,
   ...) put their output in their input's group: same scale, so on integer
   hardware they move integers;
@@ -28,9 +31,10 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from quantbench.engine.passes.prequant import op_name
+from quantbench.engine.passes.qat_bn import QAT_BN_OPS
 from quantbench.engine.spec import Config, QuantizationSpec
 
-__all__ = ["OP_KINDS", "OP_TYPES", "register_op_kind", "op_kind", "Group", "Plan", "annotate"]
+__all__ = ["HELPER_KINDS", "OP_KINDS", "OP_TYPES", "register_op_kind", "op_kind", "Group", "Plan", "annotate"]
 
 OP_KINDS: dict[str, str] = {}
 
@@ -63,11 +67,16 @@ register_op_kind("passthrough", "view", "reshape", "_unsafe_view", "flatten", "u
                  "transpose", "t", "squeeze", "unsqueeze", "slice", "select", "narrow", "contiguous",
                  "clone", "expand", "alias", "detach", "getitem", "identity")
 register_op_kind("tuple_passthrough", "split", "split_with_sizes", "chunk", "unbind", "tensor_split")
+# QAT only (PTQ removes dropout and folds BN before annotation).
+register_op_kind("dropout", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+register_op_kind("qat_bn", *QAT_BN_OPS)
 
 OP_TYPES = tuple(sorted(OP_KINDS))
 RELU_LIKE = {"relu", "hardtanh", "relu6"}
 FUSABLE_PRODUCERS = {"weighted", "norm"}
 _NO_QUANT_KINDS = {"passthrough", "tuple_passthrough"}
+HELPER_KINDS = ("passthrough", "tuple_passthrough", "dropout", "qat_bn")
+"""Kinds that compute nothing on the integer grid of their own (coverage does not count them)."""
 
 
 def op_kind(node: fx.Node) -> str | None:
@@ -129,12 +138,18 @@ def _fused_producers(graph: fx.Graph, config: Config) -> set[fx.Node]:
     """Nodes whose output stays inside a fused pattern (not quantized)."""
     fused: set[fx.Node] = set()
     for node in reversed(list(graph.nodes)):
+        if op_name(node) == "bn_qat_output":
+            fused.add(node.args[0])  # the conv's output is BN's input: never quantized
         if op_name(node) not in RELU_LIKE or _excluded(node, config):
             continue
         prev = node.args[0]
         chain = []
         while isinstance(prev, fx.Node) and len(prev.users) == 1 and not _excluded(prev, config):
             kind = op_kind(prev)
+            if op_name(prev) == "bn_qat_output":
+                chain.append(prev)
+                prev = prev.args[0]
+                continue
             if kind in FUSABLE_PRODUCERS or (op_name(prev) == "add" and not chain):
                 chain.append(prev)
                 if kind == "norm" and op_name(prev) == "batch_norm":
@@ -143,6 +158,13 @@ def _fused_producers(graph: fx.Graph, config: Config) -> set[fx.Node]:
             break
         fused.update(chain)
     return fused
+
+
+def _is_folded_weight(node: fx.Node) -> bool:
+    return node.op == "call_function" and op_name(node) == "bn_fold_weight"
+
+
+
 
 
 def _tensor_args(node: fx.Node) -> list[tuple[int, int, fx.Node]]:
@@ -227,7 +249,7 @@ class _Annotator:
             spec = qc.weight
             if spec.per_channel and op_name(node).startswith("conv_transpose"):
                 spec = spec.replace(ch_axis=1)
-            if _is_const(w):
+            if _is_const(w) or _is_folded_weight(w):
                 self.plan.weight_group[(node, 1)] = Group(spec, role="weight", members=[w])
             else:
                 self.input_group(node, 1, -1, w, qc.input_tensors or spec)
@@ -285,6 +307,13 @@ class _Annotator:
             g.members.append(node)
 
     _annotate_tuple_passthrough = _annotate_passthrough
+    _annotate_dropout = _annotate_passthrough  # the insertion pass adds no quantizer after it
+
+    def _annotate_qat_bn(self, node, qc):
+        """QAT BN folding: the conv carries the weight and bias groups; BN's output is the conv's output."""
+        if op_name(node) == "bn_qat_output":
+            conv = node.args[0]
+            self._output(node, self.config.for_node(conv.name, op_name(conv)))
 
 
 def annotate(gm: fx.GraphModule, config: Config) -> Plan:

@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch import fx
 
-from quantbench.engine.passes.integer import expand_integer_kernels
+from quantbench.engine.passes.integer import expand_integer_kernels, int_clamp
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
@@ -77,7 +77,16 @@ def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: boo
 
 def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -> fx.GraphModule:
     ops = _decomposed_ops()
+    shifted: set[fx.Node] = set()
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is int_clamp:
+            src, lo, hi = node.args
+            offset = 128 if src in shifted else 0
+            node.target = torch.ops.aten.clamp.default
+            node.args = (src, lo + offset, hi + offset)
+            if offset:
+                shifted.add(node)
+            continue
         if node.op != "call_function" or node.target not in (quantize, dequantize):
             continue
         is_q = node.target is quantize
@@ -86,6 +95,7 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
         storage, zp, new_min, new_max = _activation_storage(node, dtype, zp, unsigned_activations)
         if new_min is not None:
             qmin, qmax = new_min, new_max
+            shifted.add(node)
         if axis is None:
             target = ops.quantize_per_tensor.default if is_q else ops.dequantize_per_tensor.default
             node.args = (x, scale, zp, qmin, qmax, storage)

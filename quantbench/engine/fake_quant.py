@@ -100,6 +100,43 @@ class _Observed(FakeQuantizeBase):
                 setattr(self, key, nn.Parameter(value) if param else value)
 
 
+class _Learnable(_Observed):
+    """A quantizer with one learned tensor, initialised once (from calibration or a first batch).
+
+    ``_ready`` caches the ``initialized`` buffer on the Python side, so the
+    training step does not read a device flag (a GPU sync) per quantizer.
+    """
+
+    param_name = ""
+
+    def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
+        super().__init__(spec, role, name)
+        self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._resize_on_load(state_dict, prefix, (self.param_name,), param=True)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = False
+
+    def _is_initialized(self) -> bool:
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        return self._ready
+
+    @torch.no_grad()
+    def _set_param(self, value: torch.Tensor) -> None:
+        """Set the learned tensor; in place when the shape matches, so optimizers keep their reference."""
+        value = value.detach().to(torch.float32)
+        current = getattr(self, self.param_name)
+        if current.shape == value.shape:
+            current.copy_(value.to(current.device))
+        else:
+            setattr(self, self.param_name, nn.Parameter(value.to(current.device).clone()))
+        self.initialized.fill_(True)
+        self._ready = True
+
+
 class FakeQuantize(_Observed):
     """Static fake-quant: an observer sets the scale; gradients pass straight through."""
 
@@ -126,16 +163,21 @@ class FakeQuantize(_Observed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
+            if self.role != "activation":
+                # A weight is one tensor, not a stream: in static QAT the scale follows the
+                # current (BN-folded) weight, not the envelope of every past step.
+                self.observer.reset()
             self.observer(x.detach())
             if self.fake_quant_enabled:
                 self.update_qparams()
         if not self.fake_quant_enabled:
             return x
         s = self.spec
-        return ste_fake_quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, self.ch_axis, s.round_method)
+        zero_point = 0 if s.symmetric else self.zero_point
+        return ste_fake_quantize(x, self.scale, zero_point, s.qmin, s.qmax, self.ch_axis, s.round_method)
 
 
-class LSQFakeQuantize(_Observed):
+class LSQFakeQuantize(_Learnable):
     """LSQ (Esser et al., arXiv 1902.08153): the step size is a learned parameter.
 
     Initialised from PTQ calibration when there was one (the observer's scale),
@@ -143,24 +185,23 @@ class LSQFakeQuantize(_Observed):
     gradient of the step is scaled by ``1 / sqrt(N * Qp)``.
     """
 
+    param_name = "scale"
+
     def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
         super().__init__(spec, role, name)
         self.scale = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("initialized", torch.tensor(False))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._resize_on_load(state_dict, prefix, ("scale",), param=True)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @torch.no_grad()
     def _set_scale(self, value: torch.Tensor) -> None:
-        self.scale = nn.Parameter(value.detach().to(torch.float32).clone())
-        self.initialized.fill_(True)
+        self._set_param(value)
 
     @torch.no_grad()
     def update_qparams(self) -> None:
         if self.observer.has_data:
             self._set_scale(self.observer.calculate_qparams()[0])
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """The paper's initial step from a tensor (a first batch, or the weight itself)."""
+        self._set_scale(lsq_init_scale(x.detach(), self.spec.qmax, self.ch_axis))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.scale.detach().abs().clamp_min(torch.finfo(torch.float32).eps)
@@ -171,14 +212,14 @@ class LSQFakeQuantize(_Observed):
             self.observer(x.detach())
         if not self.fake_quant_enabled:
             return x
-        if not bool(self.initialized):
-            self._set_scale(lsq_init_scale(x.detach(), self.spec.qmax, self.ch_axis))
+        if not self._is_initialized():
+            self.init_from(x)
         per_scale = x.numel() // max(1, self.scale.numel()) if self.role != "activation" else x[0].numel()
         g = lsq_grad_scale(per_scale, self.spec.qmax)
         return lsq_fake_quantize(x, self.scale, self.spec.qmin, self.spec.qmax, g, self.ch_axis)
 
 
-class TQTFakeQuantize(_Observed):
+class TQTFakeQuantize(_Learnable):
     """TQT (Jain et al., arXiv 1903.08066): a learned log2 threshold, pow2 scale.
 
     Initialised from PTQ calibration when there was one (log2 of the observed
@@ -186,23 +227,18 @@ class TQTFakeQuantize(_Observed):
     3-sigma for weights, the max for activations.
     """
 
+    param_name = "log2_t"
+
     def __init__(self, spec: QuantizationSpec, role: str = "activation", name: str = "") -> None:
         super().__init__(spec, role, name)
         self.log2_t = nn.Parameter(torch.tensor(0.0))
-        self.register_buffer("initialized", torch.tensor(False))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._resize_on_load(state_dict, prefix, ("log2_t",), param=True)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def scale(self) -> torch.Tensor:
         return tqt_scale(self.log2_t.detach(), self.spec.qmin, self.spec.qmax)
 
-    @torch.no_grad()
     def _set_log2_t(self, value: torch.Tensor) -> None:
-        self.log2_t = nn.Parameter(value.detach().to(torch.float32).clone())
-        self.initialized.fill_(True)
+        self._set_param(value)
 
     @torch.no_grad()
     def update_qparams(self) -> None:
@@ -210,6 +246,12 @@ class TQTFakeQuantize(_Observed):
             # The observer's pow2 scale s covers amax; threshold t = s * 2^(b-1).
             s = self.observer.calculate_qparams()[0]
             self._set_log2_t(torch.log2(s * float(-self.spec.qmin)))
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """The paper's initial threshold from a tensor: 3-sigma for weights, the max for activations."""
+        init = (tqt_init_log2t_weight(x.detach(), self.ch_axis) if self.role != "activation"
+                else tqt_init_log2t_max(x.detach()))
+        self._set_log2_t(init)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.scale
@@ -220,10 +262,8 @@ class TQTFakeQuantize(_Observed):
             self.observer(x.detach())
         if not self.fake_quant_enabled:
             return x
-        if not bool(self.initialized):
-            init = (tqt_init_log2t_weight(x.detach(), self.ch_axis) if self.role != "activation"
-                    else tqt_init_log2t_max(x.detach()))
-            self._set_log2_t(init)
+        if not self._is_initialized():
+            self.init_from(x)
         return tqt_fake_quantize(x, self.log2_t, self.spec.qmin, self.spec.qmax, self.ch_axis)
 
 
@@ -263,9 +303,9 @@ class DerivedBiasFakeQuantize(FakeQuantizeBase):
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return b
-        scale, zp = self.qparams()
+        scale = self.qparams()[0]
         axis = 0 if scale.dim() == 1 else None
-        return ste_fake_quantize(b, scale, zp, self.spec.qmin, self.spec.qmax, axis, "half_even")
+        return ste_fake_quantize(b, scale, 0, self.spec.qmin, self.spec.qmax, axis, "half_even")
 
 
 _BY_LEARNABLE: dict[str, type[_Observed]] = {"none": FakeQuantize, "lsq": LSQFakeQuantize, "tqt": TQTFakeQuantize}

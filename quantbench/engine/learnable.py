@@ -99,9 +99,40 @@ def _squeeze_per_tensor(t: Tensor, ch_axis: int | None) -> Tensor:
     return t.reshape(()) if ch_axis is None else t
 
 
-def _scale_grad_elem(r: Tensor, v: Tensor, qmin: int, qmax: int) -> Tensor:
-    """d y / d s per element: round(v) - v in range, qmin below, qmax above (v = x/s, zp = 0)."""
-    return torch.where(r < qmin, float(qmin), torch.where(r > qmax, float(qmax), r - v))
+_ROUNDERS_INPLACE = {
+    "half_even": torch.Tensor.round_,
+    "half_up": lambda v: v.add_(0.5).floor_(),
+    "floor": torch.Tensor.floor_,
+}
+
+
+def _to_grid(x: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int,
+             round_method: str = "half_even") -> tuple[Tensor, Tensor]:
+    """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` and the in-range mask of the rounded value.
+
+    The hot path of every fake-quant: four elementwise passes written in place
+    plus one comparison, so QAT costs little more than the float step (the
+    unfused version, with its temporaries and bool arithmetic, cost ~3x more).
+    """
+    r = x / s
+    _ROUNDERS_INPLACE[round_method](r)
+    if zp is not None:
+        r.add_(zp)
+    q = r.clamp(qmin, qmax)
+    inside = torch.eq(r, q)
+    if zp is not None:
+        q.sub_(zp)
+    return q.mul_(s), inside
+
+
+def _scale_grad_times_s(x: Tensor, y: Tensor, inside: Tensor) -> Tensor:
+    """``s * d y / d s`` per element, from the saved input and output (zp = 0).
+
+    ``d y / d s`` is ``round(x/s) - x/s`` in range and ``qmin`` / ``qmax``
+    outside (LSQ, TQT); times ``s`` that is ``y - x`` in range and ``y``
+    outside, computed without cancellation.
+    """
+    return y - torch.where(inside, x, 0.0)
 
 
 def _lsq_step(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
@@ -113,15 +144,15 @@ class _STEFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, round_method):
         s = _broadcast(scale.to(x.dtype), x, ch_axis)
-        zp = _broadcast(zero_point.to(x.dtype), x, ch_axis)
-        r = _ROUNDERS[round_method](x / s) + zp
-        ctx.save_for_backward((r >= qmin) & (r <= qmax))
-        return (r.clamp(qmin, qmax) - zp) * s
+        zp = None if zero_point is None else _broadcast(zero_point.to(x.dtype), x, ch_axis)
+        y, inside = _to_grid(x, s, zp, qmin, qmax, round_method)
+        ctx.save_for_backward(inside)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         (inside,) = ctx.saved_tensors
-        return grad_out * inside, None, None, None, None, None, None
+        return torch.where(inside, grad_out, 0.0), None, None, None, None, None, None
 
 
 def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int,
@@ -138,7 +169,8 @@ def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int
     Args:
         x: the tensor to fake-quantize.
         scale: 0-d (per-tensor) or (C,) (per-channel along ``ch_axis``).
-        zero_point: same shape rules as ``scale``; integer valued.
+        zero_point: same shape rules as ``scale``; integer valued. A Python
+            ``0`` (symmetric grids) skips the two zero-point passes.
         qmin: lowest integer of the grid.
         qmax: highest integer of the grid.
         ch_axis: channel axis for a (C,) ``scale``.
@@ -151,7 +183,8 @@ def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int
     if round_method not in _ROUNDERS:
         raise ValueError(f"round_method={round_method!r} is not one of {sorted(_ROUNDERS)}")
     scale = torch.as_tensor(scale, device=x.device)
-    zero_point = torch.as_tensor(zero_point, device=x.device)
+    zero_point = None if isinstance(zero_point, int) and zero_point == 0 else torch.as_tensor(zero_point,
+                                                                                             device=x.device)
     ch_axis = _norm_axis(ch_axis, x.dim())
     return _STEFakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, round_method)
 
@@ -159,21 +192,21 @@ def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int
 class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, qmin, qmax, grad_scale, ch_axis):
-        ctx.save_for_backward(x, scale)
-        ctx.consts = (qmin, qmax, grad_scale, ch_axis)
-        s = _lsq_step(scale, x, ch_axis)
-        return torch.round(x / s).clamp(qmin, qmax) * s
+        y, inside = _to_grid(x, _lsq_step(scale, x, ch_axis), None, qmin, qmax)
+        # x and y are kept alive by the neighbouring ops anyway: saving them costs one bool mask.
+        ctx.save_for_backward(x, y, inside, scale)
+        ctx.consts = (grad_scale, ch_axis)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scale = ctx.saved_tensors
-        qmin, qmax, grad_scale, ch_axis = ctx.consts
-        v = x / _lsq_step(scale, x, ch_axis)  # recomputed rather than saved: one tensor less per layer
-        r = torch.round(v)
-        grad_x = grad_out * ((r >= qmin) & (r <= qmax)) if ctx.needs_input_grad[0] else None
+        x, y, inside, scale = ctx.saved_tensors
+        grad_scale, ch_axis = ctx.consts
+        grad_x = torch.where(inside, grad_out, 0.0) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            g = _reduce_like(grad_out * _scale_grad_elem(r, v, qmin, qmax), scale, ch_axis)
+            step = scale.to(x.dtype).abs().clamp_min(_eps(x.dtype))
+            g = _reduce_like(grad_out * _scale_grad_times_s(x, y, inside), scale, ch_axis) / step.to(scale.dtype)
             # Chain rule through |scale|; the eps floor is passed straight through so
             # that a step pushed below eps can still grow back.
             grad_s = g * grad_scale * torch.where(scale < 0, -1.0, 1.0).to(g.dtype)
@@ -265,24 +298,20 @@ def tqt_scale(log2_t: Tensor, qmin: int, qmax: int | None = None) -> Tensor:
 class _TQTFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, log2_t, qmin, qmax, ch_axis):
-        ctx.save_for_backward(x, log2_t)
-        ctx.consts = (qmin, qmax, ch_axis)
         s = _broadcast(tqt_scale(log2_t.to(x.dtype), qmin, qmax), x, ch_axis)
-        return torch.round(x / s).clamp(qmin, qmax) * s
+        y, inside = _to_grid(x, s, None, qmin, qmax)
+        ctx.save_for_backward(x, y, inside, log2_t)
+        ctx.ch_axis = ch_axis
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, log2_t = ctx.saved_tensors
-        qmin, qmax, ch_axis = ctx.consts
-        s = _broadcast(tqt_scale(log2_t.to(x.dtype), qmin, qmax), x, ch_axis)
-        v = x / s
-        r = torch.round(v)
-        grad_x = grad_out * ((r >= qmin) & (r <= qmax)) if ctx.needs_input_grad[0] else None
+        x, y, inside, log2_t = ctx.saved_tensors
+        grad_x = torch.where(inside, grad_out, 0.0) if ctx.needs_input_grad[0] else None
         grad_l = None
         if ctx.needs_input_grad[1]:
             # d s / d log2_t = s * ln 2, with d ceil(l) / dl taken as 1 (straight through).
-            elem = _scale_grad_elem(r, v, qmin, qmax) * (s * math.log(2.0))
-            grad_l = _reduce_like(grad_out * elem, log2_t, ch_axis)
+            grad_l = _reduce_like(grad_out * _scale_grad_times_s(x, y, inside), log2_t, ctx.ch_axis) * math.log(2.0)
         return grad_x, grad_l, None, None, None
 
 

@@ -51,9 +51,10 @@ def _int32_bias() -> QuantizationSpec:
     return QuantizationSpec(dtype="int32", symmetric=True)
 
 
-def _config(weight: QuantizationSpec, act: QuantizationSpec, bias: QuantizationSpec | None = None) -> Config:
+def _config(weight: QuantizationSpec, act: QuantizationSpec, bias: QuantizationSpec | None = None, *,
+            qat: bool = False) -> Config:
     qc = QuantizationConfig(weight=weight, bias=bias or _int32_bias(), input_tensors=act, output_tensors=act)
-    return Config(global_quant_config=qc)
+    return Config(global_quant_config=qc, qat=qat)
 
 
 _W8 = QuantizationSpec(dtype="int8", symmetric=True)
@@ -121,3 +122,48 @@ def w4a8_mse() -> Config:
     """4-bit per-channel MSE-clipped weights, int8 activations: the strongest low-bit PTQ here."""
     return _config(QuantizationSpec(dtype="int4", qscheme="per_channel", observer="mse"),
                    _A8.replace(observer="mse"))
+
+
+# -- QAT ----------------------------------------------------------------------------------------
+# Static QAT: the weight observer re-reads the (BN-folded) weight every training step and the
+# activation observers follow an EMA of the batch ranges (torch's QAT default), until frozen.
+_A8_EMA = _A8.replace(observer="moving_average")
+
+
+@register
+def qat_pow2() -> Config:
+    """Static non-overflow pow2 QAT, per tensor: the 'QAT, non-overflow pow2 scale' row of the Quark table."""
+    return _config(_W8.replace(scale_type="pow2"), _A8_EMA.replace(scale_type="pow2"), qat=True)
+
+
+@register
+def qat_float() -> Config:
+    """Static float-scale QAT, per tensor: min-max weights, EMA min-max activations."""
+    return _config(_W8, _A8_EMA, qat=True)
+
+
+@register
+def qat_lsq() -> Config:
+    """LSQ QAT (Esser et al., arXiv 1902.08153): learned float steps, per-channel weights."""
+    return _config(_W8.replace(qscheme="per_channel", learnable="lsq"), _A8.replace(learnable="lsq"), qat=True)
+
+
+@register
+def qat_tqt() -> Config:
+    """TQT QAT (Jain et al., arXiv 1903.08066): learned log2 thresholds, pow2 scales, per tensor."""
+    return _config(_W8.replace(scale_type="pow2", learnable="tqt"),
+                   _A8.replace(scale_type="pow2", learnable="tqt"), qat=True)
+
+
+@register
+def w4a8_lsq() -> Config:
+    """Low-bit LSQ QAT: int4 per-channel weights, int8 activations, learned float steps."""
+    return _config(QuantizationSpec(dtype="int4", qscheme="per_channel", learnable="lsq"),
+                   _A8.replace(learnable="lsq"), qat=True)
+
+
+@register
+def w4a8_tqt() -> Config:
+    """Low-bit TQT QAT: int4 per-channel weights, int8 activations, learned pow2 thresholds."""
+    return _config(QuantizationSpec(dtype="int4", qscheme="per_channel", scale_type="pow2", learnable="tqt"),
+                   _A8.replace(scale_type="pow2", learnable="tqt"), qat=True)

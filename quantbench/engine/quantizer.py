@@ -26,21 +26,32 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import fx
 
-from quantbench.engine.annotate import Plan, annotate, op_kind
+from quantbench.engine.annotate import HELPER_KINDS, Plan, annotate, op_kind
 from quantbench.engine.fake_quant import (
     DerivedBiasFakeQuantize,
     FakeQuantizeBase,
     build_fake_quantize,
 )
 from quantbench.engine.modes import calibration_mode, fake_quantizers, set_fake_quant, set_observers
-from quantbench.engine.passes.prequant import PREQUANT_PTQ, PREQUANT_QAT, get_attr_tensor, op_name, run_passes
+from quantbench.engine.passes.prequant import (
+    PREQUANT_PTQ,
+    PREQUANT_PTQ_KEEP_BN,
+    PREQUANT_QAT,
+    op_name,
+    run_passes,
+)
+from quantbench.engine.passes.qat_bn import constant_value, simulate_bn_folding
 from quantbench.engine.progress import progress
+from quantbench.engine.qat import enable_train_eval, eval_mode
 from quantbench.engine.spec import Config
+
+if TYPE_CHECKING:  # the hardware module builds on this one
+    from quantbench.engine.hardware import HardwareTarget
 
 __all__ = ["ModelQuantizer", "CoverageReport", "QuantizationError", "CalibrationError", "coverage",
            "batch_inputs"]
@@ -94,8 +105,8 @@ def _rewire_values(gm: fx.GraphModule, plan: Plan) -> None:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, g in list(plan.value_group.items()):
-        if op_kind(node) == "tuple_passthrough":
-            continue  # a list value: its getitem users carry the quantizer
+        if op_kind(node) in ("tuple_passthrough", "dropout"):
+            continue  # a list value: its getitem users carry the quantizer; dropout: identity at inference
         anchor = placeholders[-1] if node.op == "placeholder" else node
         with graph.inserting_after(anchor):
             fq = graph.call_module(g.root().module_name, (node,))
@@ -146,9 +157,13 @@ def _insert_bias_quantizers(gm: fx.GraphModule, plan: Plan, act_of: dict[fx.Node
             module = build_fake_quantize(spec, "const", name=f"{node.name}.bias")
         name = _module_name(node, "bias", {n for n, _ in gm.named_modules()})
         gm.add_submodule(name, module)
+        raw = node.args[i]
         with graph.inserting_before(node):
-            fq = graph.call_module(name, (node.args[i],))
+            fq = graph.call_module(name, (raw,))
         _set_arg(node, i, -1, fq)
+        for user in list(raw.users):  # QAT BN subtracts the same quantized folded bias in training
+            if op_name(user) == "bn_qat_output":
+                user.replace_input_with(raw, fq)
 
 
 def _input_quantizer_names(plan: Plan) -> dict[fx.Node, str]:
@@ -162,21 +177,29 @@ def _input_quantizer_names(plan: Plan) -> dict[fx.Node, str]:
 
 
 def _init_constant_quantizers(gm: fx.GraphModule) -> None:
-    """Weights and constants are known now: observe them once and fix their scales."""
+    """Weights and constants are known now: observe them once and fix their scales.
+
+    A QAT weight folded with BatchNorm (a function of constants) is evaluated
+    from the current BN buffers. Learnable weight quantizers take their
+    paper's initial value now (not on the first batch), so an optimizer built
+    before the first step holds the parameters that are trained.
+    """
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, FakeQuantizeBase) or mod.role not in ("weight", "const"):
             continue
-        src = node.args[0]
-        if src.op != "get_attr":
+        tensor = constant_value(gm, node.args[0])
+        if tensor is None:
             continue
-        tensor = get_attr_tensor(gm, src.target).detach()
+        tensor = tensor.detach()
         mod.observer_enabled, mod.fake_quant_enabled = True, False
         mod(tensor)
         if mod.spec.learnable == "none" or mod.role == "const":
             mod.update_qparams()
+        else:
+            mod.init_from(tensor)
         mod.observer_enabled = False
 
 
@@ -188,8 +211,15 @@ def _mark_nodes(gm: fx.GraphModule, plan: Plan) -> None:
 
 
 def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False) -> fx.GraphModule:
-    """Pre-quant passes, annotation and quantizer insertion (no calibration)."""
-    passes = PREQUANT_QAT if qat or not config.fold_bn else PREQUANT_PTQ
+    """Pre-quant passes, annotation and quantizer insertion (no calibration).
+
+    ``qat=True`` keeps BatchNorm (with simulated folding) and dropout in the
+    graph; otherwise BN is folded (``config.fold_bn``) and dropout removed.
+    """
+    if qat:
+        passes = (*PREQUANT_QAT, simulate_bn_folding)
+    else:
+        passes = PREQUANT_PTQ if config.fold_bn else PREQUANT_PTQ_KEEP_BN
     gm = run_passes(gm, passes)
     plan = annotate(gm, config)
     _mark_nodes(gm, plan)
@@ -275,6 +305,8 @@ def _float_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
             continue
         if op_kind(a) in ("passthrough", "tuple_passthrough") and a.meta.get("qb_quantized_tuple"):
             continue
+        if op_kind(a) == "dropout" and _is_fq_node(gm, a.args[0]):
+            continue
         if a.op == "get_attr" and op_name(node) == "batch_norm":
             continue
         return f"input '{a.name}' is not quantized"
@@ -291,7 +323,7 @@ def coverage(qmodel: fx.GraphModule) -> CoverageReport:
     float_nodes = []
     total = 0
     for node in qmodel.graph.nodes:
-        if node.op != "call_function" or op_kind(node) in ("passthrough", "tuple_passthrough"):
+        if node.op != "call_function" or op_kind(node) in HELPER_KINDS:
             continue
         if node.target.__module__ == "quantbench.engine.qdq":
             continue
@@ -323,14 +355,16 @@ class ModelQuantizer:
             calib_loader: calibration batches (tensors or (inputs, target) pairs);
                 ``[]`` or None skips calibration (e.g. LSQ/TQT initialised on the
                 first training batch).
-            qat: keep BatchNorm for QAT (default: True when the config has a
-                learnable spec).
+            qat: prepare for QAT: BatchNorm kept with simulated folding,
+                dropout kept, ``qmodel.train()``/``.eval()`` and
+                :mod:`quantbench.engine.qat` switch them (default:
+                ``config.for_training``, i.e. a QAT preset or a learnable spec).
             max_batches: stop calibration after this many batches.
 
         Returns:
             The fake-quant GraphModule, ready for evaluation (or for QAT).
         """
-        qat = self.config.learnable if qat is None else qat
+        qat = self.config.for_training if qat is None else qat
         start = time.perf_counter()
         qmodel = prepare(copy.deepcopy(gm), self.config, qat=qat)
         batches = 0
@@ -341,6 +375,9 @@ class ModelQuantizer:
                         "(LSQ/TQT) or stay at 1.0 (static); pass a calib_loader for PTQ")
         set_observers(qmodel, False)
         set_fake_quant(qmodel, True)
+        if qat:
+            enable_train_eval(qmodel)
+            eval_mode(qmodel)
         qmodel.meta["qb_calibration_batches"] = batches
         qmodel.meta["qb_quantize_seconds"] = time.perf_counter() - start
         return qmodel
@@ -349,12 +386,27 @@ class ModelQuantizer:
         """See :func:`coverage`."""
         return coverage(qmodel)
 
-    def freeze(self, qmodel: fx.GraphModule, target: str = "ort") -> fx.GraphModule:
+    def freeze(self, qmodel: fx.GraphModule, target: str | HardwareTarget = "ort") -> fx.GraphModule:
         """Bake scales into a plain GraphModule of integer weights and Q/DQ calls.
 
         Args:
             qmodel: the (calibrated or trained) fake-quant graph; left untouched.
-            target: ``"ort"`` (generic QDQ for onnxruntime, int32 bias).
+            target: ``"ort"`` (generic QDQ for onnxruntime, int32 bias) or
+                ``"npu_pow2"``: a power-of-two NPU (AMD XINT8). The scales
+                must be powers of two (a pow2 preset; else a
+                :class:`~quantbench.engine.hardware.HardwareError` names the
+                first one that is not). Positions are moved into the NPU's
+                shift ranges, concat / pool / reshape share one scale, the
+                bias gets its own int8 pow2 scale, average pools compute
+                ``sum * multiplier / 2^shift`` and sigmoid / SiLU become the
+                NPU's hardsigmoid / hardswish, so the frozen graph and its
+                ONNX export compute what the NPU computes;
+                :func:`~quantbench.engine.hardware.check_hardware` of the
+                result is empty. A :class:`~quantbench.engine.hardware.HardwareTarget`
+                selects a variant (e.g. ``bias_dtype="int32"``).
+
+        A QAT graph is frozen as it computes in eval mode: BatchNorm folded
+        with its running statistics, dropout removed.
         """
         from quantbench.engine.passes.freeze import freeze_graph
 

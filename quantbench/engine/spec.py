@@ -241,6 +241,10 @@ class Config:
             (relu, relu6) with an unsigned grid of the same width and the same
             scale rule. Off by default (the whole graph stays signed, as in the
             Quark results table); on, it gains a bit on those tensors.
+        qat: the config is meant for quantization-aware training: BatchNorm
+            and dropout stay in the graph (BN folding is simulated, Jacob et
+            al., arXiv 1712.05877, sec. 3.2). Static QAT presets set it
+            although none of their specs is learnable.
         name: a label (presets set it).
     """
 
@@ -250,6 +254,7 @@ class Config:
     exclude: tuple[str, ...] = ()
     fold_bn: bool = True
     unsigned_relu: bool = False
+    qat: bool = False
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -274,6 +279,11 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def for_training(self) -> bool:
+        """True if the config is meant for QAT: ``qat`` is set or a spec is learnable."""
+        return self.qat or self.learnable
 
     @property
     def learnable(self) -> bool:

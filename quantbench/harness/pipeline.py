@@ -1,6 +1,6 @@
 """The stages of one run, in order, each logging its metrics as soon as it has them.
 
-float eval -> capture -> quantize (PTQ calibration) -> QAT -> fake-quant eval
+scheme check -> float eval -> capture -> quantize (PTQ calibration) -> QAT -> fake-quant eval
 -> freeze -> ONNX export -> onnxruntime eval -> parity -> per-node SQNR ->
 latency (ORT int8 vs ORT fp32).
 
@@ -91,8 +91,8 @@ def capture_graph(ctx: Context) -> None:
     ctx.gm = capture(ctx.model, ctx.example)
 
 
-def quantize(ctx: Context) -> None:
-    """PTQ: insert quantizers and calibrate (QAT schemes start from the same point)."""
+def prepare_scheme(ctx: Context) -> None:
+    """Build the engine config first, so a bad scheme (or QAT before the engine has it) fails in seconds."""
     if not ctx.quantized:
         return
     if ctx.scheme.get("qat") and ctx.scheme["preset"] not in presets.list():
@@ -101,6 +101,12 @@ def quantize(ctx: Context) -> None:
             f"this checkout does not have yet (engine presets: {', '.join(presets.list())}); run a ptq_* "
             "scheme, or update the engine")
     ctx.quantizer = ModelQuantizer(engine_config(ctx.scheme))
+
+
+def quantize(ctx: Context) -> None:
+    """PTQ: insert quantizers and calibrate (QAT schemes start from the same point)."""
+    if not ctx.quantized:
+        return
     n = int(ctx.scheme.get("calib_batches") or 0)
     start = time.perf_counter()
     ctx.qmodel = ctx.quantizer.quantize_model(ctx.gm, ctx.task.calib_loader() if n else [], max_batches=n or None)
@@ -174,10 +180,23 @@ def node_sqnr(ctx: Context) -> None:
         ctx.recorder.log_artifact(path)
 
 
+def _latency_batch(ctx: Context, size: int) -> torch.Tensor:
+    """``size`` real images (calibration batches, topped up by repeating them)."""
+    parts, n = [], 0
+    for batch in ctx.task.calib_loader():
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        parts.append(x)
+        n += x.shape[0]
+        if n >= size:
+            break
+    x = torch.cat(parts) if parts else ctx.example[0]
+    return x.repeat((-(-size // x.shape[0]),) + (1,) * (x.dim() - 1))[:size]
+
+
 def measure_latency(ctx: Context) -> None:
-    """Median onnxruntime latency on the example batch, fp32 vs the quantized model."""
+    """Median onnxruntime latency at ``run.latency_batch``, fp32 vs the quantized model."""
     threads, iters = ctx.settings["threads"], int(ctx.settings["latency_iters"])
-    x = ctx.example[0]
+    x = _latency_batch(ctx, int(ctx.settings["latency_batch"]))
     fp32 = check.ort_latency(ctx.fp32_path, x, threads=threads, iters=iters)
     ctx.log({"latency/ort_fp32_ms": fp32, "latency/batch": x.shape[0]})
     if ctx.quantized:
@@ -186,7 +205,7 @@ def measure_latency(ctx: Context) -> None:
 
 
 STAGES: tuple[Callable[[Context], None], ...] = (
-    evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, freeze_and_export,
+    prepare_scheme, evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, freeze_and_export,
     evaluate_onnx, check_parity, node_sqnr, measure_latency,
 )
 

@@ -29,7 +29,7 @@ from quantbench.harness.pipeline import Context, execute
 from quantbench.harness.protocol import TaskAdapter
 from quantbench.harness.tracking import Store, config_hash, flatten, git_sha
 
-__all__ = ["DataMissingError", "RunResult", "build_task", "is_data_missing", "run"]
+__all__ = ["HARNESS_ONLY", "DataMissingError", "RunResult", "build_task", "is_data_missing", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,18 @@ def is_data_missing(exc: BaseException) -> bool:
     return any(cls.__name__ == "DataNotFoundError" for cls in type(exc).__mro__)
 
 
+#: Keys the harness reads itself and does not pass to the task adapter.
+HARNESS_ONLY = {"task": ("pretrained_weights",), "model": ("display_name",)}
+
+
+def _for_task(tree: Mapping[str, Any], group: str) -> dict[str, Any]:
+    return {k: v for k, v in tree[group].items() if k not in HARNESS_ONLY.get(group, ())}
+
+
 def build_task(tree: Mapping[str, Any]) -> TaskAdapter:
-    """Instantiate ``task._target_`` with the data, model and train configs as plain dicts."""
-    return instantiate(dict(tree["task"]), data=dict(tree["data"]), model=dict(tree["model"]),
-                       train=dict(tree["train"]), _convert_="all")
+    """Instantiate ``task._target_`` with data, model and both recipes as plain dicts."""
+    return instantiate(_for_task(tree, "task"), data=_for_task(tree, "data"), model=_for_task(tree, "model"),
+                       train=dict(tree["train"]["baseline"]), qat=dict(tree["train"]["qat"]), _convert_="all")
 
 
 def _resolve(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

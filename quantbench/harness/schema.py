@@ -17,7 +17,7 @@ import dataclasses
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, Dict, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -25,11 +25,13 @@ from omegaconf import MISSING
 from quantbench.engine.spec import QuantizationSpec
 
 __all__ = [
+    "BaselineConf",
     "ClassificationDataConf",
     "HASH_EXCLUDE",
+    "LoopConf",
     "ModelConf",
+    "QatRecipeConf",
     "QuantbenchConf",
-    "RecipeConf",
     "RunConf",
     "SchemeConf",
     "SpecOverride",
@@ -48,69 +50,121 @@ HASH_EXCLUDE = ("tracking", "run.force")
 class TaskConf:
     """A task adapter, built by ``hydra.utils.instantiate`` from ``_target_``.
 
-    The harness adds ``data``, ``model`` and ``train`` (plain dicts) as keyword
-    arguments, so a task file names only the adapter class and task-level knobs.
+    The harness adds ``data``, ``model``, ``train`` (the baseline recipe) and
+    ``qat`` (the QAT recipe) as plain-dict keyword arguments.
+    ``pretrained_weights`` is the harness's: model files read it
+    (``model.pretrained: ${task.pretrained_weights}``), so one model file
+    serves a task with library weights (ImageNet) and one that trains its own
+    float baseline (digits).
     """
 
     _target_: str = MISSING
     name: str = MISSING
-    eval_batch_size: int = 256
+    cache_dir: str = ".cache/quantbench"
+    device: str = "auto"
+    pretrained_weights: bool = False
 
 
 @dataclass
 class ClassificationDataConf:
-    """An ImageFolder-style classification data set (``root/train``, ``root/val``)."""
+    """An ImageFolder tree (``root/train/<class>``, ``root/val/<class>``) and its transforms.
 
-    root: str = MISSING
+    Mirrors ``tasks.classification.config.DataConfig`` (a test keeps the two in step).
+    """
+
+    root: str | None = None
+    root_env: str | None = "IMAGENET_ROOT"
+    generate: str | None = None
+    resize_size: int = 256
     image_size: int = 224
-    num_classes: int = 1000
+    train_augment: str = "random_resized_crop"
+    pad: int = 4
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    eval_batch_size: int = 256
+    calib_size: int = 256
+    calib_batch_size: int = 32
     train_fraction: float = 1.0
     val_fraction: float = 1.0
-    calib_size: int = 256
-    batch_size: int = 64
     num_workers: int = 0
+    seed: int = 0
 
 
 @dataclass
 class ModelConf:
-    """A model from the task's registry; ``display_name`` is what tables show."""
+    """A model of the task's registry; ``display_name`` (harness only) is what tables show."""
 
     name: str = MISSING
     display_name: str = ""
+    num_classes: int | None = None
     pretrained: bool = False
     checkpoint: str | None = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class RecipeConf:
-    """One training recipe (float baseline or QAT), after torchvision's references.
-
-    ``freeze_observers_epoch`` / ``freeze_bn_epoch`` follow the QAT schedule of
-    Krishnamoorthi (arXiv 1806.08342): observers and BN statistics stop
-    updating after that many epochs. ``quantizer_lr`` is the learning rate of
-    learnable scales (LSQ steps, TQT log2 thresholds).
-    """
+class LoopConf:
+    """What float and QAT training share (torchvision references style)."""
 
     epochs: int = 1
+    steps: int | None = None
     batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
     momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    lr_decay: float = 1.0
+    lr_decay_steps: int = 1000
+    label_smoothing: float = 0.0
+    keep_best: str = "memory"
+    checkpoint_dir: str | None = None
+    channels_last: bool = False
+    seed: int = 0
+
+
+@dataclass
+class BaselineConf(LoopConf):
+    """The float-baseline recipe (trained once per config and cached by the task)."""
+
+    epochs: int = 15
+    lr: float = 4e-3
+    warmup_epochs: float = 2.0
+
+
+@dataclass
+class QatRecipeConf(LoopConf):
+    """The QAT recipe (REFERENCES.md, after Quark's ImageNet results).
+
+    ``quant_*`` drive the learnable scales (LSQ steps, TQT log2 thresholds).
+    Observers and BN statistics freeze after ``freeze_observers_after`` /
+    ``freeze_bn_after`` epochs (Jacob et al., arXiv 1712.05877;
+    Krishnamoorthi, arXiv 1806.08342).
+    """
+
+    epochs: int = 3
+    batch_size: int = 24
+    optimizer: str = "adam"
+    lr: float = 1e-5
     weight_decay: float = 1e-4
-    quantizer_lr: float = 1e-5
-    lr_gamma: float = 1.0
-    lr_step: int = 0
-    freeze_observers_epoch: int | None = None
-    freeze_bn_epoch: int | None = None
-    max_steps: int | None = None
+    scheduler: str = "step"
+    lr_decay: float = 0.94
+    lr_decay_steps: int = 2000
+    quant_lr: float = 1e-5
+    quant_weight_decay: float = 0.0
+    quant_lr_decay: float = 0.5
+    quant_lr_decay_steps: int = 1000
+    freeze_observers_after: float | None = 1.0
+    freeze_bn_after: float | None = 2.0
 
 
 @dataclass
 class TrainConf:
-    """The float-baseline recipe (trained once, cached by the task) and the QAT recipe."""
+    """The float-baseline recipe and the QAT recipe of a task."""
 
-    baseline: RecipeConf = field(default_factory=RecipeConf)
-    qat: RecipeConf = field(default_factory=RecipeConf)
+    baseline: BaselineConf = field(default_factory=BaselineConf)
+    qat: QatRecipeConf = field(default_factory=QatRecipeConf)
 
 
 def _spec_override_fields() -> list[tuple[str, Any, Any]]:
@@ -174,6 +228,7 @@ class RunConf:
     threads: int = 2
     parity_batches: int = 1
     latency_iters: int = 20
+    latency_batch: int = 32
     sqnr_plot_layers: int = 20
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
+from quantbench.harness import protocol
 from tasks.classification.config import DataConfig
 
 __all__ = [
@@ -44,11 +45,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(protocol.DataNotFoundError):
     """The data set is not where the config says; the message is one line.
 
-    The harness turns it into exit code 2 and prints the message as is, so the
-    message says what to set (``data.root``, the env variable) and what to try.
+    A ``FileNotFoundError`` via the harness's own class, which the harness
+    turns into exit code 2, printing the message as is: so the message says
+    what to set (``data.root``, the env variable) and what to try.
     """
 
 
@@ -84,9 +86,23 @@ def _pad_crop(cfg: DataConfig) -> transforms.Compose:
     )
 
 
+def _affine(cfg: DataConfig) -> transforms.Compose:
+    """Small rotations, shifts (``pad`` pixels) and scalings: the classic handwritten-digit augmentation."""
+    shift = cfg.pad / cfg.image_size
+    return transforms.Compose(
+        [
+            transforms.Resize(cfg.resize_size),
+            transforms.CenterCrop(cfg.image_size),
+            transforms.RandomAffine(degrees=10, translate=(shift, shift), scale=(0.9, 1.1)),
+            *_normalize(cfg),
+        ]
+    )
+
+
 TRAIN_AUGMENTS: dict[str, Callable[[DataConfig], transforms.Compose]] = {
     "random_resized_crop": _random_resized_crop,
     "pad_crop": _pad_crop,
+    "affine": _affine,
     "none": eval_transform,
 }
 
@@ -180,11 +196,18 @@ def calibration_subset(dataset: Dataset, size: int, seed: int) -> Subset:
 def make_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory=False
 ) -> DataLoader:
-    """A DataLoader whose shuffling (and worker seeds) follow ``seed``."""
+    """A DataLoader whose shuffling (and worker seeds) follow ``seed``.
+
+    Shuffled (training) loaders drop the last partial batch when there is at
+    least one full batch: a trailing batch of one breaks BatchNorm in training
+    mode, and odd-sized channels-last batches crashed torch 2.13's CPU conv
+    backward.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        drop_last=shuffle and len(dataset) > batch_size,
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

@@ -211,7 +211,7 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         steps += 1
-        loss_sum += float(loss) * len(target)
+        loss_sum += float(loss.detach()) * len(target)
         correct += int((logits.argmax(1) == target).sum())
         seen += len(target)
         if steps % 10 == 0 and hasattr(bar, "set_postfix"):
@@ -250,23 +250,55 @@ def fit(
     step = 0
     for epoch in range(math.ceil(total / spe) if spe else 0):
         stats = train_one_epoch(
-            model, train_loader, optimizer, scheduler, mode, criterion=criterion, device=device,
-            first_step=step, max_steps=total - step, channels_last=cfg.channels_last, desc=f"{desc} {epoch + 1}",
-        )  # fmt: skip
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            mode,
+            criterion=criterion,
+            device=device,
+            first_step=step,
+            max_steps=total - step,
+            channels_last=cfg.channels_last,
+            desc=f"{desc} {epoch + 1}",
+        )
         step += int(stats["steps"])
         mode.eval(model)
-        val = evaluate(lambda x: model(x.contiguous(memory_format=memory_format)), val_loader,
-                       device=device, desc=f"{desc} val")  # fmt: skip
+        val = evaluate(
+            lambda x: model(x.contiguous(memory_format=memory_format)),
+            val_loader,
+            device=device,
+            desc=f"{desc} val",
+        )
         improved = best.update(val["top1"], model)
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": stats["loss"],
-                        "train_top1": stats["top1"], "val_top1": val["top1"], "val_top5": val["top5"],
-                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start})  # fmt: skip
-        log.info("%s epoch %d/%d: loss %.4f, val top1 %.2f top5 %.2f%s", desc, epoch + 1,
-                 math.ceil(total / spe), stats["loss"], val["top1"], val["top5"], " (best)" if improved else "")  # fmt: skip
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": stats["loss"],
+                "train_top1": stats["top1"],
+                "val_top1": val["top1"],
+                "val_top5": val["top5"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        log.info(
+            "%s epoch %d/%d: loss %.4f, val top1 %.2f top5 %.2f%s",
+            desc,
+            epoch + 1,
+            math.ceil(total / spe),
+            stats["loss"],
+            val["top1"],
+            val["top5"],
+            " (best)" if improved else "",
+        )
     best.restore(model)
     mode.eval(model)
     model.to(device=home, memory_format=torch.contiguous_format)
-    return TrainResult(model=model, history=history, best_metric=best.best, seconds=time.perf_counter() - start)
+    return TrainResult(
+        model=model, history=history, best_metric=best.best, seconds=time.perf_counter() - start
+    )
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -7,6 +7,13 @@ each activation quantizer call is a :func:`quantbench.engine.qdq.quantize` /
 weights, constants and biases are integer buffers (int8 / int4-in-int8 /
 int32) read through ``dequantize``. The float weights are gone. Freezing a
 frozen graph is a no-op (there are no quantizers left).
+
+Targets (:data:`FREEZE_TARGETS`): ``ort`` bakes the scales as they are
+(generic QDQ for onnxruntime, int32 bias); ``npu_pow2`` first aligns the
+fake-quant copy to a power-of-two NPU
+(:func:`~quantbench.engine.passes.hardware.align_to_target`: its shift
+ranges, shared scales, int8 bias, average pool and hardsigmoid arithmetic),
+then bakes it the same way.
 """
 
 from __future__ import annotations
@@ -17,13 +24,16 @@ import torch
 from torch import fx
 
 from quantbench.engine.fake_quant import FakeQuantizeBase
+from quantbench.engine.hardware import HardwareTarget, get_target
+from quantbench.engine.passes.hardware import align_to_target
 from quantbench.engine.passes.integer import fuse_integer_kernels
 from quantbench.engine.passes.prequant import get_attr_tensor, set_attr_tensor
+from quantbench.engine.passes.qat_bn import fold_qat_batchnorm
 from quantbench.engine.qdq import dequantize, quantize
 
 __all__ = ["freeze_graph", "bake_quantizers", "FREEZE_TARGETS"]
 
-FREEZE_TARGETS = ("ort",)
+FREEZE_TARGETS = ("ort", "npu_pow2")
 
 
 def _qdq_args(gm: fx.GraphModule, mod: FakeQuantizeBase, base: str) -> tuple:
@@ -90,12 +100,20 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
                 delattr(gm, mod_name)
 
 
-def freeze_graph(qmodel: fx.GraphModule, target: str = "ort") -> fx.GraphModule:
-    """A frozen copy of ``qmodel`` for the given target (see module docstring)."""
-    if target not in FREEZE_TARGETS:
+def freeze_graph(qmodel: fx.GraphModule, target: str | HardwareTarget = "ort") -> fx.GraphModule:
+    """A frozen copy of ``qmodel`` for the given target (see module docstring).
+
+    ``target`` is a name of :data:`FREEZE_TARGETS` or a
+    :class:`~quantbench.engine.hardware.HardwareTarget` (e.g. an NPU variant
+    with an int32 bias).
+    """
+    if not isinstance(target, HardwareTarget) and target not in FREEZE_TARGETS:
         raise ValueError(f"freeze target {target!r} is not one of {list(FREEZE_TARGETS)}")
     frozen = copy.deepcopy(qmodel)
+    frozen = fold_qat_batchnorm(frozen)
+    if target != "ort":
+        frozen = align_to_target(frozen, get_target(target))
     frozen = bake_quantizers(frozen)
     frozen = fuse_integer_kernels(frozen)
-    frozen.meta["qb_frozen_target"] = target
+    frozen.meta["qb_frozen_target"] = get_target(target).name if target != "ort" else target
     return frozen

@@ -19,6 +19,8 @@ that fusion unless the zero point is the type's minimum).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -26,7 +28,8 @@ from quantbench.engine.passes.prequant import op_name
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
-__all__ = ["qlinear", "fuse_integer_kernels", "expand_integer_kernels", "INTEGER_OPS", "GRID_ACTIVATIONS"]
+__all__ = ["qlinear", "qadd", "fuse_integer_kernels", "expand_integer_kernels", "INTEGER_OPS",
+           "GRID_ACTIVATIONS", "int_clamp"]
 
 INTEGER_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
 GRID_ACTIVATIONS = {"relu", "hardtanh", "relu6"}
@@ -62,20 +65,73 @@ def qlinear(op, op_args: tuple, act, act_args: tuple, qx: torch.Tensor, x_qp: tu
     acc = op(xi, wi, None, *op_args)
     channel_axis = acc.dim() - 1 if op_name_of(op) == "linear" else 1
     if qb is not None:
-        acc = acc + _per_channel(qb.to(torch.float64), acc.dim(), channel_axis)
+        bias = qb.to(torch.float64)
+        if b_qp is not None and b_qp[5] != "int32":  # an own pow2 bias scale: shift it onto the accumulator grid
+            w_s64 = torch.as_tensor(w_s, dtype=torch.float64, device=qb.device)
+            bias = bias * (torch.as_tensor(b_qp[0], dtype=torch.float64, device=qb.device) / (float(x_s) * w_s64))
+        acc = acc + _per_channel(bias, acc.dim(), channel_axis)
     multiplier = (_as_tensor(x_s, qx) * _as_tensor(w_s, qx)) / _as_tensor(y_s, qx)  # float32, as ORT
     v = acc.to(torch.float32) * _per_channel(multiplier, acc.dim(), channel_axis)
     q = torch.clamp(torch.round(v), y_min - int(y_z), y_max - int(y_z)) + int(y_z)
     if act is not None:
-        lo, hi = _act_bounds(act, act_args)
-        q_lo = -torch.inf if lo is None else torch.round(torch.tensor(lo, dtype=torch.float32) / y_s) + int(y_z)
-        q_hi = torch.inf if hi is None else torch.round(torch.tensor(hi, dtype=torch.float32) / y_s) + int(y_z)
-        q = torch.clamp(q, q_lo, q_hi)
+        q = torch.clamp(q, *grid_bounds(act, act_args, y_qp))
     return q.to(DTYPES[y_dtype].storage)
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fused multiply-add: one rounding (float64 holds the exact product of two float32)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def _export_zero_point(qp: tuple) -> tuple[int, int]:
+    """(zero point, offset) in the domain onnxruntime computes in: int8 activations are exported
+    as uint8 with zero point + 128 (see export.py), so the kernel sees shifted values."""
+    zp, dtype = int(qp[1]), qp[5]
+    return (zp + 128, 128) if dtype == "int8" else (zp, 0)
+
+
+def qadd(qa: torch.Tensor, a_qp: tuple, qb: torch.Tensor, b_qp: tuple, c_qp: tuple) -> torch.Tensor:
+    """Integer add of two quantized tensors, as onnxruntime's x86 QLinearAdd computes it.
+
+    onnxruntime (MLAS, AVX2) evaluates ``c = fma(a, Ra, fma(b, Rb, F))`` in float32 with
+    ``Ra = f32(sa / sc)``, ``Rb = f32(sb / sc)``, ``F = zc - fma(Ra, za, Rb * zb)``, rounds
+    half to even and saturates. Verified bit for bit against onnxruntime on every (a, b)
+    pair for random scales (tests/test_integer_kernels.py).
+    """
+    za, off_a = _export_zero_point(a_qp)
+    zb, off_b = _export_zero_point(b_qp)
+    zc, off_c = _export_zero_point(c_qp)
+    one = torch.tensor(1.0, dtype=torch.float32, device=qa.device)
+    ra = (torch.tensor(float(a_qp[0]), dtype=torch.float32) / torch.tensor(float(c_qp[0]), dtype=torch.float32)).to(qa.device)
+    rb = (torch.tensor(float(b_qp[0]), dtype=torch.float32) / torch.tensor(float(c_qp[0]), dtype=torch.float32)).to(qa.device)
+    inner = _fma32(ra, one * za, rb * zb)
+    fixed = (one * zc) - inner
+    a = qa.to(torch.float32) + off_a
+    b = qb.to(torch.float32) + off_b
+    c = _fma32(a, ra, _fma32(b, rb, fixed))
+    lo, hi = int(c_qp[3]) + off_c, int(c_qp[4]) + off_c
+    q = torch.clamp(torch.round(c), lo, hi) - off_c
+    return q.to(DTYPES[c_qp[5]].storage)
+
+
+def int_clamp(q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Clamp on the integer grid (an activation applied to quantized values)."""
+    return torch.clamp(q, lo, hi)
 
 
 def op_name_of(target) -> str:
     return getattr(target, "_opname", getattr(target, "__name__", str(target)))
+
+
+def grid_bounds(act, act_args: tuple, qp: tuple) -> tuple[int, int]:
+    """Integer bounds of a clamping activation on a grid: ``Q(clamp(v)) == clamp(Q(v), lo, hi)``
+    because rounding is monotone."""
+    scale, zp, qmin, qmax = float(qp[0]), int(qp[1]), int(qp[3]), int(qp[4])
+    lo, hi = _act_bounds(act, act_args)
+    s = torch.tensor(scale, dtype=torch.float32)
+    q_lo = qmin if lo is None else int(torch.round(torch.tensor(lo, dtype=torch.float32) / s)) + zp
+    q_hi = qmax if hi is None else int(torch.round(torch.tensor(hi, dtype=torch.float32) / s)) + zp
+    return max(q_lo, qmin), min(q_hi, qmax)
 
 
 def _act_bounds(act, args: tuple) -> tuple[float | None, float | None]:
@@ -93,6 +149,15 @@ def _is(node, fn) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is fn
 
 
+def _is_pow2(v) -> bool:
+    return isinstance(v, float) and v > 0 and math.frexp(v)[0] == 0.5
+
+
+def _pow2_bias(dqx: fx.Node, dqb: fx.Node) -> bool:
+    """A per-tensor bias with its own power-of-two scale (NPU int8 bias): a shift from the accumulator."""
+    return dqb.args[3] is None and _is_pow2(dqb.args[1]) and _is_pow2(dqx.args[1])
+
+
 def _match(node: fx.Node):
     if node.op != "call_function" or op_name(node) not in INTEGER_OPS:
         return None
@@ -100,7 +165,7 @@ def _match(node: fx.Node):
     dqx, dqw, dqb = args[0], args[1], args[2]
     if not (_is(dqx, dequantize) and _is(dqw, dequantize) and dqx.args[3] is None):
         return None
-    if dqb is not None and not (_is(dqb, dequantize) and dqb.args[6] == "int32"):
+    if dqb is not None and not (_is(dqb, dequantize) and (dqb.args[6] == "int32" or _pow2_bias(dqx, dqb))):
         return None
     if dqw.args[0].op != "get_attr" or (dqb is not None and dqb.args[0].op != "get_attr"):
         return None
@@ -113,6 +178,47 @@ def _match(node: fx.Node):
     if not _is(user, quantize) or user.args[3] is not None:
         return None
     return dqx, dqw, dqb, act, user
+
+
+def _is_act_dq(node) -> bool:
+    return (_is(node, dequantize) and node.args[3] is None
+            and not (isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"))
+
+
+def _match_add(node: fx.Node):
+    if node.op != "call_function" or op_name(node) != "add" or len(node.args) != 2 or node.kwargs:
+        return None
+    dqa, dqb = node.args
+    if not (_is_act_dq(dqa) and _is_act_dq(dqb)) or dqa.args[6] != dqb.args[6] or len(node.users) != 1:
+        return None
+    qc = next(iter(node.users))
+    relu = None
+    if qc.op == "call_function" and op_name(qc) == "relu" and len(qc.users) == 1:
+        # With the output zero point at the grid minimum, relu is the saturation itself
+        # (onnxruntime then drops it and fuses the add): Q(relu(v)) == Q(v).
+        relu, qc = qc, next(iter(qc.users))
+        if not _is(qc, quantize) or int(qc.args[2]) != int(qc.args[4]):
+            return None
+    if not _is(qc, quantize) or qc.args[3] is not None or qc.args[6] != dqa.args[6]:
+        return None
+    return dqa, dqb, relu, qc
+
+
+def _fuse_adds(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        m = _match_add(node)
+        if m is None:
+            continue
+        dqa, dqb, relu, qc = m
+        with graph.inserting_before(qc):
+            fused = graph.call_function(qadd, (dqa.args[0], tuple(dqa.args[1:]), dqb.args[0],
+                                               tuple(dqb.args[1:]), tuple(qc.args[1:])))
+        fused.meta["val"] = qc.meta.get("val")
+        qc.replace_all_uses_with(fused)
+        for dead in (qc, relu, node):
+            if dead is not None:
+                graph.erase_node(dead)
 
 
 def fuse_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
@@ -143,6 +249,7 @@ def fuse_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
         for dead in (qy, act, node):
             if dead is not None and not dead.users:
                 graph.erase_node(dead)
+    _fuse_adds(gm)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -150,9 +257,22 @@ def fuse_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def expand_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
-    """Inverse of :func:`fuse_integer_kernels`, for export: back to Q/DQ around float ops."""
+    """Inverse of :func:`fuse_integer_kernels`, for export: back to Q/DQ around float ops.
+
+    A fused activation becomes :func:`int_clamp` on the quantized tensor (an ONNX Clip on
+    integers), which export shifts along with the tensor when int8 becomes uint8.
+    """
     graph = gm.graph
     for node in list(graph.nodes):
+        if _is(node, qadd):
+            qa, a_qp, qb, b_qp, c_qp = node.args
+            with graph.inserting_before(node):
+                a = graph.call_function(dequantize, (qa, *a_qp))
+                b = graph.call_function(dequantize, (qb, *b_qp))
+                out = graph.call_function(quantize, (graph.call_function(torch.ops.aten.add.Tensor, (a, b)), *c_qp))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            continue
         if not _is(node, qlinear):
             continue
         op, op_args, act, act_args, qx, x_qp, qw, w_qp, qb, b_qp, y_qp = node.args
@@ -163,8 +283,8 @@ def expand_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
             y = graph.call_function(op, (x, w, b, *op_args))
             out = graph.call_function(quantize, (y, *y_qp))
             if act is not None:
-                a = graph.call_function(act, (graph.call_function(dequantize, (out, *y_qp)), *act_args))
-                out = graph.call_function(quantize, (a, *y_qp))
+                # On the integer grid: an integer Clip, cheap for onnxruntime, exact by construction.
+                out = graph.call_function(int_clamp, (out, *grid_bounds(act, act_args, y_qp)))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     graph.lint()

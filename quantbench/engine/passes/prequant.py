@@ -23,6 +23,7 @@ __all__ = [
     "get_attr_tensor",
     "set_attr_tensor",
     "PREQUANT_PTQ",
+    "PREQUANT_PTQ_KEEP_BN",
     "PREQUANT_QAT",
     "run_passes",
 ]
@@ -237,7 +238,10 @@ def lift_scalar_constants(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 PREQUANT_PTQ = (functionalize_inplace, remove_dropout, fold_bn, bn_to_affine, lift_scalar_constants)
-PREQUANT_QAT = (functionalize_inplace, remove_dropout, lift_scalar_constants)
+PREQUANT_PTQ_KEEP_BN = (functionalize_inplace, remove_dropout, lift_scalar_constants)
+# QAT keeps dropout (switched by quantbench.engine.qat) and BatchNorm; the quantizer appends
+# passes.qat_bn.simulate_bn_folding to this list.
+PREQUANT_QAT = (functionalize_inplace, lift_scalar_constants)
 
 
 def run_passes(gm: fx.GraphModule, passes) -> fx.GraphModule:

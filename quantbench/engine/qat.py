@@ -1,0 +1,218 @@
+"""Quantization-aware training on an exported graph: modes, parameter groups, freeze points.
+
+A ``torch.export`` GraphModule has no BatchNorm or Dropout modules whose
+``training`` flag could be flipped: BN and dropout are ``aten.batch_norm`` /
+``aten.dropout`` calls whose ``training`` is a constant argument, and the
+exported module refuses ``.train()``. :func:`train_mode` and
+:func:`eval_mode` rewrite those arguments (and recompile) and switch the
+observers of static quantizers, consistently::
+
+    qmodel = ModelQuantizer(presets.get("qat_lsq")).quantize_model(gm, calib)
+    opt = torch.optim.Adam([{"params": qat.weight_parameters(qmodel), "lr": 1e-5},
+                            {"params": qat.quantizer_parameters(qmodel), "lr": 1e-5}])
+    qmodel.train()                       # or qat.train_mode(qmodel)
+    ...                                  # the usual loop; after a few epochs:
+    qat.set_observers_frozen(qmodel)     # static QAT: scales stop moving
+    qat.set_bn_frozen(qmodel)            # BN uses (and keeps) its running statistics
+    qmodel.eval()
+    frozen = quantizer.freeze(qmodel)    # BN folded for good
+
+Modes, as the recipes of Jacob et al. (arXiv 1712.05877) and Krishnamoorthi
+(arXiv 1806.08342) use them:
+
+* train: BN normalises with batch statistics and updates its running ones
+  (unless BN is frozen); dropout is active; observers of static quantizers
+  update the scales every step (unless frozen). LSQ / TQT quantizers learn
+  their scales by gradient and never observe after initialisation.
+* eval: BN uses running statistics, dropout is the identity, no observer runs.
+
+The freeze points are one-way setters (:func:`set_observers_frozen`,
+:func:`set_bn_frozen`) that later :func:`train_mode` calls respect, plus
+context managers that restore the previous state on exit. The state lives in
+``qmodel.meta``, so it survives ``deepcopy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import fx, nn
+
+from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
+from quantbench.engine.modes import disable_fake_quant, fake_quantizers
+from quantbench.engine.passes.prequant import op_name
+
+__all__ = [
+    "disable_fake_quant",
+    "enable_train_eval",
+    "eval_mode",
+    "freeze_bn",
+    "freeze_observers",
+    "is_training",
+    "quantizer_parameters",
+    "set_bn_frozen",
+    "set_observers",
+    "set_observers_frozen",
+    "train_mode",
+    "weight_parameters",
+]
+
+_STATE = "qb_qat"
+_BATCH_NORM = {"batch_norm", "bn_qat_output"}  # the latter: conv-BN with simulated folding
+_DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def _state(qmodel: fx.GraphModule) -> dict[str, bool]:
+    return qmodel.meta.setdefault(_STATE, {"training": False, "bn_frozen": False, "observers_frozen": False})
+
+
+def is_training(qmodel: fx.GraphModule) -> bool:
+    """True between :func:`train_mode` and :func:`eval_mode`."""
+    return _state(qmodel)["training"]
+
+
+def _set_graph_flags(qmodel: fx.GraphModule, bn_training: bool, dropout_training: bool) -> None:
+    """Set the ``training`` argument of every BN and dropout call; recompile only if one changed."""
+    changed = False
+    for node in qmodel.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = op_name(node)
+        if name in _BATCH_NORM and len(node.args) > 5 and node.args[3] is not None:
+            index, value = 5, bn_training
+        elif name in _DROPOUT and len(node.args) > 2:
+            index, value = 2, dropout_training
+        else:
+            continue
+        if bool(node.args[index]) != value:
+            node.update_arg(index, value)
+            changed = True
+    if changed:
+        qmodel.recompile()
+
+
+def _apply_observers(qmodel: fx.GraphModule) -> None:
+    state = _state(qmodel)
+    on = state["training"] and not state["observers_frozen"]
+    for m in fake_quantizers(qmodel):
+        m.observer_enabled = on and isinstance(m, FakeQuantize)
+
+
+def _apply(qmodel: fx.GraphModule) -> fx.GraphModule:
+    state = _state(qmodel)
+    training = state["training"]
+    _set_graph_flags(qmodel, bn_training=training and not state["bn_frozen"], dropout_training=training)
+    nn.Module.train(qmodel, training)
+    _apply_observers(qmodel)
+    return qmodel
+
+
+def train_mode(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """Training mode: batch-statistics BN (unless frozen), active dropout, static observers on (unless frozen)."""
+    _state(qmodel)["training"] = True
+    return _apply(qmodel)
+
+
+def eval_mode(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """Evaluation mode: running-statistics BN, identity dropout, no observer runs."""
+    _state(qmodel)["training"] = False
+    return _apply(qmodel)
+
+
+def set_observers_frozen(qmodel: fx.GraphModule, frozen: bool = True) -> None:
+    """Freeze (or unfreeze) the scales of static quantizers for the rest of training."""
+    _state(qmodel)["observers_frozen"] = bool(frozen)
+    _apply_observers(qmodel)
+
+
+def set_observers(qmodel: fx.GraphModule, enabled: bool) -> None:
+    """``set_observers_frozen(qmodel, not enabled)``: the one-way switch of the QAT recipe."""
+    set_observers_frozen(qmodel, not enabled)
+
+
+def set_bn_frozen(qmodel: fx.GraphModule, frozen: bool = True) -> None:
+    """Freeze (or unfreeze) BatchNorm: running statistics are used and no longer updated, also in training.
+
+    Once BN is frozen the simulated fold is the exact folded conv, so the
+    last epochs train the weights the integer kernel will run
+    (Krishnamoorthi, arXiv 1806.08342, sec. 3.2).
+    """
+    _state(qmodel)["bn_frozen"] = bool(frozen)
+    _apply(qmodel)
+
+
+@contextlib.contextmanager
+def freeze_observers(qmodel: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Static scales stay fixed inside the block; the previous state is restored on exit."""
+    previous = _state(qmodel)["observers_frozen"]
+    flags = [(m, m.observer_enabled) for m in fake_quantizers(qmodel)]
+    try:
+        set_observers_frozen(qmodel, True)
+        yield qmodel
+    finally:
+        _state(qmodel)["observers_frozen"] = previous
+        for m, enabled in flags:
+            m.observer_enabled = enabled
+
+
+@contextlib.contextmanager
+def freeze_bn(qmodel: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """BatchNorm uses and keeps its running statistics inside the block; restored on exit."""
+    previous = _state(qmodel)["bn_frozen"]
+    try:
+        set_bn_frozen(qmodel, True)
+        yield qmodel
+    finally:
+        set_bn_frozen(qmodel, previous)
+
+
+def quantizer_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
+    """The learned parameters of the quantizers (LSQ steps, TQT log2 thresholds).
+
+    Call it after :meth:`ModelQuantizer.quantize_model`: quantizers are
+    initialised there, and a per-channel step is a new tensor once it has
+    its shape.
+    """
+    params: dict[int, nn.Parameter] = {}
+    for m in qmodel.modules():
+        if isinstance(m, FakeQuantizeBase):
+            params.update((id(p), p) for p in m.parameters() if p.requires_grad)
+    return list(params.values())
+
+
+def weight_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
+    """Every other trainable parameter (weights, biases, BN affine); disjoint from the quantizers'."""
+    quant = {id(p) for p in quantizer_parameters(qmodel)}
+    return [p for p in qmodel.parameters() if p.requires_grad and id(p) not in quant]
+
+
+class _QATTrainEval:
+    """Makes ``qmodel.train()`` / ``qmodel.eval()`` go through :func:`train_mode` / :func:`eval_mode`."""
+
+    def train(self, mode: bool = True):
+        return train_mode(self) if mode else eval_mode(self)
+
+
+_QAT_CLASSES: dict[type, type] = {}
+
+
+def enable_train_eval(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """Let ``qmodel.train()`` / ``.eval()`` switch the graph (``torch.export`` modules refuse them).
+
+    ``GraphModule`` gives every instance its own class (``GraphModuleImpl``,
+    which holds the compiled ``forward``) on top of a user class; this puts
+    a user class that overrides ``train`` under a fresh instance class and
+    recompiles. ``deepcopy`` (freeze makes one) rebuilds the instance class on
+    top of the same user class, so the copy keeps the behaviour. Idempotent.
+    """
+    for name in ("train", "eval"):
+        qmodel.__dict__.pop(name, None)  # torch.export's refusing overrides
+    if isinstance(qmodel, _QATTrainEval):
+        return qmodel
+    base = next(t for t in type(qmodel).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+    if base not in _QAT_CLASSES:
+        _QAT_CLASSES[base] = type("QATGraphModule", (_QATTrainEval, base), {"__module__": __name__})
+    qmodel.__class__ = type("GraphModuleImpl", (_QAT_CLASSES[base],), {})
+    qmodel.recompile()
+    return qmodel

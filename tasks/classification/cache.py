@@ -1,0 +1,90 @@
+"""On-disk cache of trained float baselines, keyed by the config that made them.
+
+Tasks without pretrained weights (digits) train their float model once; every
+later run of the sweep with the same model, data and recipe loads it. The key
+is a hash of exactly those settings, so changing the learning rate or the
+image size trains a new baseline instead of silently reusing a stale one.
+
+Files are written with ``torch.save(state_dict)`` to a temporary name and
+renamed into place (a killed run never leaves half a file under the real
+name), and read with ``torch.load(weights_only=True)``. A file that does not
+load, or does not fit the model, is reported, deleted and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BaselineCache", "config_hash"]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the training code changes what a config produces
+
+
+def config_hash(payload: dict[str, Any]) -> str:
+    """Stable SHA-256 of a JSON-able payload (sorted keys), first 16 hex digits."""
+    text = json.dumps({"version": CACHE_VERSION, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class BaselineCache:
+    """One cached baseline: ``<dir>/<task>_<model>_<hash>.pt`` plus a ``.json`` of its key and metrics."""
+
+    def __init__(self, directory: str | os.PathLike, task: str, model: str, payload: dict[str, Any]) -> None:
+        self.payload = payload
+        self.key = config_hash(payload)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}_{model}")
+        self.path = Path(directory).expanduser() / f"{safe}_{self.key}.pt"
+        self.meta_path = self.path.with_suffix(".json")
+
+    def load_into(self, model: nn.Module) -> bool:
+        """Load the cached weights into ``model``; False when absent or unusable.
+
+        An unusable file (truncated, not a state_dict, wrong shapes) is deleted
+        so the caller rebuilds it.
+        """
+        if not self.path.is_file():
+            return False
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(f"expected a state_dict, found {type(state).__name__}")
+            model.load_state_dict(state)
+        except Exception as exc:  # any unreadable file is rebuilt, whatever broke it
+            log.warning(
+                "cached baseline %s is unusable (%s: %s); retraining",
+                self.path,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            self.path.unlink(missing_ok=True)
+            return False
+        log.info("loaded the cached float baseline %s", self.path)
+        return True
+
+    def save(self, model: nn.Module, metrics: dict[str, Any]) -> Path:
+        """Write ``model.state_dict()`` atomically, and the key payload with ``metrics`` beside it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}-", dir=self.path.parent)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        meta = {"key": self.key, "config": self.payload, "metrics": metrics}
+        self.meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        log.info("cached the float baseline at %s", self.path)
+        return self.path

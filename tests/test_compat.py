@@ -1,0 +1,72 @@
+"""The torchvision compat shim: a fallback here, a no-op where the real extension loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from quantbench.compat import torchvision_ops
+from quantbench.compat.torchvision_ops import nms_reference
+
+
+def _brute_nms(boxes, scores, thr):
+    order = scores.argsort(descending=True).tolist()
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            a, b = boxes[i], boxes[j]
+            ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            inter = ix * iy
+            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            if inter / union > thr:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def test_nms_reference_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(60, 2, generator=g) * 50
+    wh = torch.rand(60, 2, generator=g) * 20 + 1
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(60, generator=g)
+    for thr in (0.3, 0.5, 0.7):
+        assert nms_reference(boxes, scores, thr).tolist() == _brute_nms(boxes.tolist(), scores, thr)
+
+
+def test_torchvision_and_timm_import_and_nms_works():
+    code = (
+        "import quantbench, torch, torchvision, timm\n"
+        "from quantbench.compat import torchvision_ops_status\n"
+        "b = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30.]])\n"
+        "s = torch.tensor([.9, .8, .7])\n"
+        "print(torchvision_ops_status(), torchvision.ops.nms(b, s, 0.5).tolist(),"
+        " torchvision.ops.batched_nms(b, s, torch.tensor([0, 1, 0]), 0.5).tolist(),"
+        " type(timm.create_model('resnet18', num_classes=3)).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    status, rest = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert status in ("native", "fallback")
+    assert rest == "[0, 2] [0, 1, 2] ResNet"
+
+
+def test_noop_when_the_real_extension_loads():
+    """Where torchvision's _C loads, the shim defines nothing."""
+    # Load the module file alone: importing the quantbench package would apply the shim first.
+    code = (
+        "import sys, importlib.util, torch\n"
+        f"spec = importlib.util.spec_from_file_location('tvops', {torchvision_ops.__file__!r})\n"
+        "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+        "t._extension_loads = lambda: True\n"
+        "print(t.ensure_torchvision_ops(), t._LIBRARY is None, 'torchvision' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "native True False"
+
+
+def test_status_is_reported():
+    assert torchvision_ops.torchvision_ops_status() in ("native", "fallback")
