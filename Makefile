@@ -36,8 +36,9 @@ test-slow: $(STAMP) ## slow end-to-end tests only
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check quantbench tasks tests
 
-bench: $(STAMP) ## engine benchmarks -> reports/bench/*.md
+bench: $(STAMP) ## engine and QAT benchmarks -> reports/bench/engine.md, reports/bench/qat.md
 	$(PY) -m quantbench.bench.engine --out reports/bench/engine.md
+	$(PY) -m quantbench.bench.qat --out reports/bench/qat.md
 
 sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=1] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
 	$(QB) sweep $(TASK) --jobs $(JOBS) $(ARGS)

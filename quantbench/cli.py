@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     outcome = sweep(args.task, args.overrides, jobs=args.jobs, sweep_id=args.id)
     if outcome.exit_code == 2:  # missing data or a bad config: the job already said why, in one line
         return 2
-    print(f"sweep {outcome.sweep_id}: {len(outcome.finished)} FINISHED, {len(outcome.failed)} FAILED "
-          "(runs already FINISHED with the same config were skipped; run.force=true reruns them)")
+    skipped = "" if outcome.skipped is None else (
+        f", {outcome.skipped} skipped (already FINISHED with the same config; run.force=true reruns them)")
+    print(f"sweep {outcome.sweep_id}: {outcome.jobs or '?'} jobs: {len(outcome.finished)} FINISHED, "
+          f"{len(outcome.failed)} FAILED{skipped}")
     for label, error, run_id in outcome.failed:
         print(f"  FAILED {label}: {error} (MLflow run {run_id})")
     if outcome.exit_code:
@@ -96,6 +99,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, env=env)
+    # SIGTERM to the mlflow parent stops its server children; pass ours on to it.
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import quantbench  # noqa: F401  (makes torchvision importable on a CPU-only torch)
-import torchvision
 
 
 class TinyAllOps(nn.Module):
@@ -50,6 +49,8 @@ def reestimate_bn(model: nn.Module, shape: tuple[int, ...], batches: int = 4, se
 
 
 def torchvision_model(name: str, size: int = 32, num_classes: int = 10, seed: int = 0) -> nn.Module:
+    import torchvision  # after quantbench: see quantbench.compat
+
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, num_classes=num_classes)
     return reestimate_bn(model, (16, 3, size, size), seed=seed)

@@ -93,10 +93,10 @@ class Group:
     spec: QuantizationSpec
     role: str = "activation"
     members: list[fx.Node] = field(default_factory=list)
-    parent: "Group | None" = None
+    parent: Group | None = None
     module_name: str = ""
 
-    def root(self) -> "Group":
+    def root(self) -> Group:
         g = self
         while g.parent is not None:
             g = g.parent

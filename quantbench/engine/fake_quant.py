@@ -70,6 +70,10 @@ class FakeQuantizeBase(nn.Module):
         """Current (scale, zero_point), detached; shape () or (C,)."""
         raise NotImplementedError
 
+    def current_scale(self) -> torch.Tensor:
+        """The detached scale alone (what a derived quantizer reads every step)."""
+        return self.qparams()[0]
+
     def extra_repr(self) -> str:
         s = self.spec
         return (f"{self.role}, {s.dtype}, {s.qscheme}, {s.scale_type}, learnable={s.learnable}, "
@@ -204,8 +208,11 @@ class LSQFakeQuantize(_Learnable):
         self._set_scale(lsq_init_scale(x.detach(), self.spec.qmax, self.ch_axis))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.scale.detach().abs().clamp_min(torch.finfo(torch.float32).eps)
+        scale = self.current_scale()
         return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def current_scale(self) -> torch.Tensor:
+        return self.scale.detach().abs().clamp_min(torch.finfo(torch.float32).eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
@@ -214,7 +221,7 @@ class LSQFakeQuantize(_Learnable):
             return x
         if not self._is_initialized():
             self.init_from(x)
-        per_scale = x.numel() // max(1, self.scale.numel()) if self.role != "activation" else x[0].numel()
+        per_scale = x.numel() // max(1, self.scale.numel() if self.role != "activation" else x.shape[0])
         g = lsq_grad_scale(per_scale, self.spec.qmax)
         return lsq_fake_quantize(x, self.scale, self.spec.qmin, self.spec.qmax, g, self.ch_axis)
 
@@ -256,6 +263,9 @@ class TQTFakeQuantize(_Learnable):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.scale
         return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def current_scale(self) -> torch.Tensor:
+        return self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
@@ -303,7 +313,8 @@ class DerivedBiasFakeQuantize(FakeQuantizeBase):
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return b
-        scale = self.qparams()[0]
+        act, weight = self.sources
+        scale = act.current_scale() * weight.current_scale()
         axis = 0 if scale.dim() == 1 else None
         return ste_fake_quantize(b, scale, 0, self.spec.qmin, self.spec.qmax, axis, "half_even")
 

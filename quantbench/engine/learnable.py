@@ -45,10 +45,11 @@ __all__ = [
     "tqt_init_log2t_kl",
 ]
 
+# In place: the hot path rounds a tensor it has just allocated (see _to_grid).
 _ROUNDERS = {
-    "half_even": torch.round,
-    "half_up": lambda v: torch.floor(v + 0.5),
-    "floor": torch.floor,
+    "half_even": torch.Tensor.round_,
+    "half_up": lambda v: v.add_(0.5).floor_(),
+    "floor": torch.Tensor.floor_,
 }
 
 
@@ -99,40 +100,47 @@ def _squeeze_per_tensor(t: Tensor, ch_axis: int | None) -> Tensor:
     return t.reshape(()) if ch_axis is None else t
 
 
-_ROUNDERS_INPLACE = {
-    "half_even": torch.Tensor.round_,
-    "half_up": lambda v: v.add_(0.5).floor_(),
-    "floor": torch.Tensor.floor_,
-}
-
-
 def _to_grid(x: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int,
              round_method: str = "half_even") -> tuple[Tensor, Tensor]:
-    """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` and the in-range mask of the rounded value.
+    """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` and the rounded, unclamped ``round(x / s) + zp``.
 
-    The hot path of every fake-quant: four elementwise passes written in place
-    plus one comparison, so QAT costs little more than the float step (the
-    unfused version, with its temporaries and bool arithmetic, cost ~3x more).
+    The hot path of every fake-quant, written for speed on the CPU: four
+    elementwise passes, two allocations, the rest in place. The rounded value
+    is what the backward needs: it holds integers, so "in range" is the open
+    interval ``(qmin - 1/2, qmax + 1/2)``, which :func:`_in_range` tests
+    inside the masked multiply itself (a separate bool mask made the
+    backward several times slower).
     """
     r = x / s
-    _ROUNDERS_INPLACE[round_method](r)
+    _ROUNDERS[round_method](r)
     if zp is not None:
         r.add_(zp)
     q = r.clamp(qmin, qmax)
-    inside = torch.eq(r, q)
     if zp is not None:
         q.sub_(zp)
-    return q.mul_(s), inside
+    return q.mul_(s), r
 
 
-def _scale_grad_times_s(x: Tensor, y: Tensor, inside: Tensor) -> Tensor:
-    """``s * d y / d s`` per element, from the saved input and output (zp = 0).
+def _in_range(t: Tensor, r: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``t`` where the rounded value ``r`` lies in ``[qmin, qmax]``, else 0: one fused pass.
 
-    ``d y / d s`` is ``round(x/s) - x/s`` in range and ``qmin`` / ``qmax``
+    ``hardtanh_backward(t, r, lo, hi)`` is exactly ``t * (lo < r < hi)``.
+    """
+    return torch.ops.aten.hardtanh_backward(t, r, qmin - 0.5, qmax + 0.5)
+
+
+def _scale_grad(grad_out: Tensor, x: Tensor, y: Tensor, r: Tensor, qmin: int, qmax: int, p: Tensor,
+                ch_axis: int | None) -> Tensor:
+    """``sum(grad_out * s * dy/ds)`` over the elements of each scale element (zp = 0).
+
+    ``dy/ds`` is ``round(x/s) - x/s`` in range and ``qmin`` / ``qmax``
     outside (LSQ, TQT); times ``s`` that is ``y - x`` in range and ``y``
     outside, computed without cancellation.
     """
-    return y - torch.where(inside, x, 0.0)
+    neg = _in_range(x, r, qmin, qmax).sub_(y)  # -(s * dy/ds)
+    if p.dim() == 0:
+        return -torch.dot(neg.reshape(-1), grad_out.reshape(-1)).to(p.dtype)
+    return -_reduce_like(neg.mul_(grad_out), p, ch_axis)  # in place: vecdot would allocate the product
 
 
 def _lsq_step(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
@@ -145,14 +153,15 @@ class _STEFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, round_method):
         s = _broadcast(scale.to(x.dtype), x, ch_axis)
         zp = None if zero_point is None else _broadcast(zero_point.to(x.dtype), x, ch_axis)
-        y, inside = _to_grid(x, s, zp, qmin, qmax, round_method)
-        ctx.save_for_backward(inside)
+        y, r = _to_grid(x, s, zp, qmin, qmax, round_method)
+        ctx.save_for_backward(r)
+        ctx.grid = (qmin, qmax)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad_out, 0.0), None, None, None, None, None, None
+        (r,) = ctx.saved_tensors
+        return _in_range(grad_out, r, *ctx.grid), None, None, None, None, None, None
 
 
 def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int,
@@ -192,24 +201,24 @@ def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int
 class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, qmin, qmax, grad_scale, ch_axis):
-        y, inside = _to_grid(x, _lsq_step(scale, x, ch_axis), None, qmin, qmax)
-        # x and y are kept alive by the neighbouring ops anyway: saving them costs one bool mask.
-        ctx.save_for_backward(x, y, inside, scale)
-        ctx.consts = (grad_scale, ch_axis)
+        y, r = _to_grid(x, _lsq_step(scale, x, ch_axis), None, qmin, qmax)
+        # x and y are kept alive by the neighbouring ops anyway: saving them costs only r.
+        ctx.save_for_backward(x, y, r, scale)
+        ctx.consts = (qmin, qmax, grad_scale, ch_axis)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, inside, scale = ctx.saved_tensors
-        grad_scale, ch_axis = ctx.consts
-        grad_x = torch.where(inside, grad_out, 0.0) if ctx.needs_input_grad[0] else None
+        x, y, r, scale = ctx.saved_tensors
+        qmin, qmax, grad_scale, ch_axis = ctx.consts
+        grad_x = _in_range(grad_out, r, qmin, qmax) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            step = scale.to(x.dtype).abs().clamp_min(_eps(x.dtype))
-            g = _reduce_like(grad_out * _scale_grad_times_s(x, y, inside), scale, ch_axis) / step.to(scale.dtype)
-            # Chain rule through |scale|; the eps floor is passed straight through so
-            # that a step pushed below eps can still grow back.
-            grad_s = g * grad_scale * torch.where(scale < 0, -1.0, 1.0).to(g.dtype)
+            # Divided by the step to undo the s in s * dy/ds; chain rule through |scale| (its sign);
+            # the eps floor is passed straight through so that a step pushed below eps can grow back.
+            step = scale.abs().clamp_min(_eps(x.dtype))
+            signed_step = torch.where(scale < 0, -step, step)
+            grad_s = _scale_grad(grad_out, x, y, r, qmin, qmax, scale, ch_axis).mul_(grad_scale).div_(signed_step)
         return grad_x, grad_s, None, None, None, None
 
 
@@ -299,19 +308,20 @@ class _TQTFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, log2_t, qmin, qmax, ch_axis):
         s = _broadcast(tqt_scale(log2_t.to(x.dtype), qmin, qmax), x, ch_axis)
-        y, inside = _to_grid(x, s, None, qmin, qmax)
-        ctx.save_for_backward(x, y, inside, log2_t)
-        ctx.ch_axis = ch_axis
+        y, r = _to_grid(x, s, None, qmin, qmax)
+        ctx.save_for_backward(x, y, r, log2_t)
+        ctx.consts = (qmin, qmax, ch_axis)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, inside, log2_t = ctx.saved_tensors
-        grad_x = torch.where(inside, grad_out, 0.0) if ctx.needs_input_grad[0] else None
+        x, y, r, log2_t = ctx.saved_tensors
+        qmin, qmax, ch_axis = ctx.consts
+        grad_x = _in_range(grad_out, r, qmin, qmax) if ctx.needs_input_grad[0] else None
         grad_l = None
         if ctx.needs_input_grad[1]:
             # d s / d log2_t = s * ln 2, with d ceil(l) / dl taken as 1 (straight through).
-            grad_l = _reduce_like(grad_out * _scale_grad_times_s(x, y, inside), log2_t, ctx.ch_axis) * math.log(2.0)
+            grad_l = _scale_grad(grad_out, x, y, r, qmin, qmax, log2_t, ch_axis) * math.log(2.0)
         return grad_x, grad_l, None, None, None
 
 

@@ -42,6 +42,7 @@ from torch import fx, nn
 from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
 from quantbench.engine.modes import disable_fake_quant, fake_quantizers
 from quantbench.engine.passes.prequant import op_name
+from quantbench.engine.passes.qat_bn import BATCH_STATS_ARG
 
 __all__ = [
     "disable_fake_quant",
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 _STATE = "qb_qat"
-_BATCH_NORM = {"batch_norm", "bn_qat_output"}  # the latter: conv-BN with simulated folding
 _DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
 
 
@@ -79,13 +79,13 @@ def _set_graph_flags(qmodel: fx.GraphModule, bn_training: bool, dropout_training
         if node.op != "call_function":
             continue
         name = op_name(node)
-        if name in _BATCH_NORM and len(node.args) > 5 and node.args[3] is not None:
-            index, value = 5, bn_training
+        if name in BATCH_STATS_ARG and node.args[3] is not None:
+            index, value = BATCH_STATS_ARG[name], bn_training
         elif name in _DROPOUT and len(node.args) > 2:
             index, value = 2, dropout_training
         else:
             continue
-        if bool(node.args[index]) != value:
+        if len(node.args) > index and bool(node.args[index]) != value:
             node.update_arg(index, value)
             changed = True
     if changed:

@@ -178,7 +178,7 @@ class QuantizationSpec:
     def per_channel(self) -> bool:
         return self.qscheme == "per_channel"
 
-    def replace(self, **changes: Any) -> "QuantizationSpec":
+    def replace(self, **changes: Any) -> QuantizationSpec:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -219,7 +219,7 @@ class QuantizationConfig:
         if self.weight is not None and self.weight.dtype == "int32":
             raise SpecError("QuantizationConfig.weight.dtype='int32' is for bias only")
 
-    def replace(self, **changes: Any) -> "QuantizationConfig":
+    def replace(self, **changes: Any) -> QuantizationConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -237,10 +237,6 @@ class Config:
         exclude: node names, or module-path prefixes (``"features.0"``), left
             in float.
         fold_bn: fold BatchNorm into conv weights for PTQ.
-        unsigned_relu: quantize outputs that are non-negative by construction
-            (relu, relu6) with an unsigned grid of the same width and the same
-            scale rule. Off by default (the whole graph stays signed, as in the
-            Quark results table); on, it gains a bit on those tensors.
         qat: the config is meant for quantization-aware training: BatchNorm
             and dropout stay in the graph (BN folding is simulated, Jacob et
             al., arXiv 1712.05877, sec. 3.2). Static QAT presets set it
@@ -253,7 +249,6 @@ class Config:
     node_name_quant_config: Mapping[str, QuantizationConfig] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
     fold_bn: bool = True
-    unsigned_relu: bool = False
     qat: bool = False
     name: str = "custom"
 
@@ -277,7 +272,7 @@ class Config:
             return self.op_type_quant_config[op_type]
         return self.global_quant_config
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     @property

@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> RunResult:
     try:
         result = run(cfg)
     except DataMissingError as exc:
-        sys.stderr.write(f"quantbench: data not found: {exc}\n")
+        sys.stderr.write(f"quantbench: {exc}\n")
         sys.exit(2)
     if result.status == "FAILED" and HydraConfig.get().mode == RunMode.RUN:
         sys.stderr.write(f"quantbench: {result.label} FAILED: {result.error} (MLflow run {result.run_id})\n")

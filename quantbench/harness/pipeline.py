@@ -13,7 +13,10 @@ stage keeps everything measured before it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -134,9 +137,41 @@ def evaluate_quant(ctx: Context) -> None:
         ctx.log(_prefixed("quant", ctx.task.evaluate(_torch_predict(ctx.qmodel), desc="fake-quant")))
 
 
+def _graph_key(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> str:
+    """A hash of what an fp32 export depends on: the graph's code, its tensors, the input shape, torch."""
+    digest = hashlib.sha256(f"{torch.__version__}|{gm.code}|{[tuple(t.shape[1:]) for t in example]}".encode())
+    for name, tensor in sorted(gm.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _export_fp32(ctx: Context) -> Path:
+    """The fp32 ONNX of the captured float graph, reused from ``run.fp32_onnx_cache``.
+
+    Every scheme of one model exports the same float graph; the export costs
+    several seconds, so it is done once per float model and copied into place
+    atomically (a parallel job never reads half a file).
+    """
+    target = ctx.workdir / "fp32" / "model.onnx"
+    if not ctx.settings.get("fp32_onnx_cache"):
+        return export_onnx(ctx.gm, ctx.example, target)
+    cached = Path(ctx.settings["fp32_onnx_cache"]) / f"{_graph_key(ctx.gm, ctx.example)}.onnx"
+    if cached.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, target)
+        return target
+    export_onnx(ctx.gm, ctx.example, target)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}")
+    shutil.copyfile(target, partial)
+    os.replace(partial, cached)
+    return target
+
+
 def freeze_and_export(ctx: Context) -> None:
     """Freeze to integer weights + Q/DQ and export it; the fp32 baseline is the captured float graph."""
-    ctx.fp32_path = export_onnx(ctx.gm, ctx.example, ctx.workdir / "fp32" / "model.onnx")
+    ctx.fp32_path = _export_fp32(ctx)
     if ctx.quantized:
         ctx.frozen = ctx.quantizer.freeze(ctx.qmodel)
         ctx.onnx_path = export_onnx(ctx.frozen, ctx.example, ctx.workdir / "int8" / "model.onnx")

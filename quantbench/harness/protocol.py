@@ -22,10 +22,12 @@ PredictFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class DataNotFoundError(FileNotFoundError):
-    """A task's data set is missing; the message names the path and how to get the data.
+    """A task's data set is missing; the harness stops with exit status 2.
 
-    Tasks may raise this class or their own class of the same name: the harness
-    matches the name (it never imports a task) and exits with status 2.
+    The message is one line, printed as is: it says that the data was not
+    found, where it was looked for, and how to get it. Tasks may raise this
+    class or their own class of the same name: the harness matches the name
+    (it never imports a task).
     """
 
 

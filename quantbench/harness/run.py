@@ -97,7 +97,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
     """
     tree = _resolve(cfg)
     names = {"task": tree["task"]["name"], "model": tree["model"]["name"], "scheme": tree["scheme"]["name"]}
-    chash = config_hash(tree)
+    chash = config_hash(tree, () if tree["scheme"]["qat"] else ("train.qat",))  # PTQ ignores the QAT recipe
     track, settings = tree["tracking"], tree["run"]
     store = Store.from_config(track)
     if not settings["force"]:

@@ -128,7 +128,8 @@ class LoopConf:
 class BaselineConf(LoopConf):
     """The float-baseline recipe (trained once per config and cached by the task)."""
 
-    epochs: int = 15
+    epochs: int = 20
+    batch_size: int = 32
     lr: float = 4e-3
     warmup_epochs: float = 2.0
 
@@ -192,7 +193,7 @@ class SchemeConf:
         calib_batches: calibration batches taken from the task's loader.
         weight, bias, input_tensors, output_tensors: spec fields replaced in
             every spec of that role (global, per op type, per node).
-        fold_bn, unsigned_relu, exclude: ``Config`` fields replaced when set.
+        fold_bn, exclude: ``Config`` fields replaced when set.
     """
 
     name: str = MISSING
@@ -205,7 +206,6 @@ class SchemeConf:
     input_tensors: SpecOverride = field(default_factory=SpecOverride)  # type: ignore[valid-type]
     output_tensors: SpecOverride = field(default_factory=SpecOverride)  # type: ignore[valid-type]
     fold_bn: bool | None = None
-    unsigned_relu: bool | None = None
     exclude: List[str] | None = None
 
 
@@ -221,7 +221,11 @@ class TrackingConf:
 
 @dataclass
 class RunConf:
-    """How one run executes: rerun policy, threads, measurement sizes."""
+    """How one run executes: rerun policy, threads, measurement sizes.
+
+    ``fp32_onnx_cache`` keeps the fp32 export of each float graph for the
+    next scheme of the same model (``null`` exports every time).
+    """
 
     force: bool = False
     seed: int = 0
@@ -229,6 +233,7 @@ class RunConf:
     parity_batches: int = 1
     latency_iters: int = 20
     latency_batch: int = 32
+    fp32_onnx_cache: str | None = ".cache/quantbench/fp32_onnx"
     sqnr_plot_layers: int = 20
 
 

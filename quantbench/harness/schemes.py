@@ -17,7 +17,7 @@ from quantbench.engine.spec import Config, QuantizationConfig
 __all__ = ["ROLES", "SchemeError", "engine_config"]
 
 ROLES = ("weight", "bias", "input_tensors", "output_tensors")
-_CONFIG_FIELDS = ("fold_bn", "unsigned_relu", "exclude")
+_CONFIG_FIELDS = ("fold_bn", "exclude")
 
 
 class SchemeError(ValueError):

@@ -19,6 +19,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, known_options
+from quantbench.harness.progress import count_jobs
 from quantbench.harness.tracking import Store
 
 __all__ = ["SweepOutcome", "UsageError", "launch", "launcher_overrides", "sweep"]
@@ -36,12 +37,18 @@ class SweepOutcome:
 
     sweep_id: str
     exit_code: int
+    jobs: int | None = None
     finished: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (label, error, run id)
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.failed
+
+    @property
+    def skipped(self) -> int | None:
+        """Jobs that found their run already FINISHED in the store (resume)."""
+        return None if self.jobs is None else self.jobs - len(self.finished) - len(self.failed)
 
 
 def launch(argv: Sequence[str]) -> int:
@@ -94,9 +101,12 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
     base = [f"sweep={task}", f"tracking.sweep_id={sweep_id}", *overrides]
     # Compose the first job up front: a typo fails here, before anything runs, and
     # the composed tracking node says which store to ask for failures afterwards.
-    tracking = OmegaConf.to_container(compose_config(first_job_overrides(base)).tracking, resolve=True)
+    first = compose_config(first_job_overrides(base), hydra_config=True)
+    tracking = OmegaConf.to_container(first.tracking, resolve=True)
+    params = first.hydra.sweeper.params
+    total = count_jobs(dict(params) if params else None, base)
     code = launch(["--multirun", *launcher_overrides(jobs), *base])
-    outcome = SweepOutcome(sweep_id, code)
+    outcome = SweepOutcome(sweep_id, code, total)
     for run in Store.from_config(tracking).sweep_runs(sweep_id):
         tags = run.data.tags
         label = f"{tags.get('model')} x {tags.get('scheme')}"

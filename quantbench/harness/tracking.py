@@ -82,14 +82,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def config_hash(tree: Mapping[str, Any]) -> str:
-    """A short stable hash of what a run computes (``HASH_EXCLUDE`` left out).
+def config_hash(tree: Mapping[str, Any], exclude: tuple[str, ...] = ()) -> str:
+    """A short stable hash of what a run computes (``HASH_EXCLUDE`` and ``exclude`` left out).
 
     Two runs with the same hash measure the same thing, so resume may skip the
     second one.
     """
-    kept = {k: v for k, v in flatten(tree).items()
-            if not any(k == e or k.startswith(f"{e}.") for e in HASH_EXCLUDE)}
+    skip = (*HASH_EXCLUDE, *exclude)
+    kept = {k: v for k, v in flatten(tree).items() if not any(k == e or k.startswith(f"{e}.") for e in skip)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

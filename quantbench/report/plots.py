@@ -42,8 +42,8 @@ def accuracy_plot(runs: pd.DataFrame, path: Path, metric: str = "top1") -> None:
     for i, model in enumerate(table.columns):
         ax.bar([j + i * width for j in range(len(schemes))], table[model], width, label=names[model])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(schemes))], schemes, rotation=30, ha="right")
-    low = table.min().min()
-    ax.set_ylim(max(0.0, low - 5) if pd.notna(low) else 0.0, None)
+    low, high = table.min().min(), table.max().max()
+    ax.set_ylim(max(0.0, low - 5) if pd.notna(low) else 0.0, 100.5 if pd.notna(high) and high <= 100 else None)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per scheme (fake-quant; float for the float row)")
     ax.legend()
@@ -61,30 +61,35 @@ def _node_rows(store: Store, run_id: str, tmp: Path) -> list[dict]:
 
 
 def node_sqnr_plot(store: Store, runs: pd.DataFrame, path: Path, layers: int = 10) -> bool:
-    """One panel per model: SQNR of its worst layers (lowest over schemes), one line per scheme.
+    """One panel per model: each scheme's ``layers`` worst tensors by SQNR, worst first.
 
-    Returns False (and writes nothing) when no run has a per-node table.
+    Schemes quantize different graphs (QAT keeps BatchNorm, PTQ folds it), so
+    the curves are compared by rank, and the legend names each scheme's
+    worst tensor. Returns False (and writes nothing) when no run has a
+    per-node table.
     """
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
         for _, group in runs.groupby("model", sort=False):
-            tables = {}
+            curves = []
             for _, row in group.iterrows():
-                rows = _node_rows(store, row["run_id"], Path(tmp) / row["run_id"])
+                rows = [r for r in _node_rows(store, row["run_id"], Path(tmp) / row["run_id"])
+                        if r["sqnr_db"] != float("inf")]
                 if rows:
-                    tables[row["scheme"]] = {r["node"]: r["sqnr_db"] for r in rows}
-            if tables:
-                panels.append((group["model_name"].iloc[0], tables))
+                    rows.sort(key=lambda r: r["sqnr_db"])
+                    curves.append((row["scheme"], rows[:layers]))
+            if curves:
+                panels.append((group["model_name"].iloc[0], curves))
     if not panels:
         return False
-    fig = Figure(figsize=(9, 3.2 * len(panels)), layout="constrained")
-    for ax, (name, tables) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
-        worst = pd.DataFrame(tables).replace(float("inf"), float("nan")).min(axis=1).nsmallest(layers).index
-        for scheme, table in tables.items():
-            ax.plot(range(len(worst)), [table.get(n, float("nan")) for n in worst], marker="o", label=scheme)
-        ax.set_xticks(range(len(worst)), list(worst), rotation=30, ha="right", fontsize=7)
+    fig = Figure(figsize=(8, 3.2 * len(panels)), layout="constrained")
+    for ax, (name, curves) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        for scheme, rows in curves:
+            ax.plot(range(1, len(rows) + 1), [r["sqnr_db"] for r in rows], marker="o",
+                    label=f"{scheme} (worst: {rows[0]['node']})")
+        ax.set_xlabel("rank (1 = worst quantized tensor)")
         ax.set_ylabel("SQNR vs float (dB)")
-        ax.set_title(f"{name}: the {len(worst)} worst layers")
+        ax.set_title(f"{name}: the {layers} worst tensors per scheme")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)
     return True

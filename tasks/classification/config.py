@@ -46,8 +46,9 @@ class DataConfig:
         image_size: Center/random crop size fed to the model (224 / 32).
         train_augment: Name in ``data.TRAIN_AUGMENTS``: ``random_resized_crop``
             (ImageNet), ``pad_crop`` (small images; no flip, digits are not
-            mirror-symmetric) or ``none``.
-        pad: Padding for ``pad_crop``.
+            mirror-symmetric), ``affine`` (small rotations/shifts/scalings)
+            or ``none``.
+        pad: Padding for ``pad_crop``, shift in pixels for ``affine``.
         mean: Normalization mean (ImageNet's, so pretrained weights fit).
         std: Normalization std.
         eval_batch_size: Batch size for evaluation.
@@ -169,12 +170,16 @@ class TrainConfig(LoopConfig):
     """Float-baseline recipe (trained once per config, then cached).
 
     The defaults are the measured digits recipe: AdamW 4e-3, two warmup epochs
-    then cosine, 15 epochs of batch 64. ``channels_last`` stays off by
+    then cosine, 20 epochs of batch 32, random 4-pixel shifts (ResNet-18
+    99.7 %, MobileNet-V2 99.2 % top-1; MobileNet-V2 from scratch at 32x32 is
+    the harder one: 15 epochs of batch 64 gave 96.9 %, batch 32 98.1-98.3 %).
+    ``channels_last`` stays off by
     default: torch 2.13's CPU backward of a channels-last 1x1 stride-2 conv
     crashed the process on some shapes (8->16 channels, batch 29).
     """
 
-    epochs: int = 15
+    epochs: int = 20
+    batch_size: int = 32
     lr: float = 4e-3
     warmup_epochs: float = 2.0
 

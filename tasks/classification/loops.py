@@ -5,7 +5,8 @@ model, the fake-quant GraphModule and an onnxruntime session are scored by the
 same top-1/top-5 code. ``fit`` is the one training loop for the float baseline
 and for QAT; what differs between them (optimizer param groups, how the model
 switches between train and eval, observer/BN freeze points) is supplied by a
-:class:`TrainMode` and built in :mod:`tasks.classification.recipes`.
+:class:`TrainMode` and built in :mod:`tasks.classification.recipes`. Progress
+bars are the engine's one helper (quiet under ``CI=true`` or without a TTY).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from quantbench.engine.progress import progress
 from quantbench.harness.protocol import PredictFn, TrainResult
 from tasks.classification.config import LoopConfig
 
@@ -33,18 +34,11 @@ __all__ = [
     "TrainMode",
     "evaluate",
     "fit",
-    "progress",
     "topk_correct",
     "train_one_epoch",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def progress(iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
-    """A tqdm bar over ``iterable``, silent when ``CI=true``."""
-    quiet = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-    return tqdm(iterable, desc=desc, total=total, disable=quiet, leave=False, dynamic_ncols=True)
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> list[int]:
@@ -241,28 +235,19 @@ def fit(
     start, home = time.perf_counter(), _device_of(model)
     spe = len(train_loader)  # type: ignore[arg-type]
     total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
+    epochs = math.ceil(total / spe) if spe else 0
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     best = BestCheckpoint(cfg.keep_best, cfg.checkpoint_dir)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history: list[dict[str, float]] = []
     torch.manual_seed(cfg.seed)  # augmentation draws from the global generator
-    step = 0
-    for epoch in range(math.ceil(total / spe) if spe else 0):
+    for epoch in range(1, epochs + 1):
+        step = int(history[-1]["step"]) if history else 0
         stats = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            scheduler,
-            mode,
-            criterion=criterion,
-            device=device,
-            first_step=step,
-            max_steps=total - step,
-            channels_last=cfg.channels_last,
-            desc=f"{desc} {epoch + 1}",
-        )
-        step += int(stats["steps"])
+            model, train_loader, optimizer, scheduler, mode, criterion=criterion, device=device,
+            first_step=step, max_steps=total - step, channels_last=cfg.channels_last, desc=f"{desc} {epoch}",
+        )  # fmt: skip
         mode.eval(model)
         val = evaluate(
             lambda x: model(x.contiguous(memory_format=memory_format)),
@@ -272,27 +257,12 @@ def fit(
         )
         improved = best.update(val["top1"], model)
         history.append(
-            {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": stats["loss"],
-                "train_top1": stats["top1"],
-                "val_top1": val["top1"],
-                "val_top5": val["top5"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - start,
-            }
-        )
-        log.info(
-            "%s epoch %d/%d: loss %.4f, val top1 %.2f top5 %.2f%s",
-            desc,
-            epoch + 1,
-            math.ceil(total / spe),
-            stats["loss"],
-            val["top1"],
-            val["top5"],
-            " (best)" if improved else "",
-        )
+            {"epoch": epoch, "step": step + stats["steps"], "train_loss": stats["loss"], "train_top1": stats["top1"],
+             "val_top1": val["top1"], "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"],
+             "seconds": time.perf_counter() - start}
+        )  # fmt: skip
+        log.info("%s epoch %d/%d: loss %.4f, val top1 %.2f top5 %.2f%s", desc, epoch, epochs, stats["loss"],
+                 val["top1"], val["top5"], " (best)" if improved else "")  # fmt: skip
     best.restore(model)
     mode.eval(model)
     model.to(device=home, memory_format=torch.contiguous_format)

@@ -28,6 +28,7 @@ from torch import fx
 from quantbench.engine.passes.prequant import get_attr_tensor, op_name, remove_dropout, set_attr_tensor
 
 __all__ = [
+    "BATCH_STATS_ARG",
     "QAT_BN_OPS",
     "bn_fold_bias",
     "bn_fold_weight",
@@ -67,11 +68,19 @@ def bn_fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var
 
 
 def bn_fold_bias(bias: torch.Tensor | None, gamma: torch.Tensor | None, beta: torch.Tensor | None,
-                 running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    """The conv bias folded with BN's running statistics: ``(b - mu) * gamma / sigma + beta``."""
-    b = -running_mean if bias is None else bias - running_mean
-    b = b * _factor(gamma, running_var, eps)
-    return b if beta is None else b + beta
+                 running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                 batch_stats: bool = False) -> torch.Tensor:
+    """The conv bias folded with BN's running statistics: ``(b - mu) * gamma / sigma + beta``.
+
+    With ``batch_stats`` (training with batch-statistics BN, argument 6, which
+    :mod:`quantbench.engine.qat` switches) the result is not differentiated:
+    BN removes any per-channel shift of its input, so that gradient is
+    exactly zero, and not tracking it spares the conv its bias-gradient pass.
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not batch_stats):
+        b = -running_mean if bias is None else bias - running_mean
+        b = b * _factor(gamma, running_var, eps)
+        return b if beta is None else b + beta
 
 
 def bn_qat_output(y: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
@@ -82,28 +91,42 @@ def bn_qat_output(y: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tenso
     ``y = conv(x, q(w * f), q(b_fold))``. Not training (eval, or BN frozen):
     that already is the BN output, ``y`` is returned as is: the frozen
     integer conv computes exactly this. Training: the fold is undone,
-    ``(y - b_fold) / f + b`` is BN's input in the float model up to the
+    ``z = (y - b_fold) / f + b`` is BN's input in the float model up to the
     weight's quantization, and BN normalises it with the batch statistics
     (updating the running ones), which applies the paper's
     ``sigma_running / sigma_batch`` correction. A channel with ``gamma == 0``
     (zero folded weight) is divided by 1 instead of 0; its output stays ``beta``.
 
+    ``f`` and the shift are not differentiated here: batch-statistics BN is
+    invariant to a per-channel shift of its input and to the magnitude of a
+    per-channel scale, so those gradients are zero (up to BN's eps); not
+    tracking them saves several passes over the activation per layer.
+
     The arguments follow ``aten.batch_norm`` (``training`` at index 5, which
-    :mod:`quantbench.engine.qat` switches).
+    :mod:`quantbench.engine.qat` switches; a BN captured from a module with
+    ``momentum=None`` has momentum 0 in the graph and keeps its running
+    statistics).
     """
     if not training:
         return y
-    f = _factor(gamma, running_var, eps)
-    f = torch.where(f == 0, torch.ones_like(f), f)
-    shape = (1, -1, *([1] * (y.dim() - 2)))
-    z = (y - folded_bias.reshape(shape)) / f.reshape(shape)
-    if bias is not None:
-        z = z + bias.reshape(shape)
-    return torch.nn.functional.batch_norm(z, running_mean, running_var, gamma, beta, True,
-                                          0.1 if momentum is None else momentum, eps)
+    with torch.no_grad():
+        f = _factor(gamma, running_var, eps)
+        f = torch.where(f == 0, torch.ones_like(f), f)
+        shift = -folded_bias / f if bias is None else bias - folded_bias / f
+        # BN normalises y / f exactly as y / f + shift; only the running mean sees the shift, so
+        # it is tracked in the shifted frame (a C-vector) instead of adding it to the activation.
+        mean_frame = running_mean - shift
+    out = torch.nn.functional.batch_norm(y / f.reshape(1, -1, *([1] * (y.dim() - 2))), mean_frame, running_var,
+                                         gamma, beta, True, 0.1 if momentum is None else momentum, eps)
+    with torch.no_grad():
+        running_mean.copy_(mean_frame + shift)
+    return out
 
 
 QAT_BN_OPS = (bn_fold_weight.__name__, bn_fold_bias.__name__, bn_qat_output.__name__)
+BATCH_STATS_ARG = {"batch_norm": 5, bn_qat_output.__name__: 5, bn_fold_bias.__name__: 6}
+"""Ops whose argument at that index says "BatchNorm uses batch statistics" (switched by train/eval).
+All three take the running mean at index 3 (None: BN without running statistics, left alone)."""
 
 
 def _groups(conv: fx.Node) -> int:
@@ -157,8 +180,8 @@ def simulate_bn_folding(gm: fx.GraphModule) -> fx.GraphModule:
         with graph.inserting_before(conv):
             wf = graph.create_node("call_function", bn_fold_weight,
                                    (w, gamma, var, eps, transposed, _groups(conv)), name=f"{w.name}_folded")
-            bf = graph.create_node("call_function", bn_fold_bias, (b, gamma, beta, mean, var, eps),
-                                   name=f"{w.name}_folded_bias")
+            bf = graph.create_node("call_function", bn_fold_bias,
+                                   (b, gamma, beta, mean, var, eps, bool(training)), name=f"{w.name}_folded_bias")
         wf.meta["val"] = w.meta.get("val")
         args[1], args[2] = wf, bf
         conv.args = tuple(args)
