@@ -23,25 +23,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import quantbench  # noqa: E402, F401  (torchvision import shim)
+from quantbench.bench.common import random_bn_model  # noqa: E402
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets  # noqa: E402
 
 __all__ = ["bench_one", "main"]
 
 
 def _model(name: str, size: int) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, num_classes=1000)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(16, 3, size, size))
-    return model.eval()
+    return random_bn_model(name, size, num_classes=1000)
 
 
 def _median_ms(fn, warmup: int = 1, iters: int = 5) -> float:

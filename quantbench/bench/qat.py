@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import quantbench  # noqa: E402, F401  (torchvision import shim)
+from quantbench.bench.common import random_bn_model  # noqa: E402
 from quantbench.engine import ModelQuantizer, capture, presets, qat  # noqa: E402
 
 __all__ = ["MODELS", "PRESETS", "RUNS", "bench_model", "main", "make_step"]
@@ -38,19 +39,7 @@ TARGET = 1.5
 
 
 def _model(name: str, size: int, device: torch.device) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, num_classes=10)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(16, 3, size, size))
-    return model.eval().to(device)
+    return random_bn_model(name, size, num_classes=10).to(device)
 
 
 def _sync(device: torch.device) -> None:

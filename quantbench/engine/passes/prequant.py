@@ -20,6 +20,7 @@ __all__ = [
     "bn_to_affine",
     "lift_scalar_constants",
     "op_name",
+    "finish_graph",
     "get_attr_tensor",
     "set_attr_tensor",
     "PREQUANT_PTQ",
@@ -64,7 +65,8 @@ def set_attr_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor, *, param
     return candidate
 
 
-def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """End of every pass: drop dead nodes, lint, recompile."""
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -91,7 +93,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> fx.GraphModule:
         overload = getattr(functional, node.target._overloadname, None) if functional is not None else None
         if overload is not None:
             node.target = overload
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def remove_dropout(gm: fx.GraphModule) -> fx.GraphModule:
@@ -100,7 +102,7 @@ def remove_dropout(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and op_name(node) in {"dropout", "feature_dropout", "alpha_dropout"}:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def _bn_params(gm: fx.GraphModule, bn: fx.Node, channels: int):
@@ -158,7 +160,7 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         conv.args = tuple(args)
         bn.replace_all_uses_with(conv)
         gm.graph.erase_node(bn)
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def _groups(conv: fx.Node) -> int:
@@ -200,7 +202,7 @@ def bn_to_affine(gm: fx.GraphModule) -> fx.GraphModule:
         add.meta["val"] = val
         bn.replace_all_uses_with(add)
         gm.graph.erase_node(bn)
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 _SCALAR_BINARY = {"add", "sub", "mul", "div", "rsub"}
@@ -234,7 +236,7 @@ def lift_scalar_constants(gm: fx.GraphModule) -> fx.GraphModule:
         elif not str(node.target).endswith(".Tensor"):
             node.target = getattr(aten, op_name(node)).Tensor
         node.args = (*args, *node.args[2:])
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 PREQUANT_PTQ = (functionalize_inplace, remove_dropout, fold_bn, bn_to_affine, lift_scalar_constants)

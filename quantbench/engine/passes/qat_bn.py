@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from quantbench.engine.passes.prequant import get_attr_tensor, op_name, remove_dropout, set_attr_tensor
+from quantbench.engine.passes.prequant import (
+    finish_graph,
+    get_attr_tensor,
+    op_name,
+    remove_dropout,
+    set_attr_tensor,
+)
 
 __all__ = [
     "BATCH_STATS_ARG",
@@ -149,13 +155,6 @@ def _foldable(bn: fx.Node) -> bool:
             and isinstance(var, fx.Node) and var.op == "get_attr")
 
 
-def _finish(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
 def simulate_bn_folding(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``conv -> batch_norm`` so the conv computes with the BN-folded weight and bias (QAT).
 
@@ -191,7 +190,7 @@ def simulate_bn_folding(gm: fx.GraphModule) -> fx.GraphModule:
         out.meta = dict(bn.meta)
         bn.replace_all_uses_with(out)
         graph.erase_node(bn)
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
@@ -241,4 +240,4 @@ def fold_qat_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
         elif op_name(node) == "batch_norm" and len(node.args) > 5 and node.args[5]:
             node.update_arg(5, False)
     gm = remove_dropout(gm)
-    return _finish(gm)
+    return finish_graph(gm)
