@@ -10,7 +10,6 @@ shows the start.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -19,12 +18,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-__all__ = ["SweepProgress", "count_jobs", "progress_disabled"]
+from quantbench.engine.progress import progress_disabled
 
-
-def progress_disabled() -> bool:
-    """Progress bars stay off in CI (``CI=true``), where they only fill logs."""
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+__all__ = ["SweepProgress", "count_jobs"]
 
 
 def count_jobs(params: dict[str, str] | None, overrides: list[str]) -> int | None:

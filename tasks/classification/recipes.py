@@ -5,8 +5,7 @@ it into an optimizer with its param groups, a per-step LR schedule and a
 :class:`loops.TrainMode`. Optimizers and schedules are registries, so a config
 names them and an unknown name fails with the known ones listed.
 
-QAT talks to the engine only through ``quantbench.engine.qat`` (see
-``quantbench/engine/API_CONTRACT.md``). A torch.export GraphModule refuses
+QAT talks to the engine only through ``quantbench.engine.qat``. A torch.export GraphModule refuses
 ``.train()``/``.eval()``, so the engine's ``train_mode``/``eval_mode`` switch
 BatchNorm, dropout and observers consistently.
 """
