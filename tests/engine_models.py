@@ -60,7 +60,3 @@ def batches(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g) for _ in range(n)]
 
-
-def bn_fold_check_model() -> nn.Module:
-    model = TinyAllOps()
-    return reestimate_bn(model, (8, 3, 8, 8))

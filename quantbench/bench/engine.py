@@ -63,9 +63,9 @@ def bench_one(name: str, preset: str, size: int, workdir: Path) -> dict:
     with torch.no_grad():
         float_ms = _median_ms(lambda: gm(x))
         fq_ms = _median_ms(lambda: qmodel(x))
+    cov = quantizer.coverage(qmodel)
     row = {"model": name, "preset": preset, "pipeline_s": pipeline_s, "fq_ratio": fq_ms / float_ms,
-           "coverage": str(quantizer.coverage(qmodel).quantized_ops) + "/" +
-           str(quantizer.coverage(qmodel).total_ops)}
+           "coverage": f"{cov.quantized_ops}/{cov.total_ops}"}
     for threads in (1, 2):
         for batch in (1, 8):
             xb = torch.randn(batch, 3, size, size)

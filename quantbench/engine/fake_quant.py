@@ -31,7 +31,7 @@ from quantbench.engine.learnable import (
     tqt_scale,
 )
 from quantbench.engine.observers import build_observer
-from quantbench.engine.spec import DTYPES, QuantizationSpec
+from quantbench.engine.spec import QuantizationSpec
 
 __all__ = [
     "FakeQuantizeBase",
@@ -40,7 +40,6 @@ __all__ = [
     "TQTFakeQuantize",
     "DerivedBiasFakeQuantize",
     "build_fake_quantize",
-    "is_fake_quantize",
 ]
 
 
@@ -325,12 +324,3 @@ _BY_LEARNABLE: dict[str, type[_Observed]] = {"none": FakeQuantize, "lsq": LSQFak
 def build_fake_quantize(spec: QuantizationSpec, role: str = "activation", name: str = "") -> FakeQuantizeBase:
     """The fake-quant module for a spec (registry keyed by ``spec.learnable``)."""
     return _BY_LEARNABLE[spec.learnable](spec, role, name)
-
-
-def is_fake_quantize(module: nn.Module) -> bool:
-    return isinstance(module, FakeQuantizeBase)
-
-
-def int_range(spec: QuantizationSpec) -> tuple[int, int, torch.dtype]:
-    """(qmin, qmax, storage dtype) of a spec."""
-    return spec.qmin, spec.qmax, DTYPES[spec.dtype].storage

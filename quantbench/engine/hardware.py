@@ -36,8 +36,8 @@ from torch import fx
 
 from quantbench.engine.annotate import RELU_LIKE, op_kind
 from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
-from quantbench.engine.passes.integer import op_name_of, qadd, qlinear
-from quantbench.engine.passes.prequant import get_attr_tensor, op_name
+from quantbench.engine.passes.integer import qadd, qlinear
+from quantbench.engine.passes.prequant import get_attr_tensor, op_name, target_name
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.quantizer import QuantizationError
 from quantbench.engine.spec import DTYPES
@@ -261,7 +261,7 @@ def operands(gm: fx.GraphModule, node: fx.Node) -> Operands | None:
     if node.target is qlinear:
         a = node.args
         bias = _from_qp(gm, a[9], node.name) if a[8] is not None else None
-        return Operands(node, op_name_of(a[0]), [_from_qp(gm, a[5], node.name), _from_qp(gm, a[7], node.name),
+        return Operands(node, target_name(a[0]), [_from_qp(gm, a[5], node.name), _from_qp(gm, a[7], node.name),
                                                  bias], _from_qp(gm, a[10], node.name))
     args = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
     inputs = [quant_of(gm, a) for a in args if isinstance(a, fx.Node)]

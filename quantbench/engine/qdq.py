@@ -23,7 +23,7 @@ import torch
 
 from quantbench.engine.spec import DTYPES
 
-__all__ = ["quantize", "dequantize", "round_tensor", "QDQ_FUNCTIONS"]
+__all__ = ["quantize", "dequantize", "round_tensor"]
 
 
 def round_tensor(v: torch.Tensor, round_method: str = "half_even") -> torch.Tensor:
@@ -85,5 +85,3 @@ def dequantize(
         qf = q.float()
     return (qf - _shape_for(zero_point, q, axis)) * _shape_for(scale, q, axis)
 
-
-QDQ_FUNCTIONS = (quantize, dequantize)

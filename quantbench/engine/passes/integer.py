@@ -24,7 +24,7 @@ import math
 import torch
 from torch import fx
 
-from quantbench.engine.passes.prequant import op_name
+from quantbench.engine.passes.prequant import op_name, target_name
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
@@ -63,7 +63,7 @@ def qlinear(op, op_args: tuple, act, act_args: tuple, qx: torch.Tensor, x_qp: tu
     w_z_t = _per_channel(torch.as_tensor(w_z, dtype=torch.float64, device=qw.device), qw.dim(), w_axis or 0)
     wi = qw.to(torch.float64) - w_z_t
     acc = op(xi, wi, None, *op_args)
-    channel_axis = acc.dim() - 1 if op_name_of(op) == "linear" else 1
+    channel_axis = acc.dim() - 1 if target_name(op) == "linear" else 1
     if qb is not None:
         bias = qb.to(torch.float64)
         if b_qp is not None and b_qp[5] != "int32":  # an own pow2 bias scale: shift it onto the accumulator grid
@@ -119,10 +119,6 @@ def int_clamp(q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.clamp(q, lo, hi)
 
 
-def op_name_of(target) -> str:
-    return getattr(target, "_opname", getattr(target, "__name__", str(target)))
-
-
 def grid_bounds(act, act_args: tuple, qp: tuple) -> tuple[int, int]:
     """Integer bounds of a clamping activation on a grid: ``Q(clamp(v)) == clamp(Q(v), lo, hi)``
     because rounding is monotone."""
@@ -135,7 +131,7 @@ def grid_bounds(act, act_args: tuple, qp: tuple) -> tuple[int, int]:
 
 
 def _act_bounds(act, args: tuple) -> tuple[float | None, float | None]:
-    name = op_name_of(act)
+    name = target_name(act)
     if name == "relu":
         return 0.0, None
     if name == "relu6":

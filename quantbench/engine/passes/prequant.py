@@ -20,6 +20,7 @@ __all__ = [
     "bn_to_affine",
     "lift_scalar_constants",
     "op_name",
+    "target_name",
     "finish_graph",
     "get_attr_tensor",
     "set_attr_tensor",
@@ -34,14 +35,18 @@ aten = torch.ops.aten
 _CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 
+def target_name(target) -> str:
+    """Short name of a call target: ``aten.conv2d.default`` -> ``"conv2d"``."""
+    if target is operator.getitem:
+        return "getitem"
+    return str(getattr(target, "_opname", None) or getattr(target, "__name__", str(target)))
+
+
 def op_name(node: fx.Node) -> str:
-    """Short op type of a node: ``aten.conv2d.default`` -> ``"conv2d"``."""
+    """Short op type of a node (``node.op`` for anything but a call_function)."""
     if node.op != "call_function":
         return node.op
-    if node.target is operator.getitem:
-        return "getitem"
-    packet = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
-    return str(packet)
+    return target_name(node.target)
 
 
 def get_attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
