@@ -9,10 +9,11 @@ export PYTHONUNBUFFERED := 1
 QB := $(VENV)/bin/quantbench
 TASK ?= digits
 JOBS ?= 1
+LAUNCHER ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint bench clean-venv sweep report gate ui
+.PHONY: help install test test-slow lint bench clean-venv sweep report gate ui server
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,8 +41,8 @@ bench: $(STAMP) ## engine and QAT benchmarks -> reports/bench/engine.md, reports
 	$(PY) -m quantbench.bench.engine --out reports/bench/engine.md
 	$(PY) -m quantbench.bench.qat --out reports/bench/qat.md
 
-sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=1] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
-	$(QB) sweep $(TASK) --jobs $(JOBS) $(ARGS)
+sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
+	$(QB) sweep $(TASK) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)
 
 report: $(STAMP) ## reports/TASK.md + plots + README table from the MLflow runs: make report TASK=digits
 	$(QB) report $(TASK) $(ARGS)
@@ -51,6 +52,9 @@ gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml) on the newest runs; fail
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1 against mlruns/ (prints the runs-table link)
 	$(QB) ui --task $(TASK) $(ARGS)
+
+server: $(STAMP) ## shared MLflow tracking server on 127.0.0.1:5001 (sqlite; ARGS="--backend-store-uri postgresql://...")
+	$(QB) server $(ARGS)
 
 clean-venv: ## remove the virtualenv
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""``quantbench``: run, sweep, report, gate, data, ui.
+"""``quantbench``: run, sweep, report, gate, data, ui, server.
 
 Exit status: 0 fine; 1 a run failed or a gate did not pass; 2 a bad command
 line, a bad config, or missing data (one line on stderr naming the culprit
@@ -23,19 +23,34 @@ __all__ = ["DATA_WRITERS", "main"]
 #: (quantbench never imports tasks statically) -> (module, function, default kwargs).
 DATA_WRITERS: dict[str, tuple[str, str, dict]] = {
     "digits": ("tasks.classification.data", "write_digits_imagefolder", {"size": 32, "seed": 0}),
+    "shapes": ("tasks.detection.data", "write_shapes_coco", {"seed": 0}),
 }
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from quantbench.harness.sweep import launch
+    from quantbench.harness.sweep import UsageError, launch
 
-    return launch(args.overrides)
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: needs at least 1")
+    if args.nproc == 1:
+        return launch(args.overrides)
+    # Data-parallel: torchrun starts N processes of the Hydra entry point (gloo on CPU, nccl on CUDA).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "quantbench.harness.main", *args.overrides]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from quantbench.harness.sweep import sweep
 
-    outcome = sweep(args.task, args.overrides, jobs=args.jobs, sweep_id=args.id)
+    # SIGTERM (a scheduler's stop, kill) stops like Ctrl-C: joblib then stops its worker processes
+    # instead of leaving them running orphaned; the interrupted run is recorded KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
+    outcome = sweep(args.task, args.overrides, jobs=args.jobs, sweep_id=args.id, launcher=args.launcher)
     if outcome.exit_code == 2:  # missing data or a bad config: the job already said why, in one line
         return 2
     skipped = "" if outcome.skipped is None else (
@@ -46,6 +61,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"  FAILED {label}: {error} (MLflow run {run_id})")
     if outcome.exit_code:
         return outcome.exit_code
+    if outcome.bad_input:  # e.g. a full disk: the failed runs are recorded, the others finished
+        return 2
     return 1 if outcome.failed else 0
 
 
@@ -95,8 +112,36 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI on {store.uri}\n  runs table ({experiment}): {link}\n"
           "  (metric and parameter columns: pick them under 'Columns'; Ctrl-C stops the UI)", flush=True)
     mlflow = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow), "ui", "--backend-store-uri", store.uri, "--default-artifact-root", store.artifact_root,
-           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    cmd = [str(mlflow), "ui", "--backend-store-uri", store.uri, "--host", args.host, "--port", str(args.port),
+           "--workers", "1"]
+    if store.artifact_root:
+        cmd += ["--default-artifact-root", store.artifact_root]
+    return _serve(cmd)
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from quantbench.harness.sweep import UsageError
+    from quantbench.harness.tracking import project_root
+
+    root = project_root() / "mlruns" / "server"
+    backend = args.backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+    if backend.startswith("postgresql") and importlib.util.find_spec("psycopg2") is None:
+        raise UsageError(f"--backend-store-uri {backend}: PostgreSQL needs its driver: pip install psycopg2-binary")
+    artifacts = Path(args.artifacts_destination or root / "artifacts").expanduser().resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    if backend.startswith("sqlite:///"):
+        Path(backend.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    uri = f"http://{args.host}:{args.port}"
+    print(f"MLflow tracking server on {uri} (backend {backend}, artifacts {artifacts})\n"
+          f"  log to it: quantbench sweep TASK tracking.uri={uri}   (Ctrl-C stops it)", flush=True)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return _serve([str(mlflow), "server", "--backend-store-uri", backend, "--serve-artifacts",
+                   "--artifacts-destination", str(artifacts), "--host", args.host, "--port", str(args.port),
+                   "--workers", str(args.workers)])
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run an MLflow server command in the foreground until it exits, Ctrl-C or SIGTERM."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, env=env)
     # SIGTERM to the mlflow parent stops its server children; pass ours on to it.
@@ -111,17 +156,21 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "gate": _cmd_gate,
-    "data": _cmd_data, "ui": _cmd_ui,
+    "data": _cmd_data, "ui": _cmd_ui, "server": _cmd_server,
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="one run; the rest goes to Hydra (e.g. model=resnet18 scheme=ptq_pow2)")
+    run = sub.add_parser("run", help="one run; the rest goes to Hydra (e.g. model=resnet18 scheme=ptq_pow2)")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="data-parallel processes under torchrun (DDP: gloo on CPU, nccl on CUDA)")
     sweep = sub.add_parser("sweep", help="a Hydra multirun over conf/sweep/TASK.yaml")
     sweep.add_argument("task")
-    sweep.add_argument("--jobs", type=int, default=1, help="parallel jobs (>1 needs hydra-joblib-launcher)")
+    sweep.add_argument("--jobs", type=int, default=1, help="parallel jobs on this machine (joblib launcher)")
+    sweep.add_argument("--launcher", help="conf/hydra/launcher: basic, parallel, slurm, slurm_local "
+                                          "(default: basic, or parallel with --jobs > 1)")
     sweep.add_argument("--id", help="sweep id (default: TASK-<time>)")
     report = sub.add_parser("report", help="MLflow runs -> reports/TASK.md, plots, README table")
     report.add_argument("task")
@@ -139,6 +188,12 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--task", default="digits", help="whose runs table to link (default: digits)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    server = sub.add_parser("server", help="a shared MLflow tracking server (sqlite or PostgreSQL backend)")
+    server.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=5001)
+    server.add_argument("--backend-store-uri", help="default: sqlite:///mlruns/server/mlflow.db; or postgresql://...")
+    server.add_argument("--artifacts-destination", help="artifact root (default: mlruns/server/artifacts)")
+    server.add_argument("--workers", type=int, default=2)
     for p in (sweep, report, gate, ui):
         p.epilog = "Any further KEY=VALUE arguments are Hydra overrides (e.g. tracking.uri=sqlite:///x.db)."
     return parser
@@ -153,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from quantbench.harness.errors import BadInputError
     from quantbench.harness.sweep import UsageError
     from quantbench.report import ReportError
 
@@ -161,13 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run" and any(a.startswith("-") for a in extra):
         parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a.startswith('-'))}")
     args.overrides = extra
-    if args.command not in ("run", "sweep"):  # Hydra sets up logging for runs itself
+    if args.command != "run":  # Hydra sets up logging for runs itself (and for a sweep's jobs)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ReportError, FileNotFoundError, HydraException, OmegaConfBaseException) as exc:
+    except (UsageError, ReportError, BadInputError, FileNotFoundError, FileExistsError, HydraException,
+            OmegaConfBaseException) as exc:
         print(f"quantbench {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"quantbench {args.command}: interrupted; run the same command again to complete what is missing",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -132,16 +132,20 @@ def test_job_count_and_first_job():
         "sweep=digits", "scheme=ptq_pow2", "+x=1"]
 
 
-@pytest.mark.parametrize(("schema", "target"), [
-    ("ClassificationDataConf", "DataConfig"), ("ModelConf", "ModelConfig"),
-    ("BaselineConf", "TrainConfig"), ("QatRecipeConf", "QatConfig")])
-def test_schema_mirrors_the_task_dataclasses(schema, target):
+@pytest.mark.parametrize(("schema", "module", "target"), [
+    ("ClassificationDataConf", "classification", "DataConfig"), ("ModelConf", "classification", "ModelConfig"),
+    ("BaselineConf", "classification", "TrainConfig"), ("QatRecipeConf", "classification", "QatConfig"),
+    ("DetectionDataConf", "detection", "DetDataConfig"), ("DetectionBaselineConf", "detection", "DetTrainConfig"),
+    ("DetectionQatConf", "detection", "DetQatConfig")])
+def test_schema_mirrors_the_task_dataclasses(schema, module, target):
     """conf/ is checked against the harness's schema; it must accept exactly what the task accepts."""
     import dataclasses
+    import importlib
 
     from quantbench.harness import schema as schemas
     from quantbench.harness.run import HARNESS_ONLY
-    from tasks.classification import config as task_config
+
+    task_config = importlib.import_module(f"tasks.{module}.config")
 
     def defaults(cls) -> dict:
         out = {}

@@ -56,15 +56,19 @@ def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool 
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_predict_fn(session: ort.InferenceSession) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Torch tensor in, torch tensor out (first output), through onnxruntime."""
+def ort_predict_fn(session: ort.InferenceSession) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]:
+    """Torch tensor in, torch tensor out through onnxruntime (a tuple, in graph order, for several outputs)."""
     name = session.get_inputs()[0].name
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out = session.run(None, {name: x.detach().cpu().contiguous().numpy()})
-        return torch.from_numpy(out[0])
+        return torch.from_numpy(out[0]) if len(out) == 1 else tuple(torch.from_numpy(o) for o in out)
 
     return predict
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 
 def output_scales(frozen: fx.GraphModule) -> list[float | None]:
@@ -108,31 +112,40 @@ def _batches(inputs) -> Iterable[torch.Tensor]:
 @torch.no_grad()
 def compare(onnx_path: str | Path, frozen: fx.GraphModule, inputs, *, float_model: torch.nn.Module | None = None,
             session: ort.InferenceSession | None = None) -> ParityReport:
-    """Run the ONNX model and the frozen graph on ``inputs`` (a tensor or batches) and compare."""
+    """Run the ONNX model and the frozen graph on ``inputs`` (a tensor or batches) and compare.
+
+    Every graph output is compared, each in units of its own quantization
+    step; ``max_lsb_err`` is the worst over all of them. Top-1 agreement is
+    the argmax over dim 1 of the first output, per row: per image for
+    classifier logits ``[B, C]``, per image and anchor point for a
+    detector's class logits ``[B, C, N]``. SQNR pools all outputs.
+    """
     session = session or ort_session(onnx_path)
     predict = ort_predict_fn(session)
-    scale = output_scales(frozen)[0]
-    n = agree = 0
+    scales = output_scales(frozen)
+    n = agree = samples = 0
     max_lsb = max_abs = 0.0
     refs, outs, onnx_outs = [], [], []
     for x in _batches(inputs):
-        t = frozen(x)
-        t = t[0] if isinstance(t, (list, tuple)) else t
-        o = predict(x)
-        err = (o.float() - t.float()).abs().max().item()
-        max_abs = max(max_abs, err)
-        max_lsb = max(max_lsb, err / scale if scale else err)
+        ts, os_ = _as_tuple(frozen(x)), _as_tuple(predict(x))
+        if len(ts) != len(os_):
+            raise ValueError(f"the ONNX model has {len(os_)} outputs but the frozen graph {len(ts)}")
+        for t, o, scale in zip(ts, os_, scales):
+            err = (o.float() - t.float()).abs().max().item() if t.numel() else 0.0
+            max_abs = max(max_abs, err)
+            max_lsb = max(max_lsb, err / scale if scale else err)
+        t, o = ts[0], os_[0]
         if t.dim() >= 2:
             agree += (o.argmax(1) == t.argmax(1)).sum().item()
-        n += x.shape[0]
+            n += t.argmax(1).numel()
+        samples += x.shape[0]
         if float_model is not None:
-            f = float_model(x)
-            refs.append(f[0] if isinstance(f, (list, tuple)) else f)
-            outs.append(t)
-            onnx_outs.append(o)
+            refs.append(torch.cat([f.flatten(1) for f in _as_tuple(float_model(x))], 1))
+            outs.append(torch.cat([v.flatten(1) for v in ts], 1))
+            onnx_outs.append(torch.cat([v.float().flatten(1) for v in os_], 1))
     sq = sqnr_db(torch.cat(refs), torch.cat(outs)) if refs else float("nan")
     osq = sqnr_db(torch.cat(refs), torch.cat(onnx_outs)) if refs else float("nan")
-    return ParityReport(n, 100.0 * agree / max(n, 1), max_lsb, max_abs, sq, osq)
+    return ParityReport(samples, 100.0 * agree / max(n, 1), max_lsb, max_abs, sq, osq)
 
 
 def _run_node(node: fx.Node, env: dict, gm: fx.GraphModule):

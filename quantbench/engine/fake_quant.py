@@ -97,9 +97,16 @@ class _Observed(FakeQuantizeBase):
             self._modules["observer"].name = value
 
     def _resize_on_load(self, state_dict, prefix, keys, param: bool) -> None:
+        """Give a tensor the saved shape (a per-channel scale) before loading into it.
+
+        Only when the shape differs: a parameter that keeps its shape keeps its
+        identity, so an optimizer built before ``load_state_dict`` (a resumed
+        QAT run) still updates the tensor the model uses.
+        """
         for key in keys:
-            if prefix + key in state_dict:
-                value = torch.empty_like(state_dict[prefix + key])
+            saved, current = state_dict.get(prefix + key), getattr(self, key)
+            if saved is not None and saved.shape != current.shape:
+                value = torch.empty_like(saved, device=current.device)
                 setattr(self, key, nn.Parameter(value) if param else value)
 
 

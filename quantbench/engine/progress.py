@@ -18,8 +18,8 @@ T = TypeVar("T")
 
 
 def progress_disabled() -> bool:
-    """True under CI (``CI=true``/``1``) or when stderr is not a TTY."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    """True under CI (``CI=true``/``1``), when stderr is not a TTY, and on torchrun ranks other than 0."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("RANK", "0") != "0":
         return True
     return not sys.stderr.isatty()
 

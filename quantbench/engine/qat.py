@@ -37,10 +37,13 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
+import torch.distributed as dist
 from torch import fx, nn
 
 from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
 from quantbench.engine.modes import disable_fake_quant, fake_quantizers
+from quantbench.engine.observers import ObserverBase
 from quantbench.engine.passes.prequant import op_name
 from quantbench.engine.passes.qat_bn import BATCH_STATS_ARG
 
@@ -52,9 +55,11 @@ __all__ = [
     "freeze_observers",
     "is_training",
     "quantizer_parameters",
+    "quantizer_state",
     "set_bn_frozen",
     "set_observers",
     "set_observers_frozen",
+    "sync_quantizers",
     "train_mode",
     "weight_parameters",
 ]
@@ -185,6 +190,58 @@ def weight_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
     """Every other trainable parameter (weights, biases, BN affine); disjoint from the quantizers'."""
     quant = {id(p) for p in quantizer_parameters(qmodel)}
     return [p for p in qmodel.parameters() if p.requires_grad and id(p) not in quant]
+
+
+def _range_only(observer: ObserverBase) -> bool:
+    """Min-max and moving-average observers: their whole state is (min, max, count)."""
+    return set(observer._buffers) == {"min_val", "max_val", "num_batches"}
+
+
+def sync_quantizers(qmodel: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Make every rank's static quantizers agree after a data-parallel step.
+
+    Under DistributedDataParallel each rank's observers see only that rank's
+    batch, so the static scales of ``qat_pow2``-style QAT drift apart. Call
+    this after each optimizer step: observed ranges are reduced (min of the
+    minima, max of the maxima: the range one process would have seen over the
+    whole global batch) and the scales are recomputed from them. Histogram
+    observers take rank 0's state. LSQ / TQT scales are parameters, which DDP
+    already keeps equal. A no-op outside a process group, and when no observer
+    is running (frozen, or eval mode); every rank reaches the same decision, so
+    the collectives always match.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    active = [m for m in fake_quantizers(qmodel) if m.observer_enabled and hasattr(m, "observer")]
+    if not active:
+        return
+    ranged = [m.observer for m in active if _range_only(m.observer)]
+    if ranged:
+        device = ranged[0].min_val.device
+        if dist.get_backend(group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        for name, op in (("min_val", dist.ReduceOp.MIN), ("max_val", dist.ReduceOp.MAX)):
+            parts = [getattr(o, name) for o in ranged]
+            flat = torch.cat([p.reshape(-1).to(device, torch.float32) for p in parts])
+            dist.all_reduce(flat, op=op, group=group)
+            for part, chunk in zip(parts, flat.split([p.numel() for p in parts])):
+                part.copy_(chunk.view_as(part))
+    for m in active:
+        if not _range_only(m.observer):
+            box = [{k: v.cpu() for k, v in m.observer.state_dict().items()}]
+            dist.broadcast_object_list(box, src=0, group=group)
+            m.observer.load_state_dict(box[0])
+        if isinstance(m, FakeQuantize) and m.fake_quant_enabled:
+            m.update_qparams()
+
+
+def quantizer_state(qmodel: nn.Module) -> torch.Tensor:
+    """Every quantizer's floating-point state (scales, zero points, observer ranges, LSQ steps, TQT
+    thresholds) as one flat float64 CPU tensor, in module order: what data-parallel ranks must agree on."""
+    parts = [t.detach().reshape(-1).to("cpu", torch.float64)
+             for m in fake_quantizers(qmodel)
+             for t in (*m.parameters(), *m.buffers()) if t.dtype.is_floating_point or t.dtype == torch.int32]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 class _QATTrainEval:

@@ -72,10 +72,12 @@ class Context:
 
 
 def _torch_predict(model: torch.nn.Module) -> PredictFn:
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs under no_grad: a tensor, or a tuple for multi-output models (detectors)."""
+    def predict(x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         with torch.no_grad():
             out = model(x)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return tuple(out) if isinstance(out, (list, tuple)) and len(out) > 1 else (
+            out[0] if isinstance(out, (list, tuple)) else out)
 
     return predict
 

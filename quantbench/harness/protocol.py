@@ -12,13 +12,14 @@ GraphModule and an onnxruntime session alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
-__all__ = ["DataNotFoundError", "PredictFn", "TaskAdapter", "TrainResult"]
+__all__ = ["CorruptDataError", "DataNotFoundError", "PredictFn", "TaskAdapter", "TrainResult"]
 
-PredictFn = Callable[[torch.Tensor], torch.Tensor]
+#: Input batch -> raw outputs: one tensor (a classifier's logits) or a tuple (a detector's raw heads).
+PredictFn = Callable[[torch.Tensor], Union[torch.Tensor, Tuple[torch.Tensor, ...]]]
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -28,6 +29,16 @@ class DataNotFoundError(FileNotFoundError):
     found, where it was looked for, and how to get it. Tasks may raise this
     class or their own class of the same name: the harness matches the name
     (it never imports a task).
+    """
+
+
+class CorruptDataError(ValueError):
+    """A file of the data set does not decode and the task's policy is to fail.
+
+    Like :class:`DataNotFoundError`, it concerns every run of the task, so the
+    harness records the run as FAILED and stops with exit status 2; the
+    one-line message names the file and the setting that skips such files.
+    Matched by name, as above.
     """
 
 

@@ -1,46 +1,88 @@
 """One experiment = task x model x scheme: ``run(cfg) -> RunResult``.
 
 ``run`` is what the Hydra entry point wraps and what tests call. It resolves
-the config, skips work that the store already holds (same config hash,
-FINISHED), builds the task from ``cfg.task._target_`` (the harness never
+and checks the config, skips work that the store already holds (same config
+hash, FINISHED), marks a stale RUNNING record of the same config FAILED
+(killed), builds the task from ``cfg.task._target_`` (the harness never
 imports a task), runs the stages of :mod:`quantbench.harness.pipeline` and
 records everything in MLflow. A failure is recorded, never raised, so one bad
 run cannot stop a sweep: the run is marked FAILED with a one-line ``error``
-tag and the traceback as ``error.txt``. The one exception is a missing data
-set, which no other run can get past either: it is re-raised as
-:class:`DataMissingError` for the entry point to turn into exit status 2.
+tag and the traceback as ``error.txt``. The exceptions are bad inputs that no
+other run can get past either (missing or corrupt data, an unreachable
+server, a device that is not there, a config that names foreign code): they
+are raised as :class:`~quantbench.harness.errors.BadInputError` for the entry
+point to turn into one line and exit status 2.
+
+Under ``torchrun`` every rank runs the stages (training is data-parallel,
+evaluation sums every rank's share); rank 0 alone decides whether to skip,
+talks to MLflow and writes files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from quantbench.harness import distributed
+from quantbench.harness.errors import BadInputError, DeviceUnavailableError, UnsafeConfigError
 from quantbench.harness.pipeline import Context, execute
 from quantbench.harness.protocol import TaskAdapter
-from quantbench.harness.tracking import Store, config_hash, flatten, git_sha
+from quantbench.harness.tracking import (
+    NullRecorder,
+    RunRecorder,
+    Store,
+    config_hash,
+    error_line,
+    flatten,
+    git_sha,
+)
 
-__all__ = ["HARNESS_ONLY", "DataMissingError", "RunResult", "build_task", "is_data_missing", "run"]
+__all__ = [
+    "HARNESS_ONLY",
+    "TARGET_PACKAGES",
+    "DataError",
+    "DataMissingError",
+    "RunResult",
+    "build_task",
+    "check_config",
+    "is_data_error",
+    "is_data_missing",
+    "resolve_threads",
+    "resolve_tree",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
+#: The packages whose classes a config may name in ``task._target_``: the project's own.
+TARGET_PACKAGES = ("tasks.", "quantbench.")
 
-class DataMissingError(RuntimeError):
+
+class DataError(BadInputError):
+    """The task's data set is missing or holds a corrupt file; the message says which and how to fix it."""
+
+
+class DataMissingError(DataError):
     """The task's data set is not where the config says; the message says how to get it."""
 
 
 @dataclass
 class RunResult:
-    """What one run ended as. ``status``: FINISHED, FAILED or SKIPPED (already in the store)."""
+    """What one run ended as. ``status``: FINISHED, FAILED or SKIPPED (already in the store).
+
+    ``error_kind`` is ``"input"`` when a bad input (a full disk) failed the run.
+    """
 
     status: str
     task: str
@@ -50,15 +92,28 @@ class RunResult:
     run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    error_kind: str | None = None
 
     @property
     def label(self) -> str:
         return f"{self.model} x {self.scheme}"
 
 
+def _named(exc: BaseException, names: tuple[str, ...]) -> bool:
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
 def is_data_missing(exc: BaseException) -> bool:
     """True for a task's ``DataNotFoundError`` (matched by name: the harness never imports tasks)."""
-    return any(cls.__name__ == "DataNotFoundError" for cls in type(exc).__mro__)
+    return _named(exc, ("DataNotFoundError",))
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True for a task's ``DataNotFoundError`` or ``CorruptDataError`` (also when a DataLoader worker raised it)."""
+    if _named(exc, ("DataNotFoundError", "CorruptDataError")):
+        return True
+    text = str(exc)
+    return text.startswith("Caught CorruptDataError") or text.startswith("Caught DataNotFoundError")
 
 
 #: Keys the harness reads itself and does not pass to the task adapter.
@@ -75,11 +130,54 @@ def build_task(tree: Mapping[str, Any]) -> TaskAdapter:
                        train=dict(tree["train"]["baseline"]), qat=dict(tree["train"]["qat"]), _convert_="all")
 
 
-def _resolve(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+def _targets(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                yield where, value
+            yield from _targets(value, where)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{path}[{i}]")
+
+
+def check_config(tree: Mapping[str, Any]) -> None:
+    """Refuse, before anything runs, a config that names foreign code or a device that is not here.
+
+    ``hydra.utils.instantiate`` would import and call whatever a ``_target_``
+    names, anywhere in the nodes given to it. The only one allowed is
+    ``task._target_``, and only for the project's own classes.
+
+    Raises:
+        UnsafeConfigError: another ``_target_``, or one outside :data:`TARGET_PACKAGES`.
+        DeviceUnavailableError: ``task.device`` asks for CUDA on a machine without it.
+    """
+    for where, target in _targets({k: v for k, v in tree.items() if k != "hydra"}):
+        if where != "task._target_":
+            raise UnsafeConfigError(f"{where}={target!r}: a config may name code to run only in task._target_")
+        if not str(target).startswith(TARGET_PACKAGES):
+            raise UnsafeConfigError(f"task._target_={target!r} is not one of the project's classes "
+                                    f"(allowed: {', '.join(p + '*' for p in TARGET_PACKAGES)})")
+    device = str(tree["task"].get("device") or "auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"task.device={device} but this machine has no CUDA device (torch "
+                                     f"{torch.__version__}): use task.device=cpu or task.device=auto")
+
+
+def resolve_tree(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as plain, resolved containers, without Hydra's own node."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     tree = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
     tree.pop("hydra", None)
     return tree
+
+
+def resolve_threads(threads: int) -> int:
+    """``run.threads``, where 0 means every CPU this process may run on (a SLURM allocation, a cgroup)."""
+    if threads > 0:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _seed(seed: int, threads: int) -> None:
@@ -89,43 +187,74 @@ def _seed(seed: int, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _qat_recipe(tree: Mapping[str, Any], names: Mapping[str, str], chash: str) -> dict[str, Any]:
+    """``train.qat``, with a resume directory of its own per config (``run.resume_root``)."""
+    recipe = dict(tree["train"]["qat"])
+    root = tree["run"].get("resume_root")
+    if root and tree["scheme"].get("qat") and recipe.get("resume_dir") is None:
+        recipe["resume_dir"] = str(Path(root) / f"{names['task']}-{names['model']}-{names['scheme']}-{chash}")
+    return recipe
+
+
+def _finished(store: Store, track: Mapping[str, Any], chash: str) -> tuple[str, dict[str, float]] | None:
+    done = store.find_finished(track["experiment"], chash)
+    return None if done is None else (done.info.run_id, dict(done.data.metrics))
+
+
+def _start(store: Store, tree: Mapping[str, Any], names: Mapping[str, str], chash: str) -> RunRecorder:
+    track = tree["tracking"]
+    store.reap_stale(track["experiment"], chash, float(track["stale_after_s"]))
+    tags = {**names, "sweep": track["sweep_id"], "config_hash": chash, "git_sha": git_sha()}
+    recorder = store.start_run(track["experiment"], f"{names['model']}-{names['scheme']}", tags,
+                               heartbeat_s=float(track["heartbeat_s"]))
+    recorder.log_params(flatten(tree))
+    recorder.log_text(OmegaConf.to_yaml(OmegaConf.create(tree)), "config.yaml")
+    return recorder
+
+
 def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
     """Run (or skip) one task x model x scheme and record it in MLflow.
 
     Raises:
-        DataMissingError: the task reported its data set missing.
+        BadInputError: a bad input that stops every run (missing or corrupt
+            data, an unreachable tracking server, a missing device, an unsafe config).
     """
-    tree = _resolve(cfg)
+    tree = resolve_tree(cfg)
+    check_config(tree)
     names = {"task": tree["task"]["name"], "model": tree["model"]["name"], "scheme": tree["scheme"]["name"]}
     chash = config_hash(tree, () if tree["scheme"]["qat"] else ("train.qat",))  # PTQ ignores the QAT recipe
-    track, settings = tree["tracking"], tree["run"]
-    store = Store.from_config(track)
-    if not settings["force"]:
-        done = store.find_finished(track["experiment"], chash)
-        if done is not None:
-            log.info("%s x %s: already FINISHED with config %s (run %s); run.force=true reruns it",
-                     names["model"], names["scheme"], chash, done.info.run_id)
-            return RunResult("SKIPPED", **names, config_hash=chash, run_id=done.info.run_id,
-                             metrics=dict(done.data.metrics))
-    tags = {**names, "sweep": track["sweep_id"], "config_hash": chash, "git_sha": git_sha()}
-    recorder = store.start_run(track["experiment"], f"{names['model']}-{names['scheme']}", tags)
-    recorder.log_params(flatten(tree))
-    recorder.log_text(OmegaConf.to_yaml(OmegaConf.create(tree)), "config.yaml")
-    _seed(int(settings["seed"]), int(settings["threads"]))
+    track, settings = tree["tracking"], dict(tree["run"])
+    settings["threads"] = resolve_threads(int(settings["threads"]))
+    env = distributed.init_from_env(tree["task"].get("device"))
+    store = Store.from_config(track) if env.is_main else None
+    done = _finished(store, track, chash) if env.is_main and not settings["force"] else None
+    done = distributed.broadcast_object(done)
+    if done is not None:
+        log.info("%s x %s: already FINISHED with config %s (run %s); run.force=true reruns it",
+                 names["model"], names["scheme"], chash, done[0])
+        return RunResult("SKIPPED", **names, config_hash=chash, run_id=done[0], metrics=done[1])
+    recorder = _start(store, tree, names, chash) if env.is_main else NullRecorder()
+    qat_recipe = _qat_recipe(tree, names, chash)
+    if not env.is_main:
+        settings["fp32_onnx_cache"] = None  # only rank 0 writes files
+    _seed(int(settings["seed"]), settings["threads"])
     try:
         with tempfile.TemporaryDirectory(prefix="quantbench-") as tmp:
             task = build_task(tree)
             recorder.set_tags({"primary_metric": task.primary_metric})
-            ctx = Context(task=task, scheme=tree["scheme"], qat_recipe=tree["train"]["qat"],
+            ctx = Context(task=task, scheme=tree["scheme"], qat_recipe=qat_recipe,
                           settings=settings, workdir=Path(tmp), recorder=recorder)
             metrics = execute(ctx)
     except BaseException as exc:
         line = recorder.fail(exc)
-        if is_data_missing(exc):
-            raise DataMissingError(str(exc)) from exc
+        if is_data_error(exc):
+            raise (DataMissingError if is_data_missing(exc) else DataError)(error_line(exc, typed=False)) from exc
         log.error("%s x %s FAILED: %s (run %s)", names["model"], names["scheme"], line, recorder.run_id)
         if not isinstance(exc, Exception):
             raise
-        return RunResult("FAILED", **names, config_hash=chash, run_id=recorder.run_id, error=line)
+        kind = "input" if isinstance(exc, BadInputError) else None
+        return RunResult("FAILED", **names, config_hash=chash, run_id=recorder.run_id, error=line, error_kind=kind)
     recorder.finish()
+    if env.is_main and qat_recipe.get("resume_dir") and tree["scheme"].get("qat"):
+        shutil.rmtree(qat_recipe["resume_dir"], ignore_errors=True)  # recorded: nothing left to resume
     return RunResult("FINISHED", **names, config_hash=chash, run_id=recorder.run_id, metrics=metrics)

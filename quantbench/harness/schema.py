@@ -27,6 +27,8 @@ from quantbench.engine.spec import QuantizationSpec
 __all__ = [
     "BaselineConf",
     "ClassificationDataConf",
+    "DetectionDataConf",
+    "DetectionTrainConf",
     "HASH_EXCLUDE",
     "LoopConf",
     "ModelConf",
@@ -42,8 +44,12 @@ __all__ = [
 ]
 
 #: Config subtrees that do not change what a run computes (where it is logged,
-#: whether to rerun it); they are left out of the config hash that resume uses.
-HASH_EXCLUDE = ("tracking", "run.force")
+#: whether to rerun it, how many threads or where checkpoints go, what a corrupt
+#: image does); they are left out of the config hash that resume uses, so a
+#: sweep rerun with another JOBS or launcher completes only what is missing.
+HASH_EXCLUDE = ("tracking", "run.force", "run.threads", "run.resume_root", "data.on_corrupt",
+                "train.baseline.resume_dir", "train.baseline.checkpoint_steps",
+                "train.qat.resume_dir", "train.qat.checkpoint_steps")
 
 
 @dataclass
@@ -88,6 +94,7 @@ class ClassificationDataConf:
     val_fraction: float = 1.0
     num_workers: int = 0
     seed: int = 0
+    on_corrupt: str = "fail"
 
 
 @dataclass
@@ -120,6 +127,8 @@ class LoopConf:
     label_smoothing: float = 0.0
     keep_best: str = "memory"
     checkpoint_dir: str | None = None
+    resume_dir: str | None = None
+    checkpoint_steps: int | None = None
     channels_last: bool = False
     seed: int = 0
 
@@ -168,6 +177,73 @@ class TrainConf:
     qat: QatRecipeConf = field(default_factory=QatRecipeConf)
 
 
+@dataclass
+class DetectionDataConf:
+    """A COCO-format data set (``root/annotations/instances_<split>.json``, ``root/<split>/``) and its letterbox.
+
+    Mirrors ``tasks.detection.config.DetDataConfig`` (a test keeps the two in step).
+    """
+
+    root: str | None = None
+    root_env: str | None = "COCO_ROOT"
+    generate: str | None = None
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    image_size: int = 640
+    scale_min: float = 0.6
+    flip: bool = True
+    eval_batch_size: int = 32
+    calib_size: int = 500
+    calib_batch_size: int = 32
+    train_fraction: float = 1.0
+    val_fraction: float = 1.0
+    num_workers: int = 0
+    seed: int = 0
+    n_train: int = 2000
+    n_val: int = 300
+
+
+@dataclass
+class _DetectionLoopConf:
+    """Detection-only loop settings (weight EMA, clipping, evaluation period, NMS)."""
+
+    ema: bool = True
+    ema_decay: float = 0.9998
+    ema_tau: float = 2000.0
+    grad_clip: float | None = 10.0
+    eval_every: int = 1
+    score_threshold: float = 0.001
+    iou_threshold: float = 0.65
+    max_detections: int = 100
+
+
+@dataclass
+class DetectionBaselineConf(BaselineConf, _DetectionLoopConf):
+    """The detector's float-baseline recipe (``tasks.detection.config.DetTrainConfig``)."""
+
+    epochs: int = 300
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 3.0
+
+
+@dataclass
+class DetectionQatConf(QatRecipeConf, _DetectionLoopConf):
+    """The detector's QAT recipe (``tasks.detection.config.DetQatConfig``): EMA off."""
+
+    ema: bool = False
+
+
+@dataclass
+class DetectionTrainConf:
+    """The detector's float-baseline and QAT recipes."""
+
+    baseline: DetectionBaselineConf = field(default_factory=DetectionBaselineConf)
+    qat: DetectionQatConf = field(default_factory=DetectionQatConf)
+
+
 def _spec_override_fields() -> list[tuple[str, Any, Any]]:
     hints = typing.get_type_hints(QuantizationSpec)
     return [(f.name, hints[f.name] | None, None) for f in dataclasses.fields(QuantizationSpec)]
@@ -176,7 +252,10 @@ def _spec_override_fields() -> list[tuple[str, Any, Any]]:
 SpecOverride = dataclasses.make_dataclass(
     "SpecOverride",
     _spec_override_fields(),
-    namespace={"__doc__": "QuantizationSpec fields to replace in a preset (None keeps the preset's value)."},
+    # __module__ makes the class importable by name, so a launcher that pickles the config
+    # store into worker processes (joblib, submitit) sends a reference, not a second class.
+    namespace={"__doc__": "QuantizationSpec fields to replace in a preset (None keeps the preset's value).",
+               "__module__": __name__},
 )
 
 
@@ -211,20 +290,34 @@ class SchemeConf:
 
 @dataclass
 class TrackingConf:
-    """Where runs are logged. ``None`` paths default to ``<project>/mlruns``."""
+    """Where runs are logged. ``None`` paths default to ``<project>/mlruns``.
+
+    With an ``http(s)://`` server as ``uri`` and no ``artifact_root``, the
+    server stores the artifacts (``make server``). A running run sets a
+    ``heartbeat`` tag every ``heartbeat_s``; a RUNNING record whose process is
+    gone (same host), or whose heartbeat is older than ``stale_after_s``
+    (another host), is marked FAILED (killed) and redone by the next sweep.
+    """
 
     uri: str | None = None
     artifact_root: str | None = None
     experiment: str = "${task.name}"
     sweep_id: str = "adhoc-${now:%Y%m%d-%H%M%S}"
+    heartbeat_s: float = 60.0
+    stale_after_s: float = 600.0
 
 
 @dataclass
 class RunConf:
     """How one run executes: rerun policy, threads, measurement sizes.
 
+    ``threads``: torch and onnxruntime threads of one run (0: every CPU this
+    process may use; ``quantbench sweep --jobs N`` sets cores / N).
     ``fp32_onnx_cache`` keeps the fp32 export of each float graph for the
     next scheme of the same model (``null`` exports every time).
+    ``resume_root`` keeps each QAT run's training checkpoints
+    (``<resume_root>/<config hash>``), so an interrupted run resumes; they are
+    deleted once the run is FINISHED (``null``: no QAT checkpoints).
     """
 
     force: bool = False
@@ -235,18 +328,20 @@ class RunConf:
     latency_batch: int = 32
     fp32_onnx_cache: str | None = ".cache/quantbench/fp32_onnx"
     sqnr_plot_layers: int = 20
+    resume_root: str | None = ".cache/quantbench/resume"
 
 
 @dataclass
 class QuantbenchConf:
-    """The primary config. ``task`` and ``data`` differ per task kind, so their
-    files carry their own schema (``base_task``, ``base_classification``)."""
+    """The primary config. ``task``, ``data`` and ``train`` differ per task kind, so
+    their files carry their own schema (``base_task``; ``base_classification`` or
+    ``base_detection``; ``base_train`` or ``base_detection_train``)."""
 
     task: Any = MISSING
     data: Any = MISSING
     model: ModelConf = MISSING
     scheme: SchemeConf = MISSING
-    train: TrainConf = MISSING
+    train: Any = MISSING
     tracking: TrackingConf = MISSING
     run: RunConf = field(default_factory=RunConf)
 
@@ -255,9 +350,11 @@ _SCHEMAS: dict[tuple[str | None, str], type] = {
     (None, "base_config"): QuantbenchConf,
     ("task", "base_task"): TaskConf,
     ("data", "base_classification"): ClassificationDataConf,
+    ("data", "base_detection"): DetectionDataConf,
     ("model", "base_model"): ModelConf,
     ("scheme", "base_scheme"): SchemeConf,
     ("train", "base_train"): TrainConf,
+    ("train", "base_detection_train"): DetectionTrainConf,
     ("tracking", "base_tracking"): TrackingConf,
 }
 

@@ -5,6 +5,18 @@ its failure in MLflow (see :func:`quantbench.harness.run.run`). This module
 adds the step Hydra cannot: after the multirun it asks the store which runs of
 this sweep id FAILED, so the command exits non-zero and names them, while
 every finished run stays recorded.
+
+Jobs run on a Hydra launcher plugin, never a scheduler of our own:
+``conf/hydra/launcher/basic`` (one after the other), ``parallel`` (joblib:
+``--jobs N`` processes on this machine, each with cores / N threads),
+``slurm`` (submitit on a SLURM cluster) and ``slurm_local`` (submitit's local
+executor: the SLURM code path on this machine). Before launching, the first
+job's config is checked (a typo, an unreachable tracking server, a device that
+is not there: one line, exit 2), the store is created once (parallel jobs
+would race to create its schema), and RUNNING records left by a killed sweep
+are marked FAILED, so the jobs redo them. A local parallel sweep also puts
+QAT jobs first and trains missing float baselines with every core before the
+jobs start (:mod:`quantbench.harness.prepare`).
 """
 
 from __future__ import annotations
@@ -19,12 +31,18 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, known_options
+from quantbench.harness.prepare import longest_first, sweep_values, warm_baselines
 from quantbench.harness.progress import count_jobs
+from quantbench.harness.run import check_config, resolve_threads
 from quantbench.harness.tracking import Store
 
-__all__ = ["SweepOutcome", "UsageError", "launch", "launcher_overrides", "sweep"]
+__all__ = ["LAUNCHERS", "SweepOutcome", "UsageError", "launch", "launcher_overrides", "sweep"]
+
+#: ``--launcher`` names: files of conf/hydra/launcher.
+LAUNCHERS = ("basic", "parallel", "slurm", "slurm_local")
 
 _SWEEP_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+_CLOCK_SLACK_MS = 1000  # runs on other nodes stamp their start with their own clocks
 
 
 class UsageError(ValueError):
@@ -40,6 +58,7 @@ class SweepOutcome:
     jobs: int | None = None
     finished: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (label, error, run id)
+    bad_input: bool = False  # a run failed on a bad input (a full disk): exit status 2
 
     @property
     def ok(self) -> bool:
@@ -48,7 +67,9 @@ class SweepOutcome:
     @property
     def skipped(self) -> int | None:
         """Jobs that found their run already FINISHED in the store (resume)."""
-        return None if self.jobs is None else self.jobs - len(self.finished) - len(self.failed)
+        if self.jobs is None or self.exit_code:
+            return None
+        return self.jobs - len(self.finished) - len(self.failed)
 
 
 def launch(argv: Sequence[str]) -> int:
@@ -70,16 +91,33 @@ def launch(argv: Sequence[str]) -> int:
     return 0
 
 
-def launcher_overrides(jobs: int) -> list[str]:
-    """Hydra overrides for ``jobs`` parallel jobs: the basic launcher for 1, joblib beyond."""
+_PLUGINS = {"parallel": "hydra_plugins.hydra_joblib_launcher", "slurm": "hydra_plugins.hydra_submitit_launcher",
+            "slurm_local": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def launcher_overrides(jobs: int, launcher: str | None = None, overrides: Sequence[str] = ()) -> list[str]:
+    """Hydra overrides for the launcher: ``basic`` for one job at a time, ``parallel`` (joblib) beyond.
+
+    With ``jobs`` > 1 on this machine, each job gets cores / jobs threads
+    (``run.threads``) unless the overrides set them: n jobs of c threads on c
+    cores would only fight over them.
+    """
     if jobs < 1:
         raise UsageError(f"--jobs {jobs}: needs at least 1")
-    if jobs == 1:
-        return ["hydra/launcher=basic"]
-    if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
-        raise UsageError(f"--jobs {jobs} (JOBS={jobs}) needs the joblib launcher: pip install "
-                         "hydra-joblib-launcher, or use JOBS=1 (sequential)")
-    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    launcher = launcher or ("parallel" if jobs > 1 else "basic")
+    if launcher not in LAUNCHERS:
+        raise UsageError(f"--launcher {launcher}: unknown; known: {', '.join(LAUNCHERS)}")
+    if launcher in _PLUGINS and importlib.util.find_spec(_PLUGINS[launcher]) is None:
+        raise UsageError(f"--launcher {launcher} needs the Hydra plugin {_PLUGINS[launcher]}: make install "
+                         "(hydra-joblib-launcher, hydra-submitit-launcher), or use JOBS=1")
+    out = [f"hydra/launcher={launcher}"]
+    if launcher == "basic" and jobs > 1:
+        raise UsageError(f"--jobs {jobs} with --launcher basic: the basic launcher runs one job at a time")
+    if launcher == "parallel":
+        out.append(f"hydra.launcher.n_jobs={jobs}")
+        if not any(o.split("=", 1)[0].lstrip("+~") == "run.threads" for o in overrides):
+            out.append(f"run.threads={max(1, resolve_threads(0) // jobs)}")
+    return out
 
 
 def _check_task(task: str) -> None:
@@ -88,30 +126,61 @@ def _check_task(task: str) -> None:
                          f"{', '.join(known_options('sweep'))}")
 
 
-def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: str | None = None) -> SweepOutcome:
+def _collect(outcome: SweepOutcome, store: Store, since_ms: int) -> SweepOutcome:
+    """What this invocation recorded under its sweep id (runs started since ``since_ms``), newest per config.
+
+    A sweep rerun under the same id after a kill does not count the earlier
+    invocation's runs again, nor the stale record it marked FAILED.
+    """
+    seen: set[str] = set()
+    for run in store.sweep_runs(outcome.sweep_id):  # newest first
+        if (run.info.start_time or 0) < since_ms:
+            continue
+        tags = run.data.tags
+        key = tags.get("config_hash") or run.info.run_id
+        if key in seen:
+            continue
+        seen.add(key)
+        label = f"{tags.get('model')} x {tags.get('scheme')}"
+        if tags.get("status") == "FINISHED":
+            outcome.finished.append(label)
+        elif tags.get("status") in ("FAILED", "KILLED"):
+            outcome.failed.append((label, tags.get("error", ""), run.info.run_id))
+            outcome.bad_input |= tags.get("error_kind") == "input"
+    return outcome
+
+
+def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: str | None = None,
+          launcher: str | None = None) -> SweepOutcome:
     """Run the sweep of ``task`` with extra Hydra ``overrides`` and collect what it recorded.
 
     Raises:
-        UsageError: unknown task, bad sweep id or ``jobs``.
+        UsageError: unknown task or launcher, bad sweep id or ``jobs``.
+        BadInputError: the first job's config asks for a missing device or
+            foreign code, or its tracking server does not answer.
     """
     _check_task(task)
     sweep_id = sweep_id or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _SWEEP_ID.match(sweep_id):
         raise UsageError(f"sweep id {sweep_id!r}: use letters, digits, '.', '_' and '-' only")
     base = [f"sweep={task}", f"tracking.sweep_id={sweep_id}", *overrides]
+    hydra_launcher = launcher_overrides(jobs, launcher, overrides)
     # Compose the first job up front: a typo fails here, before anything runs, and
     # the composed tracking node says which store to ask for failures afterwards.
     first = compose_config(first_job_overrides(base), hydra_config=True)
+    tree = OmegaConf.to_container(first, resolve=False)
+    tree.pop("hydra", None)
+    check_config(OmegaConf.to_container(OmegaConf.create(tree), resolve=True))
     tracking = OmegaConf.to_container(first.tracking, resolve=True)
-    params = first.hydra.sweeper.params
-    total = count_jobs(dict(params) if params else None, base)
-    code = launch(["--multirun", *launcher_overrides(jobs), *base])
-    outcome = SweepOutcome(sweep_id, code, total)
-    for run in Store.from_config(tracking).sweep_runs(sweep_id):
-        tags = run.data.tags
-        label = f"{tags.get('model')} x {tags.get('scheme')}"
-        if tags.get("status") == "FINISHED":
-            outcome.finished.append(label)
-        elif tags.get("status") in ("FAILED", "KILLED"):
-            outcome.failed.append((label, tags.get("error", ""), run.info.run_id))
-    return outcome
+    store = Store.from_config(tracking)  # a server that is down fails here; a new sqlite store is created once
+    store.experiment_id(str(tracking["experiment"]))
+    store.reap_stale(str(tracking["experiment"]), stale_after_s=float(tracking["stale_after_s"]))
+    params = dict(first.hydra.sweeper.params or {})
+    total = count_jobs(params or None, base)
+    if "hydra/launcher=parallel" in hydra_launcher:  # N jobs on this machine: see quantbench.harness.prepare
+        values = sweep_values(params, base)
+        base = [*base, *longest_first(values, first_job_overrides(base))]
+        warm_baselines(first_job_overrides(base), values, store)
+    since_ms = int(time.time() * 1000) - _CLOCK_SLACK_MS
+    code = launch(["--multirun", *hydra_launcher, *base])
+    return _collect(SweepOutcome(sweep_id, code, total), store, since_ms)

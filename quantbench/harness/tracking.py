@@ -10,33 +10,49 @@ Everything goes through :class:`mlflow.tracking.MlflowClient` with explicit run
 ids rather than the fluent ``mlflow.start_run`` API: a Hydra multirun executes
 many runs in one process, and explicit ids cannot leak an active run from a
 failed job into the next one.
+
+A shared tracking server (``tracking.uri=http://...``, ``make server``) is
+checked before anything runs, so a server that is down costs one line, not a
+retry loop. Several processes may log to one sqlite store at once: the first
+to open it creates the schema under a file lock. Artifact names are confined
+to the run's artifact directory, and a full disk is reported as such.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from quantbench.harness.errors import ArtifactWriteError, BadInputError, TrackingUnavailableError
+from quantbench.harness.liveness import Heartbeat, process_tags, stale_reason
 from quantbench.harness.schema import HASH_EXCLUDE
 
 __all__ = [
+    "NullRecorder",
     "RunRecorder",
     "Store",
     "config_hash",
+    "error_line",
     "flatten",
     "git_sha",
     "project_root",
+    "safe_artifact_path",
     "store_location",
 ]
 
@@ -52,16 +68,23 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def store_location(tracking: Mapping[str, Any]) -> tuple[str, str]:
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def store_location(tracking: Mapping[str, Any]) -> tuple[str, str | None]:
     """The tracking URI and the artifact root URI of a ``tracking`` config node.
 
     ``None`` values default to ``<project>/mlruns/mlflow.db`` and
     ``<project>/mlruns/artifacts``; a relative ``artifact_root`` is taken
-    relative to the current directory.
+    relative to the current directory. With a tracking server and no
+    ``artifact_root``, the root is ``None``: the server stores artifacts.
     """
     mlruns = project_root() / "mlruns"
     uri = tracking.get("uri") or f"sqlite:///{mlruns / 'mlflow.db'}"
     root = tracking.get("artifact_root")
+    if root is None and _is_http(uri):
+        return uri, None
     if root is None:
         db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
         root = str(Path(db).parent / "artifacts") if db else str(mlruns / "artifacts")
@@ -111,12 +134,46 @@ def _chunks(items: list, n: int = _BATCH) -> Iterator[list]:
         yield items[i:i + n]
 
 
+def error_line(exc: BaseException, typed: bool = True) -> str:
+    """``Type: message`` on one line (the message alone for a bad input, or with ``typed=False``).
+
+    An error that a DataLoader worker raised arrives as "Caught X in DataLoader
+    worker ..." plus a traceback; its original message is the last line.
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.partition(": ")[2] or last
+    line = text if isinstance(exc, BadInputError) or not typed else f"{type(exc).__name__}: {text}"
+    return (line.splitlines() or [type(exc).__name__])[0][:_MAX_TAG_ERROR]
+
+
+def safe_artifact_path(name: str | None) -> str | None:
+    """``name`` if it stays inside a run's artifact directory (relative, no ``..``), else ValueError."""
+    if name is None:
+        return None
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or name.startswith("~"):
+        raise ValueError(f"artifact path {name!r} must be relative and stay inside the run's artifact "
+                         "directory (no '..', no absolute path)")
+    return name
+
+
+def _disk_full(exc: OSError, name: str, root: str | None) -> ArtifactWriteError | None:
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return ArtifactWriteError(f"no space left on the device writing artifact {name} under {root or 'the server'}: "
+                              "free space, or point tracking.artifact_root at a larger disk")
+
+
 @dataclass
 class RunRecorder:
     """Writes one MLflow run: params, metrics, artifacts, and its end state."""
 
     client: MlflowClient
     run_id: str
+    artifact_root: str | None = None
+    heartbeat: Heartbeat | None = field(default=None, repr=False)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         for chunk in _chunks([Param(k, v) for k, v in params.items()]):
@@ -133,34 +190,116 @@ class RunRecorder:
             self.client.log_batch(self.run_id, tags=chunk)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Copy ``path`` into the run's artifacts (under ``artifact_path``, which must stay inside them)."""
+        artifact_path = safe_artifact_path(artifact_path)
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except OSError as exc:
+            full = _disk_full(exc, Path(path).name, self.artifact_root)
+            if full is None:
+                raise
+            raise full from exc
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        """Write ``text`` as the artifact ``name`` (relative, inside the run's artifacts)."""
+        try:
+            self.client.log_text(self.run_id, text, safe_artifact_path(name))
+        except OSError as exc:
+            full = _disk_full(exc, name, self.artifact_root)
+            if full is None:
+                raise
+            raise full from exc
+
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def finish(self) -> None:
+        self._stop_heartbeat()
         self.set_tags({"status": "FINISHED"})
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, exc: BaseException) -> str:
-        """Record ``exc`` (one-line ``error`` tag, ``error.txt`` traceback); returns the line."""
-        line = f"{type(exc).__name__}: {exc}".splitlines()[0][:_MAX_TAG_ERROR]
+        """Record ``exc`` (one-line ``error`` tag, ``error.txt`` traceback); returns the line.
+
+        Recording the failure must not fail in turn: a traceback that cannot be
+        written (the disk that broke the run is full) is skipped with a warning.
+        """
+        self._stop_heartbeat()
+        line = error_line(exc)
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        self.log_text("".join(traceback.format_exception(exc)), "error.txt")
-        self.set_tags({"status": status, "error": line})
+        try:
+            self.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        except (OSError, BadInputError, MlflowException) as write_error:
+            log.warning("could not write error.txt for run %s: %s", self.run_id, error_line(write_error))
+        tags = {"status": status, "error": line}
+        if isinstance(exc, BadInputError) or type(exc).__name__ in ("DataNotFoundError", "CorruptDataError"):
+            tags["error_kind"] = "input"
+        self.set_tags(tags)
         self.client.set_terminated(self.run_id, status)
         return line
+
+
+class NullRecorder:
+    """What ranks other than 0 of a torchrun job record: nothing (rank 0 logs for all)."""
+
+    run_id = None
+
+    def log_params(self, params: Mapping[str, str]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def finish(self) -> None: ...
+
+    def fail(self, exc: BaseException) -> str:
+        return error_line(exc)
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming ``uri``, when the tracking server does not answer its health check."""
+    url = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailableError(f"tracking server {uri} is unreachable ({reason}): start it with `make server` "
+                                   "or fix tracking.uri")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Store:
     """One MLflow store (tracking URI + artifact root) and its experiments."""
 
-    def __init__(self, uri: str, artifact_root: str) -> None:
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, uri: str, artifact_root: str | None) -> None:
+        if _is_http(uri):
+            check_server(uri)
         self.uri = uri
-        self.artifact_root = artifact_root.rstrip("/")
-        self.client = MlflowClient(tracking_uri=uri)
+        self.artifact_root = artifact_root.rstrip("/") if artifact_root else None
+        if not uri.startswith("sqlite:///"):
+            self.client = MlflowClient(tracking_uri=uri)
+            return
+        db = Path(uri.removeprefix("sqlite:///"))
+        # Opening a new store creates its schema; parallel jobs that raced there would run
+        # the same migrations twice and fail. One process at a time, under a file lock.
+        with _file_lock(db.with_name(f".{db.name}.lock")):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)
 
     @classmethod
     def from_config(cls, tracking: Mapping[str, Any]) -> Store:
@@ -175,18 +314,40 @@ class Store:
             return exp.experiment_id
         if not create:
             return None
+        location = f"{self.artifact_root}/{name}" if self.artifact_root else None  # None: the server's store
         try:
-            return self.client.create_experiment(name, artifact_location=f"{self.artifact_root}/{name}")
+            return self.client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created meanwhile by a parallel job
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
 
-    def start_run(self, experiment: str, name: str, tags: Mapping[str, str]) -> RunRecorder:
+    def start_run(self, experiment: str, name: str, tags: Mapping[str, str],
+                  heartbeat_s: float = 0.0) -> RunRecorder:
+        """A RUNNING record with this process's liveness tags, and its heartbeat (every ``heartbeat_s``)."""
         run = self.client.create_run(self.experiment_id(experiment), run_name=name,
-                                     tags={**tags, "status": "RUNNING"})
-        return RunRecorder(self.client, run.info.run_id)
+                                     tags={**tags, **process_tags(), "status": "RUNNING"})
+        run_id = run.info.run_id
+        beat = Heartbeat(lambda: self.client.set_tag(run_id, "heartbeat", str(int(time.time() * 1000))),
+                         heartbeat_s).start()
+        return RunRecorder(self.client, run_id, self.artifact_root, beat)
+
+    def reap_stale(self, experiment: str, chash: str | None = None, stale_after_s: float = 600.0) -> list[str]:
+        """Mark RUNNING records whose process is gone FAILED (``error: killed: ...``); returns their ids."""
+        where = "tags.status = 'RUNNING'" + (f" and tags.config_hash = '{chash}'" if chash else "")
+        reaped = []
+        for run in self.search(where, [experiment]):
+            reason = stale_reason(run.data.tags, run.info.start_time or 0, stale_after_s)
+            if reason is None:
+                continue
+            reaped.append(run.info.run_id)
+            log.warning("%s x %s: stale RUNNING record %s: %s; marked FAILED", run.data.tags.get("model"),
+                        run.data.tags.get("scheme"), run.info.run_id, reason)
+            self.client.log_batch(run.info.run_id, tags=[RunTag("status", "FAILED"), RunTag("error", reason),
+                                                         RunTag("error_kind", "killed")])
+            self.client.set_terminated(run.info.run_id, "FAILED")
+        return reaped
 
     def search(self, filter_string: str, experiments: list[str] | None = None) -> list[Run]:
         """All runs matching ``filter_string``, newest first, over ``experiments`` (default: all)."""

@@ -30,12 +30,17 @@ __all__ = ["GateCheck", "GateFile", "GateResult", "evaluate_gates", "format_resu
 
 @dataclass
 class GateCheck:
-    """One check: ``metric >= min`` and/or ``float/<name> - metric <= max_drop`` (percentage points)."""
+    """One check: ``metric >= min``, ``metric <= max`` and/or ``float/<name> - metric <= max_drop``.
+
+    Drops are in the metric's own unit: percentage points for top-1, mAP
+    (a fraction) for detection.
+    """
 
     metric: str = "quant/top1"
     models: list[str] = field(default_factory=lambda: ["*"])
     schemes: list[str] = field(default_factory=lambda: ["*"])
     min: float | None = None
+    max: float | None = None
     max_drop: float | None = None
 
     def applies(self, model: str, scheme: str) -> bool:
@@ -76,19 +81,27 @@ def _value(row: pd.Series, key: str) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
+def _show(value: float | None) -> str:
+    """Enough digits for both accuracies in percent (97.31) and mAP fractions (0.6123)."""
+    return "missing" if value is None else f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
+
+
 def _check(row: pd.Series, check: GateCheck, model: str, scheme: str) -> list[GateResult]:
     results = []
     value = _value(row, check.metric)
-    shown = "missing" if value is None else f"{value:.2f}"
+    shown = _show(value)
     if check.min is not None:
         ok = value is not None and value >= check.min
         results.append(GateResult(model, scheme, f"{check.metric} >= min", shown, f"{check.min:g}", ok))
+    if check.max is not None:
+        ok = value is not None and value <= check.max
+        results.append(GateResult(model, scheme, f"{check.metric} <= max", shown, f"{check.max:g}", ok))
     if check.max_drop is not None:
         ref = _value(row, "float/" + check.metric.split("/", 1)[-1])
         drop = None if value is None or ref is None else ref - value
         ok = drop is not None and drop <= check.max_drop
         results.append(GateResult(model, scheme, f"drop of {check.metric} from float",
-                                  "missing" if drop is None else f"{drop:.2f}", f"{check.max_drop:g}", ok))
+                                  _show(drop), f"{check.max_drop:g}", ok))
     return results
 
 

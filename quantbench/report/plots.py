@@ -43,7 +43,10 @@ def accuracy_plot(runs: pd.DataFrame, path: Path, metric: str = "top1") -> None:
         ax.bar([j + i * width for j in range(len(schemes))], table[model], width, label=names[model])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(schemes))], schemes, rotation=30, ha="right")
     low, high = table.min().min(), table.max().max()
-    ax.set_ylim(max(0.0, low - 5) if pd.notna(low) else 0.0, 100.5 if pd.notna(high) and high <= 100 else None)
+    top = 1.0 if pd.notna(high) and high <= 1.0 else 100.0  # mAP is a fraction, accuracy a percentage
+    margin = 0.05 * top
+    ax.set_ylim(max(0.0, low - margin) if pd.notna(low) else 0.0,
+                top * 1.005 if pd.notna(high) and high <= top else None)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per scheme (fake-quant; float for the float row)")
     ax.legend()

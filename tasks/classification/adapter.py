@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from quantbench.harness import distributed
 from quantbench.harness.protocol import PredictFn, TrainResult
 from tasks.classification import data as data_lib
 from tasks.classification.cache import BaselineCache
@@ -114,7 +116,10 @@ class ClassificationTask:
         train: Float-baseline :class:`TrainConfig` or a mapping of overrides.
         qat: :class:`QatConfig` or a mapping of overrides.
         cache_dir: Where trained float baselines are cached (``<cache_dir>/baselines``).
-        device: ``auto``, ``cpu`` or ``cuda[:i]``; where training runs.
+        device: ``auto``, ``cpu`` or ``cuda[:i]``; where training runs. Under
+            ``torchrun`` the task joins the process group (gloo on CPU, nccl
+            on CUDA), trains with DDP on its share of the data and reduces
+            metrics over all ranks; only rank 0 writes files.
     """
 
     primary_metric = "top1"
@@ -137,6 +142,7 @@ class ClassificationTask:
         self.qat_config = coerce(QatConfig, qat, preset.qat)
         self.cache_dir = Path(cache_dir).expanduser()
         self.device = resolve_device(device)
+        distributed.init_from_env(self.device)
 
     def __repr__(self) -> str:
         return (
@@ -146,9 +152,10 @@ class ClassificationTask:
     @cached_property
     def _splits(self) -> _Splits:
         cfg = self.data_config
-        root = data_lib.ensure_tree(cfg, self.name)
-        train = data_lib.image_folder(root, "train", data_lib.train_transform(cfg))
-        val = data_lib.image_folder(root, "val", data_lib.eval_transform(cfg))
+        with distributed.main_process_first():  # rank 0 writes a generated tree, the others then read it
+            root = data_lib.ensure_tree(cfg, self.name)
+        train = data_lib.image_folder(root, "train", data_lib.train_transform(cfg), cfg.on_corrupt)
+        val = data_lib.image_folder(root, "val", data_lib.eval_transform(cfg), cfg.on_corrupt)
         if train.classes != val.classes:
             raise ValueError(f"{root}: train/ and val/ have different class folders; labels would not match")
         calib_source = data_lib.with_transform(train, data_lib.eval_transform(cfg))
@@ -185,7 +192,9 @@ class ClassificationTask:
     def _num_classes(self, cfg: ModelConfig) -> int:
         return cfg.num_classes if cfg.num_classes is not None else len(self.classes)
 
-    def _loader(self, dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, shard: bool = False
+    ) -> DataLoader:
         return data_lib.make_loader(
             dataset,
             batch_size,
@@ -193,16 +202,17 @@ class ClassificationTask:
             seed=seed,
             num_workers=self.data_config.num_workers,
             pin_memory=self.device.type == "cuda",
+            shard=shard,
         )
 
     def train_loader(self, recipe: LoopConfig | None = None) -> DataLoader:
-        """Shuffled, augmented training batches of ``recipe.batch_size``."""
+        """Shuffled, augmented training batches of ``recipe.batch_size`` (per rank under torchrun)."""
         recipe = recipe or self.train_config
         return self._loader(self._splits.train, recipe.batch_size, shuffle=True, seed=recipe.seed)
 
     def val_loader(self) -> DataLoader:
-        """Validation batches in file order (eval transform)."""
-        return self._loader(self._splits.val, self.data_config.eval_batch_size, shuffle=False, seed=0)
+        """Validation batches in file order (eval transform); this rank's share under torchrun."""
+        return self._loader(self._splits.val, self.data_config.eval_batch_size, shuffle=False, seed=0, shard=True)
 
     def calib_loader(self) -> CalibrationBatches:
         """Input batches of the seeded calibration subset of train (eval transform), re-iterable."""
@@ -214,7 +224,8 @@ class ClassificationTask:
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         """The first ``batch`` validation images (real data, so export checks see real ranges)."""
         val = self._splits.val
-        return (torch.stack([val[i][0] for i in range(min(batch, len(val)))]),)
+        images = (sample[0] for sample in (val[i] for i in range(len(val))) if sample is not None)
+        return (torch.stack([image for image, _ in zip(images, range(batch))]),)
 
     def evaluate(self, predict: PredictFn, *, desc: str = "eval") -> dict[str, float]:
         """Top-1/top-5 (percent) of ``predict`` over the validation set.
@@ -247,19 +258,35 @@ class ClassificationTask:
         if recipe.steps is None and recipe.epochs == 0:
             return self._fresh_model(cfg)
         cache = BaselineCache(self.cache_dir / "baselines", self.name, cfg.name, self.baseline_key(cfg))
+        if distributed.current().distributed:
+            return self._load_or_train(cfg, cache)
+        with cache.lock():  # a parallel job training the same baseline: wait for it, then load
+            return self._load_or_train(cfg, cache)
+
+    def _load_or_train(self, cfg: ModelConfig, cache: BaselineCache) -> nn.Module:
+        recipe = self.train_config
         model, existed = self._fresh_model(cfg), cache.path.is_file()
-        if cache.load_into(model):
+        loaded = cache.load_into(model)
+        hits = distributed.all_reduce_sum([float(loaded)])[0]
+        if 0 < hits < distributed.current().world_size:
+            raise RuntimeError(f"only {hits:.0f} of {distributed.current().world_size} ranks could load the "
+                               f"cached baseline {cache.path}; is the cache directory shared by all ranks?")
+        if loaded:
             return model.eval()
         if existed:  # a failed load may have overwritten some tensors: start again from the seeded init
             model = self._fresh_model(cfg)
         log.info(
             "training the %s float baseline for %s (cached at %s afterwards)", cfg.name, self.name, cache.path
         )
+        if recipe.resume_dir is None:  # a long baseline (ImageNet) resumes after an interruption
+            recipe = dataclasses.replace(recipe, resume_dir=str(cache.path.with_suffix(".resume")))
         result = self.train(model, recipe, qat=False)
         cache.save(
             result.model,
             {"val_top1": result.best_metric, "seconds": round(result.seconds, 2), "history": result.history},
         )
+        if distributed.is_main():
+            shutil.rmtree(recipe.resume_dir, ignore_errors=True)
         return result.model
 
     def baseline_key(self, cfg: ModelConfig | None = None) -> dict[str, Any]:
@@ -278,17 +305,23 @@ class ClassificationTask:
             "eval_batch_size",
             "calib_size",
             "calib_batch_size",
+            "on_corrupt",
         }
         data = {k: v for k, v in dataclasses.asdict(self.data_config).items() if k not in skip_data}
-        recipe = {k: v for k, v in dataclasses.asdict(self.train_config).items() if k != "checkpoint_dir"}
+        where = {"checkpoint_dir", "resume_dir", "checkpoint_steps"}  # where and how often it saves
+        recipe = {k: v for k, v in dataclasses.asdict(self.train_config).items() if k not in where}
         splits = self._splits
-        return {
+        key = {
             "task": self.name,
             "model": {"name": cfg.name, "num_classes": self._num_classes(cfg), "kwargs": cfg.kwargs},
             "data": data,
             "dataset": {"classes": splits.classes, "n_train": len(splits.train), "n_val": len(splits.val)},
             "train": recipe,
         }
+        world = distributed.current().world_size
+        if world > 1:  # N ranks train on N x batch_size images a step: another baseline
+            key["world_size"] = world
+        return key
 
     def train(self, model: nn.Module, recipe: Any = None, *, qat: bool) -> TrainResult:
         """Float-baseline (``qat=False``) or QAT training; ``recipe`` overrides the task's.

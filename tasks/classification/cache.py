@@ -13,6 +13,8 @@ load, or does not fit the model, is reported, deleted and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -20,16 +22,20 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from quantbench.harness.distributed import is_main
 
 __all__ = ["BaselineCache", "config_hash"]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the training code changes what a config produces
+# Bump when the training code changes what a config produces. 2: per-epoch seeded data order and
+# per-sample seeded augmentation (resumable, the same under torchrun).
+CACHE_VERSION = 2
 
 
 def config_hash(payload: dict[str, Any]) -> str:
@@ -47,6 +53,20 @@ class BaselineCache:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}_{model}")
         self.path = Path(directory).expanduser() / f"{safe}_{self.key}.pt"
         self.meta_path = self.path.with_suffix(".json")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the entry's file lock: parallel sweep jobs train a missing baseline once, not once each.
+
+        Not under torchrun: there the ranks train it together.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def load_into(self, model: nn.Module) -> bool:
         """Load the cached weights into ``model``; False when absent or unusable.
@@ -74,7 +94,12 @@ class BaselineCache:
         return True
 
     def save(self, model: nn.Module, metrics: dict[str, Any]) -> Path:
-        """Write ``model.state_dict()`` atomically, and the key payload with ``metrics`` beside it."""
+        """Write ``model.state_dict()`` atomically, and the key payload with ``metrics`` beside it.
+
+        Under torchrun only rank 0 writes (every rank holds the same weights).
+        """
+        if not is_main():
+            return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}-", dir=self.path.parent)

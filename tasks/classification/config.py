@@ -58,6 +58,9 @@ class DataConfig:
         val_fraction: Seeded fraction of val images used (quick runs).
         num_workers: DataLoader workers (0 suits small data and shared CPUs).
         seed: Seed of the fractions, the calibration subset and shuffling.
+        on_corrupt: What an image that does not decode does: ``fail`` (the run
+            stops, naming the file) or ``skip`` (a warning names it; the
+            batch goes on without it).
     """
 
     root: str | None = None
@@ -76,8 +79,11 @@ class DataConfig:
     val_fraction: float = 1.0
     num_workers: int = 0
     seed: int = 0
+    on_corrupt: str = "fail"
 
     def __post_init__(self) -> None:
+        if self.on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"data.on_corrupt must be fail or skip, got {self.on_corrupt!r}")
         for name in ("train_fraction", "val_fraction"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
@@ -133,6 +139,12 @@ class LoopConfig:
         keep_best: ``memory`` or ``disk`` (checkpoint of the best val top-1,
             restored at the end) or ``none`` (keep the last weights).
         checkpoint_dir: Where ``disk`` keeps it (default: a temporary dir).
+        resume_dir: Where the loop keeps its resumable checkpoint
+            (:class:`quantbench.harness.checkpoint.TrainingCheckpoint`); a
+            rerun resumes from it. ``None``: no checkpoints. The harness sets
+            it for QAT runs (``run.resume_root``).
+        checkpoint_steps: Also checkpoint every this many optimizer steps
+            (``None``: at the end of each epoch only).
         channels_last: Train in channels-last memory format (about halves a
             MobileNet-V2 step on CPU); the returned model is contiguous again.
             Opt-in: see :class:`TrainConfig` for a torch 2.13 CPU crash.
@@ -153,10 +165,14 @@ class LoopConfig:
     label_smoothing: float = 0.0
     keep_best: str = "memory"
     checkpoint_dir: str | None = None
+    resume_dir: str | None = None
+    checkpoint_steps: int | None = None
     channels_last: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.checkpoint_steps is not None and self.checkpoint_steps < 1:
+            raise ValueError(f"train.checkpoint_steps must be >= 1 or null, got {self.checkpoint_steps}")
         if self.steps is None and self.epochs < 0:
             raise ValueError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.steps is not None and self.steps < 1:

@@ -20,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision import datasets, transforms
 
 from quantbench.harness import protocol
+from quantbench.harness.distributed import EpochSeeded, ShardSampler
 from tasks.classification.config import DataConfig
 
 __all__ = [
+    "CheckedImageFolder",
+    "CorruptDataError",
     "DataNotFoundError",
     "GENERATORS",
     "TRAIN_AUGMENTS",
@@ -37,6 +40,7 @@ __all__ = [
     "image_folder",
     "make_loader",
     "resolve_root",
+    "skip_missing_collate",
     "train_transform",
     "with_transform",
     "write_digits_imagefolder",
@@ -52,6 +56,10 @@ class DataNotFoundError(protocol.DataNotFoundError):
     turns into exit code 2, printing the message as is: so the message says
     what to set (``data.root``, the env variable) and what to try.
     """
+
+
+class CorruptDataError(protocol.CorruptDataError):
+    """An image of the data set does not decode (``data.on_corrupt=fail``); the message names it."""
 
 
 def _normalize(cfg: DataConfig) -> list[Callable]:
@@ -157,9 +165,55 @@ def ensure_tree(cfg: DataConfig, task: str) -> Path:
     return root
 
 
-def image_folder(root: Path, split: str, transform: Callable) -> datasets.ImageFolder:
-    """``torchvision.datasets.ImageFolder`` of ``root/split`` (PIL decoding, RGB)."""
-    return datasets.ImageFolder(str(Path(root) / split), transform=transform)
+_WARNED: set[str] = set()
+
+#: What PIL raises for a file that is not a readable image (UnidentifiedImageError and
+#: "image file is truncated" are OSErrors; some broken headers raise SyntaxError or ValueError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """An ImageFolder that names a corrupt image instead of dying somewhere inside PIL.
+
+    ``on_corrupt="fail"`` raises :class:`CorruptDataError` with the file's
+    path; ``"skip"`` warns once per file and returns ``None`` for the sample,
+    which :func:`skip_missing_collate` leaves out of its batch. Only decoding
+    is guarded: an error in a transform is a bug and propagates as itself.
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None, on_corrupt: str = "fail") -> None:
+        super().__init__(root, transform=transform)
+        self.on_corrupt = on_corrupt
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except _DECODE_ERRORS as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if self.on_corrupt != "skip":
+                raise CorruptDataError(f"corrupt image {path} ({reason}): replace or delete it, or set "
+                                       "data.on_corrupt=skip to leave it out") from exc
+            if path not in _WARNED:
+                _WARNED.add(path)
+                log.warning("skipping corrupt image %s (%s); data.on_corrupt=skip", path, reason)
+            return None
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+def image_folder(root: Path, split: str, transform: Callable, on_corrupt: str = "fail") -> CheckedImageFolder:
+    """The ImageFolder of ``root/split`` (PIL decoding, RGB), with the corrupt-image policy."""
+    return CheckedImageFolder(str(Path(root) / split), transform=transform, on_corrupt=on_corrupt)
+
+
+def skip_missing_collate(batch: list):
+    """``default_collate`` without the ``None`` samples of skipped images (``None`` if none is left)."""
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else None
 
 
 def with_transform(dataset: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
@@ -194,24 +248,43 @@ def calibration_subset(dataset: Dataset, size: int, seed: int) -> Subset:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory=False
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory=False,
+    shard: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose shuffling (and worker seeds) follow ``seed``.
+    """A DataLoader whose order and augmentation follow ``seed`` (and the epoch).
 
-    Shuffled (training) loaders drop the last partial batch when there is at
-    least one full batch: a trailing batch of one breaks BatchNorm in training
-    mode, and odd-sized channels-last batches crashed torch 2.13's CPU conv
-    backward.
+    Shuffled (training) loaders take this rank's equal share of a seeded
+    per-epoch permutation (:class:`ShardSampler`; call ``set_epoch``), and draw
+    each sample's augmentation from (seed, epoch, index) (:class:`EpochSeeded`),
+    so a run resumed mid-epoch, or run by several processes, sees the same
+    images transformed the same way. They drop the last partial batch when
+    there is at least one full batch: a trailing batch of one breaks BatchNorm
+    in training mode, and odd-sized channels-last batches crashed torch 2.13's
+    CPU conv backward. ``shard=True`` gives an unshuffled loader this rank's
+    disjoint share (evaluation under torchrun; counts are then summed).
     """
+    sampler = None
+    if shuffle:
+        sampler = ShardSampler(len(dataset), shuffle=True, seed=seed, even=True, with_epoch=True)
+        dataset = EpochSeeded(dataset, seed)
+    elif shard:
+        sampler = ShardSampler(len(dataset), shuffle=False, even=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(dataset) > batch_size,
+        sampler=sampler,
+        drop_last=shuffle and len(sampler) > batch_size,
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
+        collate_fn=skip_missing_collate,
     )
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "FloatMode",
     "QatMode",
     "load_qat_api",
+    "qat_optimizer",
     "train_float",
     "train_qat",
 ]
@@ -205,6 +206,32 @@ def _at_step(epochs: float | None, steps_per_epoch: int) -> int | None:
     return None if epochs is None else int(round(epochs * steps_per_epoch))
 
 
+def qat_optimizer(
+    api: ModuleType, model: nn.Module, cfg: QatConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, QatMode]:
+    """Optimizer, schedule and :class:`QatMode` of a QAT recipe (shared by the tasks' QAT loops).
+
+    Weights and quantizer parameters (LSQ step sizes, arXiv 1902.08153; TQT
+    log2 thresholds, arXiv 1903.08066) go into two param groups: the
+    quantizers get their own learning rate and decay and no weight decay,
+    since decaying a threshold towards zero would shrink the range.
+    """
+    quant = list(api.quantizer_parameters(model))
+    quant_ids = {id(p) for p in quant}
+    weights = [p for p in api.weight_parameters(model) if id(p) not in quant_ids]
+    groups = [
+        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "decay": cfg.lr_decay,
+         "decay_steps": cfg.lr_decay_steps, "name": "weights"},
+        {"params": quant, "lr": cfg.quant_lr, "weight_decay": cfg.quant_weight_decay, "decay": cfg.quant_lr_decay,
+         "decay_steps": cfg.quant_lr_decay_steps, "name": "quantizers"},
+    ]
+    optimizer, scheduler = make_optimizer(groups, cfg, steps_per_epoch)
+    mode = QatMode(api, _at_step(cfg.freeze_observers_after, steps_per_epoch),
+                   _at_step(cfg.freeze_bn_after, steps_per_epoch))
+    log.info("QAT: %d weight and %d quantizer parameter tensors", len(weights), len(quant))
+    return optimizer, scheduler, mode
+
+
 def train_qat(
     model: nn.Module, train_loader: Iterable, val_loader: Iterable, cfg: QatConfig, device: torch.device
 ) -> TrainResult:
@@ -219,31 +246,8 @@ def train_qat(
     """
     api = load_qat_api()
     model.to(device)
-    quant = list(api.quantizer_parameters(model))
-    quant_ids = {id(p) for p in quant}
-    weights = [p for p in api.weight_parameters(model) if id(p) not in quant_ids]
-    groups = [
-        {
-            "params": weights,
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-            "decay": cfg.lr_decay,
-            "decay_steps": cfg.lr_decay_steps,
-            "name": "weights",
-        },
-        {
-            "params": quant,
-            "lr": cfg.quant_lr,
-            "weight_decay": cfg.quant_weight_decay,
-            "decay": cfg.quant_lr_decay,
-            "decay_steps": cfg.quant_lr_decay_steps,
-            "name": "quantizers",
-        },
-    ]
     spe = len(train_loader)  # type: ignore[arg-type]
-    optimizer, scheduler = make_optimizer(groups, cfg, spe)
-    mode = QatMode(api, _at_step(cfg.freeze_observers_after, spe), _at_step(cfg.freeze_bn_after, spe))
-    log.info("QAT: %d weight and %d quantizer parameter tensors", len(weights), len(quant))
+    optimizer, scheduler, mode = qat_optimizer(api, model, cfg, spe)
     return fit(
         model,
         train_loader,

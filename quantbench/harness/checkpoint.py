@@ -1,0 +1,175 @@
+"""Resumable training: a checkpoint of everything a training loop needs to carry on exactly.
+
+:class:`TrainingCheckpoint` saves the model, the optimizer, the LR scheduler,
+the step count, the torch random state and whatever the loop adds (history,
+best weights, the running sums of a half-finished epoch). With a data order
+that is a function of (seed, epoch) (see
+:class:`~quantbench.harness.distributed.ShardSampler`), a run killed after
+step k and started again ends with the same weights and metrics on CPU as one
+that was never interrupted::
+
+    ckpt = TrainingCheckpoint(cfg.resume_dir, model, optimizer, scheduler, fingerprint=recipe)
+    state = ckpt.load()                       # None: nothing to resume, start at step 0
+    step = state["step"] if state else 0
+    ...                                       # train; every N steps or each epoch:
+    ckpt.save(step, history=history)
+
+Files are written to a temporary name, flushed to disk and renamed into place,
+so a kill during ``save`` leaves the previous checkpoint intact; only rank 0
+writes. They are read with ``torch.load(weights_only=True)``: a checkpoint is
+data, never code. A file that does not load, belongs to another recipe
+(``fingerprint``) or does not fit the model is reported, deleted and ignored,
+and training starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from quantbench.harness.distributed import is_main
+
+__all__ = ["CheckpointMismatch", "TrainingCheckpoint", "fingerprint_of"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint is readable but belongs to another run (recipe, model or world size)."""
+
+
+def fingerprint_of(payload: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-able description of the run (recipe, world size, ...)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu(v) for v in tree)
+    return tree
+
+
+class TrainingCheckpoint:
+    """The latest state of one training run, in ``directory/last.pt``.
+
+    Args:
+        directory: Where the run keeps its checkpoint (one directory per run).
+        model: The module whose ``state_dict`` is saved (not a DDP wrapper).
+        optimizer: Saved and restored with it.
+        scheduler: Optional LR scheduler, likewise.
+        fingerprint: What identifies the run (e.g. the recipe and world size);
+            a checkpoint with another fingerprint is not resumed.
+    """
+
+    def __init__(self, directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any = None, *, fingerprint: Mapping[str, Any] | str = "") -> None:
+        self.directory = Path(directory).expanduser()
+        self.path = self.directory / "last.pt"
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.fingerprint = fingerprint if isinstance(fingerprint, str) else fingerprint_of(fingerprint)
+
+    def save(self, step: int, **extra: Any) -> Path | None:
+        """Write the state after ``step`` optimizer steps atomically (rank 0 only; others return None).
+
+        ``extra`` must be plain data and tensors (what ``weights_only`` loads).
+        """
+        if not is_main():
+            return None
+        state = {
+            "format": FORMAT, "fingerprint": self.fingerprint, "step": int(step),
+            "model": _cpu(self.model.state_dict()), "optimizer": _cpu(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": _rng_state(), "extra": _cpu(extra),
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".last.pt-", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        log.debug("checkpoint at step %d: %s", step, self.path)
+        return self.path
+
+    def _read(self) -> dict[str, Any]:
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise CheckpointMismatch("not a quantbench training checkpoint")
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointMismatch(f"written for another run (fingerprint {state.get('fingerprint')}, "
+                                     f"this run {self.fingerprint})")
+        expected, saved = set(self.model.state_dict()), set(state["model"])
+        if expected != saved:
+            raise CheckpointMismatch(f"model keys differ ({len(expected ^ saved)} of {len(expected)})")
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        backup = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+        except Exception:
+            self.model.load_state_dict(backup)  # never train on from a half-loaded model
+            raise
+        _set_rng_state(state["rng"])
+
+    def load(self) -> dict[str, Any] | None:
+        """Restore the saved state into the model, optimizer, scheduler and RNG.
+
+        Returns:
+            ``{"step": int, **extra}``; ``None`` when there is no checkpoint or
+            it is unusable (then deleted, with a warning naming the file and why).
+        """
+        if not self.path.is_file():
+            return None
+        try:
+            state = self._read()
+            self._restore(state)
+        except Exception as exc:  # a truncated, foreign or stale file: start over rather than fail the run
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning("checkpoint %s is unusable (%s: %s); training from the start",
+                        self.path, type(exc).__name__, reason)
+            if is_main():
+                self.path.unlink(missing_ok=True)
+            return None
+        log.info("resuming from %s at step %d", self.path, state["step"])
+        return {"step": state["step"], **state["extra"]}
+
+    def remove(self) -> None:
+        """Delete the checkpoint directory (the run finished and was recorded); rank 0 only."""
+        if is_main():
+            shutil.rmtree(self.directory, ignore_errors=True)
