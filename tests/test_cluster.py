@@ -160,10 +160,10 @@ def test_sigkilled_sweep_redoes_only_what_is_missing_and_qat_resumes(digits_root
 EXPECTED = {"float/top1", "onnx/top1", "onnx/parity_top1", "latency/ort_fp32_ms", "time/total_s"}
 
 
-def _check_sweep(where: Path, sweep_id: str, schemes: set[str]) -> None:
+def _check_sweep(where: Path, sweep_id: str, schemes: set[str], models: int = 1) -> None:
     store = Store(f"sqlite:///{where}/mlflow.db", f"{where}/artifacts")
     runs = store.sweep_runs(sweep_id)
-    assert {r.data.tags["scheme"] for r in runs} == schemes and len(runs) == len(schemes)
+    assert {r.data.tags["scheme"] for r in runs} == schemes and len(runs) == models * len(schemes)
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "FINISHED"
         assert EXPECTED <= set(run.data.metrics), EXPECTED - set(run.data.metrics)
@@ -175,11 +175,18 @@ def _check_sweep(where: Path, sweep_id: str, schemes: set[str]) -> None:
 def test_parallel_sweeps_on_joblib_and_submitit_launchers(digits_root, cache, tmp_path):
     args = [*_common(digits_root, cache, tmp_path), "data.val_fraction=0.25"]
     args.remove("run.threads=1")  # the parallel launcher picks cores / jobs
-    joblib = _qb("sweep", "digits", "--jobs", "2", "--id", "par", *args, *_store_args(tmp_path / "joblib"),
-                 "scheme=float,ptq_float,ptq_pow2")
+    # a cache of its own: both float baselines are missing, so they train side by side before the jobs start
+    own = [f"task.cache_dir={tmp_path}/cache" if a.startswith("task.cache_dir=") else a
+           for a in args if a != "model=test_resnet"]
+    joblib = _qb("sweep", "digits", "--jobs", "2", "--id", "par", *own, *_store_args(tmp_path / "joblib"),
+                 "model=test_resnet,test_mobilenet", "scheme=float,ptq_pow2")
     assert joblib.returncode == 0, joblib.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in joblib.stdout + joblib.stderr
-    _check_sweep(tmp_path / "joblib", "par", {"float", "ptq_float", "ptq_pow2"})
+    out = joblib.stdout + joblib.stderr
+    assert "Joblib.Parallel(n_jobs=2" in out
+    assert "float baselines of test_resnet, test_mobilenet before the parallel jobs start (2 at a time" in out
+    assert "training the test_mobilenet float baseline" in out, "the workers' progress is shown"
+    assert len(list((tmp_path / "cache" / "baselines").glob("digits_test_*.pt"))) == 2
+    _check_sweep(tmp_path / "joblib", "par", {"float", "ptq_pow2"}, models=2)
     threads = {r.data.params["run.threads"] for r in _runs(tmp_path / "joblib")}
     assert threads == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
 

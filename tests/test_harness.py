@@ -101,8 +101,11 @@ def test_sweep_end_to_end_resume_and_report(small, tmp_path, cache_dir):
     # resume: both are FINISHED with the same config (the QAT recipe does not concern PTQ runs)
     again = sweep("digits", [*args, "train.qat.lr=0.5"], sweep_id="e2e-2")
     assert again.ok and again.finished == [] and store.sweep_runs("e2e-2") == [] and again.skipped == 2
+    (cached,) = (cache_dir / "fp32_onnx").glob("*.onnx")
+    cached.write_bytes(cached.read_bytes()[:1000])  # a truncated cache entry is exported again
     forced = sweep("digits", [*small, "scheme=float", "run.force=true"], sweep_id="e2e-3")
     assert forced.finished == ["test_resnet x float"]
+    __import__("onnx").checker.check_model(str(cached))
     assert runs["float"].data.tags["config_hash"] == store.sweep_runs("e2e-3")[0].data.tags["config_hash"]
 
     report = write_report("digits", small, out_dir=tmp_path / "reports", readme=tmp_path / "README.md")

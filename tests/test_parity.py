@@ -142,3 +142,21 @@ def test_int8_bias_option_and_fixed_batch(tmp_path):
     assert onnx.TensorProto.INT8 in bias_types and onnx.TensorProto.INT32 not in bias_types
     report = check.compare(path, frozen, [torch.randn(4, 3, 16, 16)], float_model=gm)
     assert report.max_lsb_err <= 1.0 and report.top1_agreement == 100.0, report
+
+
+def test_latencies_are_measured_interleaved(resnet18, tmp_path, monkeypatch):
+    gm, _, _, q_path = _roundtrip(resnet18, "int8_pow2", tmp_path, 16)
+    f_path = export_onnx(gm, (torch.randn(2, 3, 16, 16),), tmp_path / "fp32.onnx")
+    order: list[int] = []
+    real_run = check.ort.InferenceSession.run
+
+    def recording_run(session, *args, **kwargs):
+        order.append(id(session))
+        return real_run(session, *args, **kwargs)
+
+    monkeypatch.setattr(check.ort.InferenceSession, "run", recording_run)
+    fp32, int8 = check.ort_latencies([f_path, q_path], torch.randn(4, 3, 16, 16), threads=1, warmup=1, iters=3)
+    assert fp32 > 0 and int8 > 0
+    # every round runs each model once, so drift of a shared machine lands on both alike
+    assert order[0] != order[1] and order == order[:2] * 4
+    assert check.ort_latency(q_path, torch.randn(4, 3, 16, 16), threads=1, warmup=0, iters=2) > 0

@@ -70,8 +70,7 @@ def bench_one(name: str, preset: str, size: int, workdir: Path) -> dict:
         for batch in (1, 8):
             xb = torch.randn(batch, 3, size, size)
             iters = 20 if batch == 1 else 6
-            fp32 = check.ort_latency(f_path, xb, threads=threads, iters=iters)
-            int8 = check.ort_latency(q_path, xb, threads=threads, iters=iters)
+            fp32, int8 = check.ort_latencies([f_path, q_path], xb, threads=threads, iters=iters)
             row[f"fp32_ms_t{threads}_b{batch}"] = fp32
             row[f"int8_ms_t{threads}_b{batch}"] = int8
             row[f"speedup_t{threads}_b{batch}"] = fp32 / int8

@@ -13,7 +13,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -25,7 +25,7 @@ from quantbench.engine.passes.prequant import get_attr_tensor, op_name
 from quantbench.engine.qdq import dequantize
 from quantbench.engine.quantizer import batch_inputs
 
-__all__ = ["ParityReport", "ort_session", "ort_predict_fn", "compare", "per_node_sqnr", "ort_latency",
+__all__ = ["ParityReport", "ort_session", "ort_predict_fn", "compare", "per_node_sqnr", "ort_latency", "ort_latencies",
            "sqnr_db", "output_scales"]
 
 
@@ -207,13 +207,26 @@ def per_node_sqnr(qmodel: fx.GraphModule, inputs, *, max_batches: int = 4) -> li
 def ort_latency(path: str | Path, example: torch.Tensor, *, threads: int | None = None, warmup: int = 3,
                 iters: int = 20, session: ort.InferenceSession | None = None) -> float:
     """Median wall time (ms) of one onnxruntime run on ``example``."""
-    session = session or ort_session(path, threads)
-    feed = {session.get_inputs()[0].name: np.ascontiguousarray(example.detach().cpu().numpy())}
+    return ort_latencies([session or ort_session(path, threads)], example, warmup=warmup, iters=iters)[0]
+
+
+def ort_latencies(models: Sequence[str | Path | ort.InferenceSession], example: torch.Tensor, *,
+                  threads: int | None = None, warmup: int = 3, iters: int = 20) -> list[float]:
+    """Median wall time (ms) of one onnxruntime run on ``example``, for each model, measured interleaved.
+
+    Each round runs every model once, in turn, so a slow spell of a shared
+    machine (another process, frequency scaling) lands on all of them alike
+    and their ratio (int8 vs fp32) stays meaningful.
+    """
+    sessions = [m if isinstance(m, ort.InferenceSession) else ort_session(m, threads) for m in models]
+    feeds = [{s.get_inputs()[0].name: np.ascontiguousarray(example.detach().cpu().numpy())} for s in sessions]
     for _ in range(warmup):
-        session.run(None, feed)
-    times = []
+        for session, feed in zip(sessions, feeds):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+        for i, (session, feed) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1000)
+    return [statistics.median(t) for t in times]

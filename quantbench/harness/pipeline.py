@@ -23,6 +23,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
+import onnx
 import torch
 from matplotlib.figure import Figure
 
@@ -153,16 +154,24 @@ def _export_fp32(ctx: Context) -> Path:
 
     Every scheme of one model exports the same float graph; the export costs
     several seconds, so it is done once per float model and copied into place
-    atomically (a parallel job never reads half a file).
+    atomically (a parallel job never reads half a file). A cached file that
+    the ONNX checker rejects (truncated, overwritten) is exported again.
     """
     target = ctx.workdir / "fp32" / "model.onnx"
     if not ctx.settings.get("fp32_onnx_cache"):
         return export_onnx(ctx.gm, ctx.example, target)
     cached = Path(ctx.settings["fp32_onnx_cache"]) / f"{_graph_key(ctx.gm, ctx.example)}.onnx"
     if cached.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, target)
-        return target
+        try:
+            onnx.checker.check_model(str(cached))
+        except Exception as exc:  # truncated or foreign: rebuild it
+            log.warning("cached fp32 ONNX %s is unreadable (%s); exporting it again",
+                        cached, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            cached.unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, target)
+            return target
     export_onnx(ctx.gm, ctx.example, target)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f".{cached.name}.{os.getpid()}")
@@ -231,14 +240,16 @@ def _latency_batch(ctx: Context, size: int) -> torch.Tensor:
 
 
 def measure_latency(ctx: Context) -> None:
-    """Median onnxruntime latency at ``run.latency_batch``, fp32 vs the quantized model."""
+    """Median onnxruntime latency at ``run.latency_batch``, fp32 vs the quantized model, measured interleaved."""
     threads, iters = ctx.settings["threads"], int(ctx.settings["latency_iters"])
     x = _latency_batch(ctx, int(ctx.settings["latency_batch"]))
-    fp32 = check.ort_latency(ctx.fp32_path, x, threads=threads, iters=iters)
-    ctx.log({"latency/ort_fp32_ms": fp32, "latency/batch": x.shape[0]})
-    if ctx.quantized:
-        int8 = check.ort_latency(ctx.onnx_path, x, threads=threads, iters=iters)
-        ctx.log({"latency/ort_int8_ms": int8, "latency/speedup": fp32 / int8})
+    if not ctx.quantized:
+        (fp32,) = check.ort_latencies([ctx.fp32_path], x, threads=threads, iters=iters)
+        ctx.log({"latency/ort_fp32_ms": fp32, "latency/batch": x.shape[0]})
+        return
+    fp32, int8 = check.ort_latencies([ctx.fp32_path, ctx.onnx_path], x, threads=threads, iters=iters)
+    ctx.log({"latency/ort_fp32_ms": fp32, "latency/batch": x.shape[0], "latency/ort_int8_ms": int8,
+             "latency/speedup": fp32 / int8})
 
 
 STAGES: tuple[Callable[[Context], None], ...] = (

@@ -12,8 +12,9 @@ to be, and are cheap to avoid before the launcher starts:
   task without pretrained weights trains it once and caches it. In a
   parallel sweep the first jobs of a model would all need it at once: one
   trains it with 1/N of the cores while the others wait for it. Missing
-  baselines are therefore trained here first, with every core, and only for
-  models that still have unfinished runs.
+  baselines are therefore trained here first, using every core (one
+  baseline with all of them, or up to N at once, each with its share), and
+  only for models that still have unfinished runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from joblib import Parallel, delayed
 
 from quantbench.harness.config import compose_config
 from quantbench.harness.run import (
@@ -82,10 +84,26 @@ def _baseline_identity(tree: Mapping[str, Any]) -> str:
                       sort_keys=True, default=str)
 
 
-def warm_baselines(base: Sequence[str], values: Mapping[str, list[str]], store: Store) -> int:
+def _build_baseline(tree: Mapping[str, Any], threads: int) -> str | None:
+    """Train or load one float baseline (in a worker); a data error comes back as its line, others are logged."""
+    if not logging.getLogger().handlers:  # a fresh worker process: show its training progress too
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(processName)s]: %(message)s")
+    torch.set_num_threads(threads)
+    try:
+        build_task(tree).build_model()
+    except Exception as exc:
+        if is_data_error(exc):
+            return error_line(exc, typed=False)
+        log.warning("float baseline of %s: %s; its runs will report it", tree["model"]["name"], error_line(exc))
+    return None
+
+
+def warm_baselines(base: Sequence[str], values: Mapping[str, list[str]], store: Store, jobs: int = 1) -> int:
     """Train (or load) the float baseline of every model that has an unfinished run; returns how many.
 
     ``base``: the overrides of one job (no sweeps); ``values``: the swept keys.
+    Up to ``jobs`` baselines train at once, in joblib worker processes that
+    share the cores (one baseline trains in this process with all of them).
 
     Models with pretrained weights or a checkpoint have nothing to train. A
     data set that is missing or corrupt stops the sweep here, as it would in
@@ -103,20 +121,24 @@ def warm_baselines(base: Sequence[str], values: Mapping[str, list[str]], store: 
         chash = config_hash(tree, () if tree["scheme"]["qat"] else ("train.qat",))
         if tree["run"]["force"] or store.find_finished(tree["tracking"]["experiment"], chash) is None:
             todo.setdefault(_baseline_identity(tree), tree)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(resolve_threads(0))
-    try:
-        for tree in todo.values():
-            check_config(tree)
-            log.info("float baseline of %s before the parallel jobs start (all cores)", tree["model"]["name"])
-            try:
-                build_task(tree).build_model()
-            except Exception as exc:
-                if is_data_error(exc):
-                    raise DataError(error_line(exc, typed=False)) from exc
-                log.warning("float baseline of %s: %s; its runs will report it", tree["model"]["name"],
-                            error_line(exc))
-    finally:
-        torch.set_num_threads(threads)
+    if not todo:
+        return 0
+    for tree in todo.values():
+        check_config(tree)
+    workers = max(1, min(jobs, len(todo)))
+    threads = max(1, resolve_threads(0) // workers)
+    log.info("float baselines of %s before the parallel jobs start (%d at a time, %d threads each)",
+             ", ".join(t["model"]["name"] for t in todo.values()), workers, threads)
+    if workers == 1:
+        before = torch.get_num_threads()
+        try:
+            errors = [_build_baseline(tree, threads) for tree in todo.values()]
+        finally:
+            torch.set_num_threads(before)
+    else:
+        errors = Parallel(n_jobs=workers, backend="loky")(
+            delayed(_build_baseline)(tree, threads) for tree in todo.values())
+    for line in errors:
+        if line:
+            raise DataError(line)
     return len(todo)
-

@@ -180,7 +180,7 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
     if "hydra/launcher=parallel" in hydra_launcher:  # N jobs on this machine: see quantbench.harness.prepare
         values = sweep_values(params, base)
         base = [*base, *longest_first(values, first_job_overrides(base))]
-        warm_baselines(first_job_overrides(base), values, store)
+        warm_baselines(first_job_overrides(base), values, store, jobs)
     since_ms = int(time.time() * 1000) - _CLOCK_SLACK_MS
     code = launch(["--multirun", *hydra_launcher, *base])
     return _collect(SweepOutcome(sweep_id, code, total), store, since_ms)

@@ -266,12 +266,7 @@ class ClassificationTask:
     def _load_or_train(self, cfg: ModelConfig, cache: BaselineCache) -> nn.Module:
         recipe = self.train_config
         model, existed = self._fresh_model(cfg), cache.path.is_file()
-        loaded = cache.load_into(model)
-        hits = distributed.all_reduce_sum([float(loaded)])[0]
-        if 0 < hits < distributed.current().world_size:
-            raise RuntimeError(f"only {hits:.0f} of {distributed.current().world_size} ranks could load the "
-                               f"cached baseline {cache.path}; is the cache directory shared by all ranks?")
-        if loaded:
+        if cache.load_on_every_rank(model):
             return model.eval()
         if existed:  # a failed load may have overwritten some tensors: start again from the seeded init
             model = self._fresh_model(cfg)

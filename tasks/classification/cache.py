@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from quantbench.harness import distributed
 from quantbench.harness.distributed import is_main
 
 __all__ = ["BaselineCache", "config_hash"]
@@ -92,6 +93,21 @@ class BaselineCache:
             return False
         log.info("loaded the cached float baseline %s", self.path)
         return True
+
+    def load_on_every_rank(self, model: nn.Module) -> bool:
+        """:meth:`load_into` on every torchrun rank; all of them loaded it, or none (then they train it).
+
+        Raises:
+            RuntimeError: Some ranks loaded it and others could not (a cache
+                directory that is not shared by all ranks).
+        """
+        loaded = self.load_into(model)
+        world = distributed.current().world_size
+        hits = distributed.all_reduce_sum([float(loaded)])[0]
+        if 0 < hits < world:
+            raise RuntimeError(f"only {hits:.0f} of {world} ranks could load the cached baseline {self.path}; "
+                               "is the cache directory shared by all ranks?")
+        return loaded
 
     def save(self, model: nn.Module, metrics: dict[str, Any]) -> Path:
         """Write ``model.state_dict()`` atomically, and the key payload with ``metrics`` beside it.

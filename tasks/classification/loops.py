@@ -48,6 +48,7 @@ __all__ = [
     "TrainMode",
     "evaluate",
     "fit",
+    "start_epoch",
     "topk_correct",
     "train_one_epoch",
 ]
@@ -287,7 +288,7 @@ def train_one_epoch(
     return stats.summary()
 
 
-def _start_epoch(loader: Any, epoch: int, skip_batches: int) -> Iterable:
+def start_epoch(loader: Any, epoch: int, skip_batches: int) -> Iterable:
     """The loader positioned at batch ``skip_batches`` of ``epoch`` (seeded samplers skip without loading)."""
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -347,7 +348,7 @@ def fit(
     With ``cfg.resume_dir`` a rerun resumes from the last checkpoint there.
     """
     start, home = time.perf_counter(), _device_of(model)
-    _start_epoch(train_loader, 1, 0)
+    start_epoch(train_loader, 1, 0)
     spe = len(train_loader)  # type: ignore[arg-type]
     total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
     epochs = math.ceil(total / spe) if spe else 0
@@ -369,7 +370,7 @@ def fit(
                 resume.save(at, history, stats, time.perf_counter() - start)
 
         stats = train_one_epoch(
-            model, _start_epoch(train_loader, epoch, offset), optimizer, scheduler, mode, criterion=criterion,
+            model, start_epoch(train_loader, epoch, offset), optimizer, scheduler, mode, criterion=criterion,
             device=device, first_step=step, max_steps=end - step, channels_last=cfg.channels_last,
             desc=f"{desc} {epoch}", net=net, stats=partial, after_step=checkpoint,
         )  # fmt: skip

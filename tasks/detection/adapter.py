@@ -11,6 +11,12 @@ harness captures and quantizes is the deploy form. Evaluation decodes the raw
 outputs outside the graph (DFL, sigmoid, class-wise NMS) and scores them with
 pycocotools' COCOeval, for the float model, the fake-quant graph and an
 onnxruntime session alike.
+
+Under torchrun every rank trains on its share of each epoch (a seeded
+:class:`~quantbench.harness.distributed.ShardSampler`, augmentation drawn per
+sample from (seed, epoch, index)); rank 0 writes the generated data set and
+the baseline cache. A float baseline being trained keeps a resumable
+checkpoint next to its cache entry until it is cached.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from quantbench.engine.progress import progress
+from quantbench.harness import distributed
+from quantbench.harness.distributed import EpochSeeded, ShardSampler
 from quantbench.harness.protocol import PredictFn, TrainResult
 from tasks.classification.adapter import _module_device, resolve_device
 from tasks.classification.cache import BaselineCache
@@ -43,6 +52,10 @@ from tasks.detection.train import train_float, train_qat
 __all__ = ["PRESETS", "DetectionTask", "TaskPreset"]
 
 log = logging.getLogger(__name__)
+
+#: Part of every baseline's cache key; bump when the training code changes what a config produces.
+#: 2: per-epoch seeded data order and per-sample seeded augmentation (resumable, the same under torchrun).
+BASELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,7 @@ class DetectionTask:
         self.qat_config = coerce(DetQatConfig, qat, preset.qat)
         self.cache_dir = Path(cache_dir).expanduser()
         self.device = resolve_device(device)
+        distributed.init_from_env(self.device)
 
     def __repr__(self) -> str:
         return f"DetectionTask(name={self.name!r}, model={self.model_config.name!r}, device={self.device})"
@@ -113,8 +127,10 @@ class DetectionTask:
     @cached_property
     def _root(self) -> Path:
         cfg = self.data_config
-        return data_lib.ensure_coco(cfg.root, (cfg.train_split, cfg.val_split), task=self.name, generate=cfg.generate,
-                                    root_env=cfg.root_env, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val)
+        with distributed.main_process_first():  # rank 0 writes a generated set, the others then read it
+            return data_lib.ensure_coco(cfg.root, (cfg.train_split, cfg.val_split), task=self.name,
+                                        generate=cfg.generate, root_env=cfg.root_env, seed=cfg.seed,
+                                        n_train=cfg.n_train, n_val=cfg.n_val)
 
     @cached_property
     def _train_set(self) -> data_lib.CocoDetection:
@@ -151,19 +167,30 @@ class DetectionTask:
     def _num_classes(self, cfg: DetModelConfig) -> int:
         return cfg.num_classes if cfg.num_classes is not None else len(self.class_names)
 
-    def _loader(self, dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False
-                ) -> DataLoader:
-        generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+    def _loader(self, dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+        """A DataLoader with :func:`collate`; a shuffled one is sharded and seeded per epoch.
+
+        A shuffled (training) loader takes this rank's share of a per-epoch
+        permutation and draws each sample's augmentation from (seed, epoch,
+        index), so a resumed or data-parallel run sees the same images
+        transformed the same way (call ``sampler.set_epoch``). It drops the
+        last partial batch when there is a full one: a trailing batch of one
+        breaks BatchNorm in training mode.
+        """
+        sampler = None
+        if shuffle:
+            sampler = ShardSampler(len(dataset), shuffle=True, seed=seed, even=True, with_epoch=True)
+            dataset = EpochSeeded(dataset, seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          drop_last=sampler is not None and len(sampler) > batch_size,
                           num_workers=self.data_config.num_workers, collate_fn=data_lib.collate,
-                          generator=generator, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda",
                           persistent_workers=self.data_config.num_workers > 0)
 
     def train_loader(self, recipe: DetTrainConfig | DetQatConfig | None = None) -> DataLoader:
-        """Shuffled, augmented training batches (the last partial batch dropped)."""
+        """Shuffled, augmented training batches of ``recipe.batch_size`` (per rank under torchrun)."""
         recipe = recipe or self.train_config
-        drop = len(self._train_set) > recipe.batch_size
-        return self._loader(self._train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, drop_last=drop)
+        return self._loader(self._train_set, recipe.batch_size, shuffle=True, seed=recipe.seed)
 
     def val_loader(self) -> DataLoader:
         """Validation batches in file order (letterbox only)."""
@@ -250,15 +277,26 @@ class DetectionTask:
         if recipe.steps is None and recipe.epochs == 0:
             return self._fresh_model(cfg)
         cache = BaselineCache(self.cache_dir / "baselines", self.name, cfg.name, self.baseline_key(cfg))
+        if distributed.current().distributed:
+            return self._load_or_train(cfg, cache)
+        with cache.lock():  # a parallel job training the same baseline: wait for it, then load
+            return self._load_or_train(cfg, cache)
+
+    def _load_or_train(self, cfg: DetModelConfig, cache: BaselineCache) -> YoloNASLike:
+        recipe = self.train_config
         model, existed = self._fresh_model(cfg), cache.path.is_file()
-        if cache.load_into(model):
+        if cache.load_on_every_rank(model):
             return model
-        if existed:
+        if existed:  # a failed load may have overwritten some tensors: start again from the seeded init
             model = self._fresh_model(cfg)
         log.info("training the %s float baseline for %s (cached at %s afterwards)", cfg.name, self.name, cache.path)
+        if recipe.resume_dir is None:  # a long baseline (COCO) resumes after an interruption
+            recipe = dataclasses.replace(recipe, resume_dir=str(cache.path.with_suffix(".resume")))
         result = self.train(model, recipe, qat=False)
         cache.save(result.model, {"val_map50_95": result.best_metric, "seconds": round(result.seconds, 2),
                                   "history": result.history})
+        if distributed.is_main():
+            shutil.rmtree(recipe.resume_dir, ignore_errors=True)
         return result.model  # type: ignore[return-value]
 
     def baseline_key(self, cfg: DetModelConfig | None = None) -> dict[str, Any]:
@@ -267,14 +305,20 @@ class DetectionTask:
         skip = {"root", "root_env", "generate", "num_workers", "eval_batch_size", "calib_size", "calib_batch_size",
                 "val_fraction"}
         data = {k: v for k, v in dataclasses.asdict(self.data_config).items() if k not in skip}
-        recipe = {k: v for k, v in dataclasses.asdict(self.train_config).items() if k != "checkpoint_dir"}
-        return {
+        where = {"checkpoint_dir", "resume_dir", "checkpoint_steps"}  # where and how often it saves
+        recipe = {k: v for k, v in dataclasses.asdict(self.train_config).items() if k not in where}
+        key = {
+            "version": BASELINE_VERSION,
             "task": self.name,
             "model": {"name": cfg.name, "num_classes": self._num_classes(cfg), "kwargs": cfg.kwargs},
             "data": data,
             "dataset": {"classes": self.class_names, "n_train": len(self._train_set), "n_val": len(self._val_set)},
             "train": recipe,
         }
+        world = distributed.current().world_size
+        if world > 1:  # N ranks train on N x batch_size images a step: another baseline
+            key["world_size"] = world
+        return key
 
     def loss(self, cfg: LossConfig | None = None) -> DetectionLoss:
         return DetectionLoss(self.anchors(), self.reg_max, cfg or LossConfig())

@@ -306,7 +306,8 @@ class CocoDetection(Dataset):
         image_size: Side of the square letterbox canvas.
         augment: Training augmentation: horizontal flip and scale jitter (the long
             side resized to ``image_size * U(scale_min, 1)``, placed at a random
-            offset), drawn from torch's RNG (seeded per DataLoader worker).
+            offset), drawn from torch's global RNG (the task's training loader seeds
+            it per sample and epoch with :class:`~quantbench.harness.distributed.EpochSeeded`).
         scale_min: Lower end of the scale jitter.
         flip_p: Probability of the horizontal flip.
         min_box_size: Boxes narrower or lower than this (canvas pixels) are dropped from the targets.

@@ -1,0 +1,153 @@
+"""Detection training that loses nothing: checkpoints resume to the exact result, and torchrun-style
+data-parallel QAT keeps every rank's weights and quantizers identical.
+
+The tiny detector trains on a tiny generated shapes set through the task's own loader (seeded per
+epoch and sample); the interruption is a training loader that fails part-way through an epoch, as
+in test_resume.py. The data-parallel test starts two real CPU processes joined by gloo.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_faults import _free_port
+from test_resume import _Outage, _PowerCut
+
+from quantbench.engine import ModelQuantizer, capture, presets
+from quantbench.harness import distributed
+from tasks.detection.adapter import DetectionTask
+from tasks.detection.model import build_detector
+from tasks.detection.shapes import write_shapes_coco
+
+# 16 images / 4: 4 steps per epoch. keep_best=none: the returned weights are the last ones (the EMA's in
+# float), so the comparison sees every step; a tiny detector's mAP is too flat to pick a best epoch.
+QAT = {"epochs": 2, "batch_size": 4, "lr": 1e-4, "quant_lr": 1e-3, "freeze_observers_after": 1.0,
+       "freeze_bn_after": 1.5, "checkpoint_steps": 3, "keep_best": "none"}
+FLOAT = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "ema": True, "ema_tau": 4.0,
+         "eval_every": 1, "checkpoint_steps": 3, "keep_best": "none"}
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    return write_shapes_coco(tmp_path_factory.mktemp("data") / "shapes", n_train=16, n_val=4, min_size=48,
+                             max_size=64, seed=3)
+
+
+def _task(root: Path, cache: Path, train: dict | None = None) -> DetectionTask:
+    data = {"root": str(root), "generate": None, "image_size": 64, "eval_batch_size": 4, "calib_size": 8,
+            "calib_batch_size": 4}
+    return DetectionTask(name="shapes", data=data, model={"name": "yolo_nas_test"},
+                         train=train or {"epochs": 0}, cache_dir=cache, device="cpu")
+
+
+def _float_model(task: DetectionTask) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_detector("yolo_nas_test", len(task.class_names))
+
+
+def _qmodel(task: DetectionTask) -> torch.nn.Module:
+    model = _float_model(task).eval().reparameterize()
+    return ModelQuantizer(presets.get("qat_pow2")).quantize_model(capture(model, task.example_inputs()),
+                                                                  task.calib_loader())
+
+
+def _computed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert differ == [], f"weights / quantizer state differ: {differ[:5]}"
+
+
+@pytest.mark.parametrize("qat", [True, False], ids=["qat_pow2", "float_ema"])
+def test_interrupted_detection_training_resumes_to_the_uninterrupted_result(shapes_root, tmp_path, qat,
+                                                                            monkeypatch, caplog):
+    task = _task(shapes_root, tmp_path / "cache")
+    if qat:
+        quantized = _qmodel(task)  # captured and calibrated once; every run trains its own copy
+        build, recipe = (lambda task: copy.deepcopy(quantized)), QAT
+    else:
+        build, recipe = _float_model, FLOAT
+    straight = task.train(build(task), {**recipe, "resume_dir": str(tmp_path / "a")}, qat=qat)
+
+    resume_dir = tmp_path / "b"
+    loader = task.train_loader
+    with monkeypatch.context() as m, pytest.raises(_Outage):  # cut in step 7 of 8: last checkpoint at step 6
+        m.setattr(task, "train_loader", lambda cfg=None: _PowerCut(loader(cfg), after=6))
+        task.train(build(task), {**recipe, "resume_dir": str(resume_dir)}, qat=qat)
+    saved = torch.load(resume_dir / "last.pt", weights_only=True)["extra"]
+    assert saved["partial"]["batches"] == 2 and len(saved["history"]) == 1
+    assert (saved["ema"] is not None) == (not qat)
+
+    with caplog.at_level(logging.INFO):
+        resumed = task.train(build(task), {**recipe, "resume_dir": str(resume_dir)}, qat=qat)
+    assert "resuming from" in caplog.text and "at step 6" in caplog.text
+    assert "val_map50_95" in resumed.history[-1]
+    assert _computed(resumed.history) == _computed(straight.history)
+    assert resumed.best_metric == straight.best_metric
+    _assert_same(straight.model, resumed.model)
+
+
+def test_foreign_or_corrupt_checkpoint_is_ignored_and_training_starts_over(shapes_root, tmp_path, caplog):
+    task = _task(shapes_root, tmp_path / "cache")
+    recipe = {"steps": 2, "batch_size": 4, "ema": False, "resume_dir": str(tmp_path / "r")}
+    task.train(_float_model(task), {**recipe, "lr": 1e-2}, qat=False)  # leaves another recipe's checkpoint
+    with caplog.at_level(logging.INFO):
+        first = task.train(_float_model(task), recipe, qat=False)
+    assert "written for another run" in caplog.text and "resuming from" not in caplog.text
+
+    (tmp_path / "r" / "last.pt").write_bytes(b"\x00garbage")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = task.train(_float_model(task), recipe, qat=False)
+    assert "unusable" in caplog.text and "resuming from" not in caplog.text
+    assert _computed(again.history) == _computed(first.history)
+    _assert_same(first.model, again.model)
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 2, "rebuilt"
+
+
+def test_float_baseline_is_cached_and_its_resume_dir_removed(shapes_root, tmp_path):
+    train = {"steps": 2, "batch_size": 4, "ema": False}
+    task = _task(shapes_root, tmp_path / "cache", train)
+    trained = task.build_model()
+    entries = sorted(p.name for p in (tmp_path / "cache" / "baselines").iterdir())
+    assert [e for e in entries if e.endswith(".pt")] and not [e for e in entries if e.endswith(".resume")], entries
+    assert task.baseline_key()["version"] == 2
+    again = _task(shapes_root, tmp_path / "cache", {**train, "checkpoint_steps": 1}).build_model()
+    _assert_same(trained, again)  # a cache hit: where checkpoints go is not part of the key
+
+
+def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    task = _task(Path(root), Path(out) / "cache")  # joins the gloo group that the environment describes
+    # BatchNorm statistics move until the end: the ranks agree only if rank 0's are kept everywhere
+    recipe = {**QAT, "freeze_bn_after": None, "checkpoint_steps": 1, "resume_dir": str(Path(out) / "resume")}
+    result = task.train(_qmodel(task), recipe, qat=True)  # 16 images / 2 ranks / 4: 2 steps per epoch
+    torch.save({"state": result.model.state_dict(), "quant": distributed.quantizer_state(result.model),
+                "history": _computed(result.history), "world": distributed.current().world_size},
+               Path(out) / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def test_data_parallel_detection_qat_keeps_ranks_identical(shapes_root, tmp_path):
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(shapes_root), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["quant"].numel() > 10 and torch.equal(r0["quant"], r1["quant"]), "quantizers agree"
+    assert r0["state"].keys() == r1["state"].keys()
+    assert [k for k in r0["state"] if not torch.equal(r0["state"][k], r1["state"][k])] == []
+    assert r0["history"] == r1["history"] and [h["step"] for h in r0["history"]] == [2, 4]
+    assert all(h["ddp_quantizer_spread"] == 0.0 for h in r0["history"])
+    assert torch.load(tmp_path / "resume" / "last.pt", weights_only=True)["step"] == 4, "rank 0 checkpointed"
