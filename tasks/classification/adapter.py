@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from quantbench.harness import distributed
 from quantbench.harness.protocol import PredictFn, TrainResult
 from tasks.classification import data as data_lib
-from tasks.classification.cache import BaselineCache
+from tasks.classification.cache import BaselineCache, baseline_payload
 from tasks.classification.config import DataConfig, LoopConfig, ModelConfig, QatConfig, TrainConfig, coerce
 from tasks.classification.loops import CalibrationBatches, evaluate
 from tasks.classification.models import build_model
@@ -258,31 +257,8 @@ class ClassificationTask:
         if recipe.steps is None and recipe.epochs == 0:
             return self._fresh_model(cfg)
         cache = BaselineCache(self.cache_dir / "baselines", self.name, cfg.name, self.baseline_key(cfg))
-        if distributed.current().distributed:
-            return self._load_or_train(cfg, cache)
-        with cache.lock():  # a parallel job training the same baseline: wait for it, then load
-            return self._load_or_train(cfg, cache)
-
-    def _load_or_train(self, cfg: ModelConfig, cache: BaselineCache) -> nn.Module:
-        recipe = self.train_config
-        model, existed = self._fresh_model(cfg), cache.path.is_file()
-        if cache.load_on_every_rank(model):
-            return model.eval()
-        if existed:  # a failed load may have overwritten some tensors: start again from the seeded init
-            model = self._fresh_model(cfg)
-        log.info(
-            "training the %s float baseline for %s (cached at %s afterwards)", cfg.name, self.name, cache.path
-        )
-        if recipe.resume_dir is None:  # a long baseline (ImageNet) resumes after an interruption
-            recipe = dataclasses.replace(recipe, resume_dir=str(cache.path.with_suffix(".resume")))
-        result = self.train(model, recipe, qat=False)
-        cache.save(
-            result.model,
-            {"val_top1": result.best_metric, "seconds": round(result.seconds, 2), "history": result.history},
-        )
-        if distributed.is_main():
-            shutil.rmtree(recipe.resume_dir, ignore_errors=True)
-        return result.model
+        return cache.load_or_train(lambda: self._fresh_model(cfg), lambda m, r: self.train(m, r, qat=False),
+                                   recipe, "val_top1")
 
     def baseline_key(self, cfg: ModelConfig | None = None) -> dict[str, Any]:
         """What determines a trained baseline: model, data identity and preprocessing, recipe.
@@ -303,20 +279,11 @@ class ClassificationTask:
             "on_corrupt",
         }
         data = {k: v for k, v in dataclasses.asdict(self.data_config).items() if k not in skip_data}
-        where = {"checkpoint_dir", "resume_dir", "checkpoint_steps"}  # where and how often it saves
-        recipe = {k: v for k, v in dataclasses.asdict(self.train_config).items() if k not in where}
         splits = self._splits
-        key = {
-            "task": self.name,
-            "model": {"name": cfg.name, "num_classes": self._num_classes(cfg), "kwargs": cfg.kwargs},
-            "data": data,
-            "dataset": {"classes": splits.classes, "n_train": len(splits.train), "n_val": len(splits.val)},
-            "train": recipe,
-        }
-        world = distributed.current().world_size
-        if world > 1:  # N ranks train on N x batch_size images a step: another baseline
-            key["world_size"] = world
-        return key
+        return baseline_payload(
+            self.name, {"name": cfg.name, "num_classes": self._num_classes(cfg), "kwargs": cfg.kwargs}, data,
+            {"classes": splits.classes, "n_train": len(splits.train), "n_val": len(splits.val)}, self.train_config,
+        )
 
     def train(self, model: nn.Module, recipe: Any = None, *, qat: bool) -> TrainResult:
         """Float-baseline (``qat=False``) or QAT training; ``recipe`` overrides the task's.

@@ -14,29 +14,54 @@ load, or does not fit the model, is reported, deleted and rebuilt.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from quantbench.harness import distributed
 from quantbench.harness.distributed import is_main
+from quantbench.harness.protocol import TrainResult
 
-__all__ = ["BaselineCache", "config_hash"]
+__all__ = ["SAVE_FIELDS", "BaselineCache", "baseline_payload", "config_hash"]
 
 log = logging.getLogger(__name__)
 
 # Bump when the training code changes what a config produces. 2: per-epoch seeded data order and
 # per-sample seeded augmentation (resumable, the same under torchrun).
 CACHE_VERSION = 2
+
+
+#: Recipe fields that say where and how often training saves, not what it learns: left out of keys.
+SAVE_FIELDS = frozenset({"checkpoint_dir", "resume_dir", "checkpoint_steps"})
+
+
+def baseline_payload(task: str, model: dict[str, Any], data: dict[str, Any], dataset: dict[str, Any],
+                     recipe: Any) -> dict[str, Any]:
+    """What determines a trained baseline, as a cache key payload.
+
+    ``data`` is the data config without what does not change the weights
+    (paths, workers, evaluation batch sizes); ``dataset`` identifies the data
+    (classes, split sizes); ``recipe`` is the float-baseline dataclass, kept
+    without :data:`SAVE_FIELDS`. Under torchrun N ranks train on N x
+    batch_size images a step, so the world size is part of the key.
+    """
+    key = {"task": task, "model": model, "data": data, "dataset": dataset,
+           "train": {k: v for k, v in dataclasses.asdict(recipe).items() if k not in SAVE_FIELDS}}
+    world = distributed.current().world_size
+    if world > 1:
+        key["world_size"] = world
+    return key
 
 
 def config_hash(payload: dict[str, Any]) -> str:
@@ -49,6 +74,7 @@ class BaselineCache:
     """One cached baseline: ``<dir>/<task>_<model>_<hash>.pt`` plus a ``.json`` of its key and metrics."""
 
     def __init__(self, directory: str | os.PathLike, task: str, model: str, payload: dict[str, Any]) -> None:
+        self.task, self.model = task, model
         self.payload = payload
         self.key = config_hash(payload)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}_{model}")
@@ -108,6 +134,39 @@ class BaselineCache:
             raise RuntimeError(f"only {hits:.0f} of {world} ranks could load the cached baseline {self.path}; "
                                "is the cache directory shared by all ranks?")
         return loaded
+
+    def load_or_train(self, fresh: Callable[[], nn.Module], train: Callable[[nn.Module, Any], TrainResult],
+                      recipe: Any, metric: str) -> nn.Module:
+        """The cached baseline, or ``train(fresh(), recipe)`` and cache it (in eval mode either way).
+
+        Parallel jobs training the same entry wait on its lock and load it;
+        under torchrun the ranks load it, or train it, together. Without a
+        ``recipe.resume_dir`` training checkpoints next to the entry (a long
+        baseline resumes after an interruption); that folder is removed once
+        the baseline is cached. ``metric`` names ``best_metric`` in the
+        ``.json`` beside the weights.
+        """
+        if distributed.current().distributed:
+            return self._load_or_train(fresh, train, recipe, metric)
+        with self.lock():
+            return self._load_or_train(fresh, train, recipe, metric)
+
+    def _load_or_train(self, fresh: Callable[[], nn.Module], train: Callable[[nn.Module, Any], TrainResult],
+                       recipe: Any, metric: str) -> nn.Module:
+        model, existed = fresh(), self.path.is_file()
+        if self.load_on_every_rank(model):
+            return model.eval()
+        if existed:  # a failed load may have overwritten some tensors: start again from the seeded init
+            model = fresh()
+        log.info("training the %s float baseline for %s (cached at %s afterwards)", self.model, self.task, self.path)
+        if recipe.resume_dir is None:
+            recipe = dataclasses.replace(recipe, resume_dir=str(self.path.with_suffix(".resume")))
+        result = train(model, recipe)
+        self.save(result.model, {metric: result.best_metric, "seconds": round(result.seconds, 2),
+                                 "history": result.history})
+        if is_main():
+            shutil.rmtree(recipe.resume_dir, ignore_errors=True)
+        return result.model.eval()
 
     def save(self, model: nn.Module, metrics: dict[str, Any]) -> Path:
         """Write ``model.state_dict()`` atomically, and the key payload with ``metrics`` beside it.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,7 +38,7 @@ from quantbench.harness import distributed
 from quantbench.harness.distributed import EpochSeeded, ShardSampler
 from quantbench.harness.protocol import PredictFn, TrainResult
 from tasks.classification.adapter import _module_device, resolve_device
-from tasks.classification.cache import BaselineCache
+from tasks.classification.cache import BaselineCache, baseline_payload
 from tasks.classification.loops import CalibrationBatches
 from tasks.detection import data as data_lib
 from tasks.detection.config import DetDataConfig, DetModelConfig, DetQatConfig, DetTrainConfig, coerce
@@ -52,10 +51,6 @@ from tasks.detection.train import train_float, train_qat
 __all__ = ["PRESETS", "DetectionTask", "TaskPreset"]
 
 log = logging.getLogger(__name__)
-
-#: Part of every baseline's cache key; bump when the training code changes what a config produces.
-#: 2: per-epoch seeded data order and per-sample seeded augmentation (resumable, the same under torchrun).
-BASELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -277,27 +272,8 @@ class DetectionTask:
         if recipe.steps is None and recipe.epochs == 0:
             return self._fresh_model(cfg)
         cache = BaselineCache(self.cache_dir / "baselines", self.name, cfg.name, self.baseline_key(cfg))
-        if distributed.current().distributed:
-            return self._load_or_train(cfg, cache)
-        with cache.lock():  # a parallel job training the same baseline: wait for it, then load
-            return self._load_or_train(cfg, cache)
-
-    def _load_or_train(self, cfg: DetModelConfig, cache: BaselineCache) -> YoloNASLike:
-        recipe = self.train_config
-        model, existed = self._fresh_model(cfg), cache.path.is_file()
-        if cache.load_on_every_rank(model):
-            return model
-        if existed:  # a failed load may have overwritten some tensors: start again from the seeded init
-            model = self._fresh_model(cfg)
-        log.info("training the %s float baseline for %s (cached at %s afterwards)", cfg.name, self.name, cache.path)
-        if recipe.resume_dir is None:  # a long baseline (COCO) resumes after an interruption
-            recipe = dataclasses.replace(recipe, resume_dir=str(cache.path.with_suffix(".resume")))
-        result = self.train(model, recipe, qat=False)
-        cache.save(result.model, {"val_map50_95": result.best_metric, "seconds": round(result.seconds, 2),
-                                  "history": result.history})
-        if distributed.is_main():
-            shutil.rmtree(recipe.resume_dir, ignore_errors=True)
-        return result.model  # type: ignore[return-value]
+        return cache.load_or_train(lambda: self._fresh_model(cfg), lambda m, r: self.train(m, r, qat=False),
+                                   recipe, "val_map50_95")  # type: ignore[return-value]
 
     def baseline_key(self, cfg: DetModelConfig | None = None) -> dict[str, Any]:
         """What determines a trained baseline: model, data identity and preprocessing, recipe."""
@@ -305,20 +281,11 @@ class DetectionTask:
         skip = {"root", "root_env", "generate", "num_workers", "eval_batch_size", "calib_size", "calib_batch_size",
                 "val_fraction"}
         data = {k: v for k, v in dataclasses.asdict(self.data_config).items() if k not in skip}
-        where = {"checkpoint_dir", "resume_dir", "checkpoint_steps"}  # where and how often it saves
-        recipe = {k: v for k, v in dataclasses.asdict(self.train_config).items() if k not in where}
-        key = {
-            "version": BASELINE_VERSION,
-            "task": self.name,
-            "model": {"name": cfg.name, "num_classes": self._num_classes(cfg), "kwargs": cfg.kwargs},
-            "data": data,
-            "dataset": {"classes": self.class_names, "n_train": len(self._train_set), "n_val": len(self._val_set)},
-            "train": recipe,
-        }
-        world = distributed.current().world_size
-        if world > 1:  # N ranks train on N x batch_size images a step: another baseline
-            key["world_size"] = world
-        return key
+        return baseline_payload(
+            self.name, {"name": cfg.name, "num_classes": self._num_classes(cfg), "kwargs": cfg.kwargs}, data,
+            {"classes": self.class_names, "n_train": len(self._train_set), "n_val": len(self._val_set)},
+            self.train_config,
+        )
 
     def loss(self, cfg: LossConfig | None = None) -> DetectionLoss:
         return DetectionLoss(self.anchors(), self.reg_max, cfg or LossConfig())
