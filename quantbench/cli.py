@@ -200,6 +200,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
+    from quantbench.errors import BadInputError, one_line
+
+    if isinstance(exc, BadInputError):
+        return one_line(exc)
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from quantbench.harness.errors import BadInputError
+    from quantbench.errors import BadInputError
     from quantbench.harness.sweep import UsageError
     from quantbench.report import ReportError
 

@@ -21,22 +21,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_faults import _free_port, check_concurrent_logging
+from test_faults import check_concurrent_logging
 
-from quantbench.cli import main
 from quantbench.harness.tracking import Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # each runs sweeps in subprocesses (900 s each at most)
 
 QB = [sys.executable, "-m", "quantbench.cli"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "digits"
-    assert main(["data", "digits", "--out", str(root)]) == 0
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +204,8 @@ def _wait_healthy(uri: str, server: subprocess.Popen, seconds: float = 120) -> N
         time.sleep(0.5)
 
 
-def test_tracking_server_takes_concurrent_runs_over_http(digits_root, cache, tmp_path):
-    port = _free_port()
+def test_tracking_server_takes_concurrent_runs_over_http(digits_root, cache, tmp_path, free_port):
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([*QB, "server", "--port", str(port), "--backend-store-uri",
                                f"sqlite:///{tmp_path}/server/mlflow.db", "--artifacts-destination",

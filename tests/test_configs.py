@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import shutil
 from pathlib import Path
 
@@ -11,11 +14,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from quantbench.engine import presets
+from quantbench.harness.callbacks import count_jobs
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, known_options, sweep_grid
-from quantbench.harness.progress import count_jobs
 from quantbench.harness.schema import register_configs
 from quantbench.harness.schemes import SchemeError, engine_config
 from quantbench.report.gate import load_gates
+from quantbench.training import TASK_KINDS, ModelConfig
 
 GROUPS = ("task", "data", "train", "model", "scheme", "tracking", "sweep", "experiment", "hydra/launcher")
 SCHEMA_GROUPS = ("task", "data", "train", "model", "scheme", "tracking")
@@ -71,7 +75,9 @@ def test_wrong_type_fails_at_compose():
     ("scheme", "defaults:\n  - base_scheme\n  - _self_\nname: typo\nmethod: x\ncalib_bacthes: 3\n", "calib_bacthes"),
     ("scheme", "name: typo\nmethod: x\nweight:\n  obsever: mse\n", "obsever"),  # no defaults: the primary schema still checks
     ("data", "defaults:\n  - base_classification\n  - _self_\nroot: x\nimage_sise: 32\n", "image_sise"),
-    ("train", "defaults:\n  - base_train\n  - _self_\nqat:\n  epoch: 3\n", "epoch"),
+    ("train", "defaults:\n  - base_classification_train\n  - _self_\nqat:\n  epoch: 3\n", "epoch"),
+    ("data", "defaults:\n  - base_detection\n  - _self_\nroot: x\nimage_szie: 64\n", "image_szie"),
+    ("train", "defaults:\n  - base_detection_train\n  - _self_\nbaseline:\n  emma: true\n", "emma"),
 ])
 def test_typo_in_a_file_fails_at_compose_naming_the_key(tmp_path: Path, group, body, key):
     conf = tmp_path / "conf"
@@ -132,42 +138,63 @@ def test_job_count_and_first_job():
         "sweep=digits", "scheme=ptq_pow2", "+x=1"]
 
 
-@pytest.mark.parametrize(("schema", "module", "target"), [
-    ("ClassificationDataConf", "classification", "DataConfig"), ("ModelConf", "classification", "ModelConfig"),
-    ("BaselineConf", "classification", "TrainConfig"), ("QatRecipeConf", "classification", "QatConfig"),
-    ("DetectionDataConf", "detection", "DetDataConfig"), ("DetectionBaselineConf", "detection", "DetTrainConfig"),
-    ("DetectionQatConf", "detection", "DetQatConfig")])
-def test_schema_mirrors_the_task_dataclasses(schema, module, target):
-    """conf/ is checked against the harness's schema; it must accept exactly what the task accepts."""
-    import dataclasses
-    import importlib
-
-    from quantbench.harness import schema as schemas
-    from quantbench.harness.run import HARNESS_ONLY
-
-    task_config = importlib.import_module(f"tasks.{module}.config")
-
-    def defaults(cls) -> dict:
-        out = {}
-        for f in dataclasses.fields(cls):
-            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    ours = {k: v for k, v in defaults(getattr(schemas, schema)).items() if k not in HARNESS_ONLY["model"]}
-    theirs = defaults(getattr(task_config, target))
-    assert ours.keys() == theirs.keys()
-    assert {k: v for k, v in ours.items() if v != "???"} == {k: theirs[k] for k in ours if ours[k] != "???"}
+def _kind(cfg):
+    """The task kind whose adapter ``task._target_`` names."""
+    kinds = [TASK_KINDS.get(k) for k in TASK_KINDS if TASK_KINDS.get(k).adapter == cfg.task._target_]
+    assert len(kinds) == 1, f"{cfg.task._target_} is the adapter of {len(kinds)} registered task kinds"
+    return kinds[0]
 
 
-def test_task_schema_matches_the_adapter_signature():
-    import dataclasses
-    import inspect
+def test_every_task_kind_is_registered_by_its_package():
+    register_configs()
+    assert TASK_KINDS.list() == ["classification", "detection"]
+    for task in known_options("task"):
+        assert _kind(compose_config([f"task={task}"])).adapter.startswith("tasks.")
 
+
+@pytest.mark.parametrize("task", known_options("task"))
+def test_each_group_is_typed_by_the_class_its_reader_builds(task):
+    """One dataclass per group, owned by the code that reads it: nothing mirrored that could drift."""
+    cfg = compose_config([f"task={task}"])
+    kind = _kind(cfg)
+    recipes = kind.train()
+    assert OmegaConf.get_type(cfg.data) is kind.data
+    assert OmegaConf.get_type(cfg.train) is kind.train
+    assert OmegaConf.get_type(cfg.train.baseline) is type(recipes.baseline)
+    assert OmegaConf.get_type(cfg.train.qat) is type(recipes.qat)
+    assert OmegaConf.get_type(cfg.model) is kind.model is ModelConfig
+
+
+def _as_built(value):
+    """A composed value as the task's dataclasses hold it (sequences become tuples)."""
+    if isinstance(value, dict):
+        return {k: _as_built(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_as_built(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("task", known_options("task"))
+def test_the_task_gets_exactly_the_composed_config(task, compose_tree, task_factory):
+    """No presets in code: every value the adapter holds is the one composed from conf/ (model display name too)."""
+    overrides = [f"task={task}", "task.device=cpu"]
+    tree, built = compose_tree(*overrides), task_factory(*overrides)  # building is cheap: data opens lazily
+    assert type(built).__module__ + "." + type(built).__name__ == tree["task"]["_target_"]
+    assert (built.name, str(built.cache_dir), built.device.type) == (task, tree["task"]["cache_dir"], "cpu")
+    assert dataclasses.asdict(built.data_config) == _as_built(tree["data"])
+    assert dataclasses.asdict(built.model_config) == _as_built(tree["model"])
+    assert built.model_config.display_name and built.model_config.display_name != built.model_config.name
+    assert dataclasses.asdict(built.train_config) == _as_built(tree["train"]["baseline"])
+    assert dataclasses.asdict(built.qat_config) == _as_built(tree["train"]["qat"])
+
+
+@pytest.mark.parametrize("task", known_options("task"))
+def test_task_schema_matches_the_adapter_signature(task):
     from quantbench.harness.run import HARNESS_ONLY
     from quantbench.harness.schema import TaskConf
-    from tasks.classification.adapter import ClassificationTask
 
-    params = set(inspect.signature(ClassificationTask).parameters) - {"data", "model", "train", "qat"}
+    module, name = _kind(compose_config([f"task={task}"])).adapter.rsplit(".", 1)
+    adapter = getattr(importlib.import_module(module), name)
+    params = set(inspect.signature(adapter).parameters) - {"data", "model", "train", "qat"}
     fields = {f.name for f in dataclasses.fields(TaskConf)} - {"_target_", *HARNESS_ONLY["task"]}
     assert fields == params

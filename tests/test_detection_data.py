@@ -1,4 +1,6 @@
-"""Detection data layer: the shapes generator, COCO validation, letterbox/augmentation, COCOeval mAP."""
+"""Detection data layer: the shapes generator, COCO validation, letterbox/augmentation, COCOeval mAP.
+
+The generated set is conftest's ``shapes_tiny_root`` (16 train and 4 val images of 48-64 px)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from quantbench.errors import BadInputError, CorruptDataError, DataError, DataNotFoundError
 from tasks.detection.data import (
     PAD_VALUE,
     CocoDetection,
-    DataNotFoundError,
     DetectionDataError,
     annotation_path,
     collate,
@@ -24,13 +26,7 @@ from tasks.detection.data import (
 from tasks.detection.evaluate import CocoEvaluator, coco_map, to_coco_detections
 from tasks.detection.shapes import CATEGORIES
 
-SMALL = {"n_train": 12, "n_val": 6, "min_size": 64, "max_size": 96}
 GREY = PAD_VALUE / 255.0
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    return write_shapes_coco(tmp_path_factory.mktemp("data") / "shapes", seed=0, **SMALL)
 
 
 def _json(root, split="val") -> dict:
@@ -69,19 +65,19 @@ def _one_line(exc_info) -> str:
 # --- the generated set -------------------------------------------------------------------------
 
 
-def test_shapes_set_is_coco_with_noncontiguous_ids(shapes_root):
-    train, val = _json(shapes_root, "train"), _json(shapes_root, "val")
+def test_shapes_set_is_coco_with_noncontiguous_ids(shapes_tiny_root):
+    train, val = _json(shapes_tiny_root, "train"), _json(shapes_tiny_root, "val")
     assert [c["id"] for c in val["categories"]] == [1, 3, 5, 7, 9]
-    assert len(train["images"]) == 12 and len(val["images"]) == 6
+    assert len(train["images"]) == 16 and len(val["images"]) == 4
     assert not {i["id"] for i in train["images"]} & {i["id"] for i in val["images"]}
     sizes = {i["id"]: (i["width"], i["height"]) for i in train["images"] + val["images"]}
-    assert all(64 <= s <= 96 for wh in sizes.values() for s in wh) and len(set(sizes.values())) > 1
+    assert all(48 <= s <= 64 for wh in sizes.values() for s in wh) and len(set(sizes.values())) > 1
     for ann in train["annotations"] + val["annotations"]:
         x, y, w, h = ann["bbox"]
         width, height = sizes[ann["image_id"]]
         assert 0 <= x and 0 <= y and x + w <= width and y + h <= height and w >= 8 and h >= 8
         assert 0 < ann["area"] <= w * h and ann["iscrowd"] == 0
-    ds = CocoDetection(shapes_root, "train", image_size=96)
+    ds = CocoDetection(shapes_tiny_root, "train", image_size=96)
     assert ds.cat_ids == [1, 3, 5, 7, 9] and ds.class_names == [n for _, n in CATEGORIES]
     assert ds.label_to_cat_id == [1, 3, 5, 7, 9] and ds.num_classes == 5
     by_image = {}
@@ -109,10 +105,10 @@ def test_generation_is_deterministic(tmp_path):
 # --- letterbox and augmentation ----------------------------------------------------------------
 
 
-def test_letterbox_maps_boxes_back_to_the_json(shapes_root):
-    val = _json(shapes_root)
+def test_letterbox_maps_boxes_back_to_the_json(shapes_tiny_root):
+    val = _json(shapes_tiny_root)
     gt = {a["id"]: a for a in val["annotations"]}
-    ds = CocoDetection(shapes_root, "val", image_size=80)
+    ds = CocoDetection(shapes_tiny_root, "val", image_size=80)
     for index in range(len(ds)):
         image, target = ds[index]
         assert image.shape == (3, 80, 80) and image.dtype == torch.float32
@@ -137,8 +133,8 @@ def _crop(image: torch.Tensor, box) -> torch.Tensor:
     return image[:, math.floor(y1):math.ceil(y2), math.floor(x1):math.ceil(x2)]
 
 
-def test_flip_moves_the_box_with_its_pixels(shapes_root):
-    flipped = CocoDetection(shapes_root, "train", image_size=96, augment=True, flip_p=1.0, scale_min=1.0)
+def test_flip_moves_the_box_with_its_pixels(shapes_tiny_root):
+    flipped = CocoDetection(shapes_tiny_root, "train", image_size=96, augment=True, flip_p=1.0, scale_min=1.0)
     plain = flipped.with_augment(False)
     assert plain.coco is flipped.coco and flipped.augment
     torch.manual_seed(0)
@@ -152,8 +148,8 @@ def test_flip_moves_the_box_with_its_pixels(shapes_root):
     assert checked > 5
 
 
-def test_scale_jitter_keeps_boxes_on_the_image(shapes_root):
-    ds = CocoDetection(shapes_root, "train", image_size=96, augment=True, scale_min=0.5)
+def test_scale_jitter_keeps_boxes_on_the_image(shapes_tiny_root):
+    ds = CocoDetection(shapes_tiny_root, "train", image_size=96, augment=True, scale_min=0.5)
     torch.manual_seed(1)
     for index in list(range(len(ds))) * 3:
         image, target = ds[index]
@@ -201,6 +197,7 @@ def test_images_without_annotations_and_crowd_give_empty_targets(tmp_path):
 def test_missing_json_names_the_path(tmp_path):
     with pytest.raises(DataNotFoundError) as exc:
         CocoDetection(tmp_path, "val2017")
+    assert isinstance(exc.value, FileNotFoundError) and isinstance(exc.value, DataError)
     assert str(annotation_path(tmp_path, "val2017")) in _one_line(exc)
 
 
@@ -209,6 +206,8 @@ def test_invalid_json_names_the_file(tmp_path):
     annotation_path(root, "val").write_text('{"images": [')
     with pytest.raises(DetectionDataError) as exc:
         CocoDetection(root, "val")
+    assert isinstance(exc.value, CorruptDataError) and isinstance(exc.value, DataError)  # stops a sweep: exit 2
+    assert isinstance(exc.value, BadInputError) and isinstance(exc.value, ValueError)
     assert str(annotation_path(root, "val")) in _one_line(exc) and "not valid JSON" in str(exc.value)
     annotation_path(root, "val").write_text('{"images": []}')
     with pytest.raises(DetectionDataError) as exc:
@@ -283,14 +282,14 @@ def _predict_gt(ds, mutate=None):
     return evaluator
 
 
-def test_perfect_predictions_score_one(shapes_root):
-    ds = CocoDetection(shapes_root, "val", image_size=64)
+def test_perfect_predictions_score_one(shapes_tiny_root):
+    ds = CocoDetection(shapes_tiny_root, "val", image_size=64)
     metrics = _predict_gt(ds).compute()
     assert abs(metrics["map50_95"] - 1.0) < 1e-6 and abs(metrics["map50"] - 1.0) < 1e-6
 
 
-def test_shifted_or_wrong_class_predictions_score_less(shapes_root):
-    ds = CocoDetection(shapes_root, "val", image_size=64)
+def test_shifted_or_wrong_class_predictions_score_less(shapes_tiny_root):
+    ds = CocoDetection(shapes_tiny_root, "val", image_size=64)
 
     def shift(det):
         det["boxes"] += torch.tensor([4.0, 3.0, 4.0, 3.0])
@@ -304,8 +303,8 @@ def test_shifted_or_wrong_class_predictions_score_less(shapes_root):
     assert _predict_gt(ds, wrong_class).compute() == {"map50_95": 0.0, "map50": 0.0}
 
 
-def test_zero_detections_and_subsets(shapes_root):
-    ds = CocoDetection(shapes_root, "val", image_size=64)
+def test_zero_detections_and_subsets(shapes_tiny_root):
+    ds = CocoDetection(shapes_tiny_root, "val", image_size=64)
     assert coco_map(ds.coco, []) == {"map50_95": 0.0, "map50": 0.0}
     _, target = next(ds[i] for i in range(len(ds)) if len(ds[i][1]["labels"]))
     det = {"boxes": target["boxes"], "scores": torch.ones(len(target["labels"])), "labels": target["labels"]}

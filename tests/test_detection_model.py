@@ -81,6 +81,7 @@ def deployed(detector):
     return model, example
 
 
+@pytest.mark.slow  # the fast tier's detection run (test_detection_sweep.py) checks its fp32 export against ORT
 def test_float_export_matches_onnxruntime(deployed, tmp_path):
     model, example = deployed
     gm = capture(model, example)

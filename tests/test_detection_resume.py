@@ -16,34 +16,27 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_faults import _free_port
 from test_resume import _Outage, _PowerCut
 
 from quantbench.engine import ModelQuantizer, capture, presets
-from quantbench.harness import distributed
+from quantbench.harness.run import build_task
+from quantbench.training import distributed
 from tasks.detection.adapter import DetectionTask
 from tasks.detection.model import build_detector
-from tasks.detection.shapes import write_shapes_coco
 
 # 16 images / 4: 4 steps per epoch. keep_best=none: the returned weights are the last ones (the EMA's in
 # float), so the comparison sees every step; a tiny detector's mAP is too flat to pick a best epoch.
+# Each recipe is the conf/ one (train.qat, train.baseline of conf/train/shapes.yaml) with these on top.
 QAT = {"epochs": 2, "batch_size": 4, "lr": 1e-4, "quant_lr": 1e-3, "freeze_observers_after": 1.0,
        "freeze_bn_after": 1.5, "checkpoint_steps": 3, "keep_best": "none"}
-FLOAT = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "ema": True, "ema_tau": 4.0,
-         "eval_every": 1, "checkpoint_steps": 3, "keep_best": "none"}
+FLOAT = {"steps": None, "epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "ema": True,
+         "ema_tau": 4.0, "eval_every": 1, "checkpoint_steps": 3, "keep_best": "none"}
 
 
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory) -> Path:
-    return write_shapes_coco(tmp_path_factory.mktemp("data") / "shapes", n_train=16, n_val=4, min_size=48,
-                             max_size=64, seed=3)
-
-
-def _task(root: Path, cache: Path, train: dict | None = None) -> DetectionTask:
-    data = {"root": str(root), "generate": None, "image_size": 64, "eval_batch_size": 4, "calib_size": 8,
-            "calib_batch_size": 4}
-    return DetectionTask(name="shapes", data=data, model={"name": "yolo_nas_test"},
-                         train=train or {"epochs": 0}, cache_dir=cache, device="cpu")
+@pytest.fixture
+def task(shapes_tiny_overrides, task_factory) -> DetectionTask:
+    """The tiny detector on conftest's tiny shapes set, built as a run builds it."""
+    return task_factory(*shapes_tiny_overrides)
 
 
 def _float_model(task: DetectionTask) -> torch.nn.Module:
@@ -68,10 +61,12 @@ def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert differ == [], f"weights / quantizer state differ: {differ[:5]}"
 
 
-@pytest.mark.parametrize("qat", [True, False], ids=["qat_pow2", "float_ema"])
-def test_interrupted_detection_training_resumes_to_the_uninterrupted_result(shapes_root, tmp_path, qat,
-                                                                            monkeypatch, caplog):
-    task = _task(shapes_root, tmp_path / "cache")
+# The loop is the classification task's too (test_resume.py resumes its QAT in the fast tier); here the
+# fast tier resumes the detector's float training with its EMA, the QAT variant is slow.
+@pytest.mark.parametrize("qat", [pytest.param(True, id="qat_pow2", marks=pytest.mark.slow),
+                                 pytest.param(False, id="float_ema")])
+def test_interrupted_detection_training_resumes_to_the_uninterrupted_result(task, tmp_path, qat, monkeypatch,
+                                                                            caplog):
     if qat:
         quantized = _qmodel(task)  # captured and calibrated once; every run trains its own copy
         build, recipe = (lambda task: copy.deepcopy(quantized)), QAT
@@ -85,7 +80,7 @@ def test_interrupted_detection_training_resumes_to_the_uninterrupted_result(shap
         m.setattr(task, "train_loader", lambda cfg=None: _PowerCut(loader(cfg), after=6))
         task.train(build(task), {**recipe, "resume_dir": str(resume_dir)}, qat=qat)
     saved = torch.load(resume_dir / "last.pt", weights_only=True)["extra"]
-    assert saved["partial"]["batches"] == 2 and len(saved["history"]) == 1
+    assert saved["partial"]["steps"] == 2 and len(saved["history"]) == 1
     assert (saved["ema"] is not None) == (not qat)
 
     with caplog.at_level(logging.INFO):
@@ -97,8 +92,7 @@ def test_interrupted_detection_training_resumes_to_the_uninterrupted_result(shap
     _assert_same(straight.model, resumed.model)
 
 
-def test_foreign_or_corrupt_checkpoint_is_ignored_and_training_starts_over(shapes_root, tmp_path, caplog):
-    task = _task(shapes_root, tmp_path / "cache")
+def test_foreign_or_corrupt_checkpoint_is_ignored_and_training_starts_over(task, tmp_path, caplog):
     recipe = {"steps": 2, "batch_size": 4, "ema": False, "resume_dir": str(tmp_path / "r")}
     task.train(_float_model(task), {**recipe, "lr": 1e-2}, qat=False)  # leaves another recipe's checkpoint
     with caplog.at_level(logging.INFO):
@@ -115,22 +109,23 @@ def test_foreign_or_corrupt_checkpoint_is_ignored_and_training_starts_over(shape
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 2, "rebuilt"
 
 
-def test_float_baseline_is_cached_and_its_resume_dir_removed(shapes_root, tmp_path):
-    train = {"steps": 2, "batch_size": 4, "ema": False}
-    task = _task(shapes_root, tmp_path / "cache", train)
+def test_float_baseline_is_cached_and_its_resume_dir_removed(shapes_tiny_overrides, task_factory, tmp_path):
+    own = (*shapes_tiny_overrides, f"task.cache_dir={tmp_path / 'cache'}", "train.baseline.steps=2",
+           "train.baseline.batch_size=4", "train.baseline.ema=false")
+    task = task_factory(*own)
     trained = task.build_model()
     entries = sorted(p.name for p in (tmp_path / "cache" / "baselines").iterdir())
     assert [e for e in entries if e.endswith(".pt")] and not [e for e in entries if e.endswith(".resume")], entries
     assert not {"checkpoint_dir", "resume_dir", "checkpoint_steps"} & set(task.baseline_key()["train"])
-    again = _task(shapes_root, tmp_path / "cache", {**train, "checkpoint_steps": 1}).build_model()
+    again = task_factory(*own, "train.baseline.checkpoint_steps=1").build_model()
     _assert_same(trained, again)  # a cache hit: where checkpoints go is not part of the key
 
 
-def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, tree: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    task = _task(Path(root), Path(out) / "cache")  # joins the gloo group that the environment describes
+    task = build_task(tree)  # joins the gloo group that the environment describes
     # BatchNorm statistics move until the end: the ranks agree only if rank 0's are kept everywhere
     recipe = {**QAT, "freeze_bn_after": None, "checkpoint_steps": 1, "resume_dir": str(Path(out) / "resume")}
     result = task.train(_qmodel(task), recipe, qat=True)  # 16 images / 2 ranks / 4: 2 steps per epoch
@@ -140,9 +135,11 @@ def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
     distributed.shutdown()
 
 
-def test_data_parallel_detection_qat_keeps_ranks_identical(shapes_root, tmp_path):
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(shapes_root), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+@pytest.mark.slow  # two spawned ranks; the fast tier's data-parallel check is test_distributed.py
+def test_data_parallel_detection_qat_keeps_ranks_identical(shapes_tiny_overrides, compose_tree, free_port,
+                                                           tmp_path):
+    tree = compose_tree(*shapes_tiny_overrides, f"task.cache_dir={tmp_path / 'cache'}")  # what each rank builds
+    mp.start_processes(_rank_main, args=(2, free_port(), tree, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["world"] == r1["world"] == 2
     assert r0["quant"].numel() > 10 and torch.equal(r0["quant"], r1["quant"]), "quantizers agree"

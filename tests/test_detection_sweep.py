@@ -1,11 +1,13 @@
-"""A shrunk shapes sweep end to end: a real Hydra multirun of the tiny detector over float, PTQ and
-QAT schemes into a throwaway sqlite MLflow store, COCOeval on the real generated shapes set,
-QDQ ONNX models scored in onnxruntime, the report and the gate."""
+"""Detection end to end: one run of the tiny detector through every stage (fast tier), and a shrunk
+shapes sweep (slow tier): a real Hydra multirun over float, PTQ and QAT schemes into a throwaway
+sqlite MLflow store, COCOeval on the real generated shapes set, QDQ ONNX models scored in
+onnxruntime, the report and the gate. The sweep runs once for its module-scoped tests."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from types import SimpleNamespace
 
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 
 from quantbench.cli import main
 from quantbench.harness.config import compose_config
+from quantbench.harness.run import run
 from quantbench.harness.sweep import sweep
 from quantbench.harness.tracking import Store
 from quantbench.report import write_report
@@ -24,56 +27,81 @@ DET_METRICS = ("float/map50_95", "float/map50", "quant/map50_95", "quant/map50",
                "latency/ort_int8_ms", "coverage/quantized_ops", "coverage/fraction")
 
 
+def test_one_detection_run_end_to_end(shapes_overrides, run_overrides, tmp_path):
+    """The float scheme through every stage: baseline training, COCOeval, capture, export, ORT, report."""
+    small = [*shapes_overrides, *run_overrides]
+    result = run(compose_config([*small, "scheme=float"]))
+    assert result.status == "FINISHED", result.error
+    metrics = result.metrics
+    assert {"float/map50_95", "float/map50", "onnx/map50_95", "onnx/map50", "onnx/parity_top1",
+            "onnx/max_abs_err", "latency/ort_fp32_ms"} <= set(metrics), sorted(metrics)
+    assert 0.0 <= metrics["onnx/map50_95"] <= metrics["onnx/map50"] <= 1.0
+    assert metrics["onnx/max_abs_err"] < 1e-4, "the fp32 ONNX computes both outputs as the detector does"
+    store = Store.from_config(OmegaConf.to_container(compose_config(small).tracking, resolve=True))
+    recorded = store.client.get_run(result.run_id)
+    assert recorded.data.tags["primary_metric"] == "map50_95" and recorded.data.tags["status"] == "FINISHED"
+    path = store.client.download_artifacts(result.run_id, "model.onnx", str(tmp_path))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    cls, reg = session.run(None, {session.get_inputs()[0].name: torch.rand(2, 3, 64, 64).numpy()})
+    assert cls.shape == (2, 5, 64 + 16 + 4) and reg.shape == (2, 36, 64 + 16 + 4)  # raw outputs: NMS is outside
+    report = write_report("shapes", small, out_dir=tmp_path / "reports", readme=tmp_path / "README.md")
+    (row,) = report.table.splitlines()[2:]
+    assert row.startswith("| YOLO-NAS-style Test | ") and f"{metrics['onnx/map50_95']:.4f}" in row
+
+
+#: On top of conftest's shapes run: short QAT, two calibration batches.
+SMALL = ("train.qat.steps=2", "train.qat.batch_size=8", "scheme.calib_batches=2")
+
+
 @pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory) -> Path:
-    from tasks.detection.shapes import write_shapes_coco
-
-    return write_shapes_coco(tmp_path_factory.mktemp("data") / "shapes", n_train=40, n_val=12, min_size=56,
-                             max_size=80, seed=3)
-
-
-@pytest.fixture
-def small(shapes_root, tmp_path, tracking_overrides, monkeypatch) -> list[str]:
-    monkeypatch.setenv("CI", "true")
-    cache = tmp_path / "cache"
-    return [*tracking_overrides, "model=yolo_nas_test", f"data.root={shapes_root}", "data.generate=null",
-            "data.image_size=64", "data.calib_size=16", "data.calib_batch_size=8", "data.eval_batch_size=12",
-            f"task.cache_dir={cache}", "task.device=cpu", "train.baseline.steps=6", "train.baseline.batch_size=8",
-            "train.qat.steps=2", "train.qat.batch_size=8", "scheme.calib_batches=2", "run.latency_iters=2",
-            "run.latency_batch=4", f"run.fp32_onnx_cache={cache}/fp32_onnx",
-            f"hydra.sweep.dir={tmp_path}/multirun", f"hydra.run.dir={tmp_path}/outputs"]
+def det(shapes_overrides, run_overrides_in, tmp_path_factory) -> SimpleNamespace:
+    """The shrunk shapes sweep (float, ptq_float, qat_pow2), run once for the module's tests."""
+    tmp = tmp_path_factory.mktemp("det")
+    small = [*shapes_overrides, *run_overrides_in(tmp), *SMALL]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CI", "true")
+        outcome = sweep("shapes", [*small, "scheme=float,ptq_float,qat_pow2"], sweep_id="det-1")
+    store = Store.from_config(OmegaConf.to_container(compose_config(small).tracking, resolve=True))
+    return SimpleNamespace(outcome=outcome, small=small, store=store,
+                           runs={r.data.tags["scheme"]: r for r in store.sweep_runs("det-1")})
 
 
-def test_shapes_sweep_end_to_end(small, tmp_path):
-    outcome = sweep("shapes", [*small, "scheme=float,ptq_float,qat_pow2"], sweep_id="det-1")
-    assert outcome.ok, outcome
-    assert sorted(outcome.finished) == [f"yolo_nas_test x {s}" for s in ("float", "ptq_float", "qat_pow2")]
-
-    tracking = OmegaConf.to_container(compose_config(["task=shapes", *small]).tracking, resolve=True)
-    store = Store.from_config(tracking)
-    runs = {r.data.tags["scheme"]: r for r in store.sweep_runs("det-1")}
+@pytest.mark.slow
+def test_shapes_sweep_records_detection_metrics(det):
+    assert det.outcome.ok, det.outcome
+    assert sorted(det.outcome.finished) == [f"yolo_nas_test x {s}" for s in ("float", "ptq_float", "qat_pow2")]
     for scheme in ("ptq_float", "qat_pow2"):
-        metrics = runs[scheme].data.metrics
+        metrics = det.runs[scheme].data.metrics
         assert not set(DET_METRICS) - set(metrics), set(DET_METRICS) - set(metrics)
         assert metrics["onnx/max_lsb_err"] <= 1.0
         assert metrics["coverage/fraction"] == 1.0  # the whole detector, head included
         assert 0.0 <= metrics["onnx/map50_95"] <= metrics["onnx/map50"] <= 1.0
-    assert "qat/val_map50_95" in runs["qat_pow2"].data.metrics
-    assert runs["float"].data.tags["primary_metric"] == "map50_95"
+    assert "qat/val_map50_95" in det.runs["qat_pow2"].data.metrics
+    assert {r.data.tags["primary_metric"] for r in det.runs.values()} == {"map50_95"}
 
-    # the ONNX artifact: two raw outputs (class logits, box distributions), QDQ all through
-    onnx_path = store.client.download_artifacts(runs["ptq_float"].info.run_id, "model.onnx", str(tmp_path))
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+
+@pytest.mark.slow
+def test_onnx_artifact_has_the_two_raw_outputs_quantized_all_through(det, tmp_path):
+    """Class logits and box distributions, QDQ all through: what a deployment runtime gets."""
+    path = det.store.client.download_artifacts(det.runs["ptq_float"].info.run_id, "model.onnx", str(tmp_path))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     cls, reg = session.run(None, {session.get_inputs()[0].name: torch.rand(2, 3, 64, 64).numpy()})
     assert cls.shape[:2] == (2, 5) and reg.shape[:2] == (2, 36) and cls.shape[2] == reg.shape[2] == 64 + 16 + 4
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(path).graph.node}
 
-    report = write_report("shapes", small, out_dir=tmp_path / "reports", readme=tmp_path / "README.md")
+
+@pytest.mark.slow
+def test_report_table_shows_map(det, tmp_path):
+    report = write_report("shapes", det.small, out_dir=tmp_path / "reports", readme=tmp_path / "README.md")
     lines = report.table.splitlines()
     assert lines[0].startswith("| Model | Method | mAP@0.5:0.95 |")
-    m = runs["ptq_float"].data.metrics
+    m = det.runs["ptq_float"].data.metrics
     assert any(f"| {m['quant/map50_95']:.4f} | {m['onnx/map50_95']:.4f} |" in line for line in lines[2:])
 
-    runs_frame = load_runs(store, "shapes")
+
+@pytest.mark.slow
+def test_gates_read_the_detection_runs(det):
+    runs_frame = load_runs(det.store, "shapes")
     gates = GateFile(checks=[GateCheck(metric="onnx/max_lsb_err", schemes=["ptq_*", "qat_*"], max=1.0),
                              GateCheck(metric="quant/map50_95", schemes=["ptq_*"], max_drop=1.0)])
     results = evaluate_gates(gates, runs_frame, ["yolo_nas_test"], ["float", "ptq_float", "qat_pow2"])

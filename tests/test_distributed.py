@@ -7,7 +7,6 @@ the same collectives torchrun uses); the end-to-end torchrun run is in test_clus
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
-from quantbench.harness.distributed import (
+from quantbench.training.distributed import (
     EpochSeeded,
     ShardSampler,
     all_reduce_sum,
@@ -90,12 +89,6 @@ def test_single_process_helpers_are_no_ops():
     assert wrap_ddp(model) is model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fake_quant_model():
     from quantbench.engine import ModelQuantizer, capture, presets, qat
     from tasks.classification.models import build_model
@@ -131,8 +124,8 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_static_qat_observers_agree_across_ranks_only_when_synced(tmp_path):
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+def test_static_qat_observers_agree_across_ranks_only_when_synced(tmp_path, free_port):
+    mp.start_processes(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     synced, unsynced = (r0["synced"], r1["synced"]), (r0["unsynced"], r1["unsynced"])
     assert synced[0]["state"].numel() > 10

@@ -16,7 +16,8 @@ from quantbench.engine import (
     presets,
 )
 from quantbench.engine.fake_quant import DerivedBiasFakeQuantize, FakeQuantizeBase
-from quantbench.engine.passes.prequant import op_name
+from quantbench.engine.graph import op_name
+from quantbench.registry import UnknownNameError
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,10 @@ def test_presets_registry():
                      "uint8_asym", "w4a8_float", "w4a8_pow2"):
         assert required in names
     assert presets.list("w4a8*") and all(n.startswith("w4a8") for n in presets.list("w4a8*"))
-    with pytest.raises(KeyError, match="known presets: .*int8_float"):
+    with pytest.raises(UnknownNameError, match="unknown preset 'int8_flaot'; did you mean .*int8_float"):
         presets.get("int8_flaot")
+    with pytest.raises(KeyError):  # an UnknownNameError is a KeyError (and a ConfigError)
+        presets.get("nope")
     assert isinstance(presets.get("int8_pow2"), Config)
 
 

@@ -10,43 +10,32 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from quantbench.cli import main
-from quantbench.harness.errors import UnsafeConfigError
+from quantbench.errors import UnsafeConfigError
+from quantbench.harness.config import compose_config
 from quantbench.harness.liveness import HOST, stale_reason
 from quantbench.harness.tracking import Store, safe_artifact_path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "digits"
-    assert main(["data", "digits", "--out", str(root), "--size", "16"]) == 0
-    return root
-
-
 @pytest.fixture
-def small(digits_root, tmp_path, tracking_overrides, monkeypatch) -> list[str]:
-    monkeypatch.setenv("CI", "true")
-    return [*tracking_overrides, "model=test_resnet", "scheme=float", f"data.root={digits_root}",
-            "data.generate=null", "data.image_size=16", "data.resize_size=16", "data.val_fraction=0.1",
-            "data.calib_size=16", "data.calib_batch_size=16", f"task.cache_dir={tmp_path}/cache",
-            "task.device=cpu", "train.baseline.steps=4", "run.latency_iters=1", "run.latency_batch=2",
-            "run.fp32_onnx_cache=null", f"hydra.sweep.dir={tmp_path}/multirun", f"hydra.run.dir={tmp_path}/out"]
+def small(digits_overrides, run_overrides) -> list[str]:
+    """A float run of conftest's digits task on a tenth of val, into a fresh store."""
+    return [*digits_overrides, *run_overrides, "scheme=float", "data.val_fraction=0.1", "data.calib_size=16",
+            "data.calib_batch_size=16", "run.latency_iters=1", "run.latency_batch=2"]
+
+
+def _store(overrides: list[str]) -> Store:
+    return Store.from_config(OmegaConf.to_container(compose_config(overrides).tracking, resolve=True))
 
 
 def _one_error_line(err: str) -> str:
@@ -55,8 +44,8 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_unreachable_tracking_server_fails_fast_naming_it(small, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"
+def test_unreachable_tracking_server_fails_fast_naming_it(small, capsys, free_port):
+    uri = f"http://127.0.0.1:{free_port()}"
     for command in (["sweep", "digits", *small, f"tracking.uri={uri}"], ["run", *small, f"tracking.uri={uri}"]):
         start = time.monotonic()
         assert main(command) == 2
@@ -71,8 +60,7 @@ def test_cuda_on_a_machine_without_it_is_one_line_and_nothing_recorded(small, ca
         assert main(command) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert "no CUDA device" in line and "task.device=cpu" in line
-    assert Store.from_config({"uri": small[0].split("=", 1)[1], "artifact_root": small[1].split("=", 1)[1]}
-                             ).search("") == []
+    assert _store(small).search("") == []
 
 
 def test_config_cannot_name_foreign_code(small, tmp_path, capsys):
@@ -93,36 +81,42 @@ def test_config_cannot_name_foreign_code(small, tmp_path, capsys):
                       "data": [{"_target_": "os.system"}]})
 
 
-def test_artifact_paths_stay_inside_the_run(tmp_path):
-    store = Store(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))
+def _location(tracking_overrides: list[str]) -> tuple[str, str]:
+    """(uri, artifact root) of conftest's fresh store."""
+    uri, root = (o.split("=", 1)[1] for o in tracking_overrides)
+    return uri, root
+
+
+def test_artifact_paths_stay_inside_the_run(tmp_path, tracking_overrides):
+    store = Store(*_location(tracking_overrides))
     recorder = store.start_run("e", "r", {})
     for bad in ("../escape.txt", "/etc/passwd", "a/../../b", "~/x"):
         with pytest.raises(ValueError, match="inside the run"):
             recorder.log_text("x", bad)
         with pytest.raises(ValueError, match="inside the run"):
-            recorder.log_artifact(tmp_path / "mlflow.db", bad)
+            recorder.log_artifact(tmp_path / "mlruns" / "mlflow.db", bad)
     recorder.log_text("fine", "sub/ok.txt")
     assert safe_artifact_path("plots/a.png") == "plots/a.png"
-    assert not list(tmp_path.glob("escape*")) and not (tmp_path / "artifacts" / "escape.txt").exists()
+    assert not list(tmp_path.rglob("escape*")), "nothing written outside the run's folder"
     recorder.finish()
 
 
-_DIE_WITH_A_RUNNING_RUN = """
-import os, signal, sys
-from quantbench.harness.tracking import Store
-store = Store(sys.argv[1], sys.argv[2])
-recorder = store.start_run("digits", "m-s", {"config_hash": "c0ffee", "model": "m", "scheme": "s"})
-print(recorder.run_id, flush=True)
-os.kill(os.getpid(), signal.SIGKILL)
-"""
+def _die_with_a_running_run(uri: str, root: str, conn) -> None:
+    store = Store(uri, root)
+    recorder = store.start_run("digits", "m-s", {"config_hash": "c0ffee", "model": "m", "scheme": "s"})
+    conn.send(recorder.run_id)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_a_killed_runs_record_is_marked_failed_and_a_live_one_is_left_alone(tmp_path):
-    uri, root = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts")
-    proc = subprocess.run([sys.executable, "-c", _DIE_WITH_A_RUNNING_RUN, uri, root], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    dead = proc.stdout.split()[-1]
+def test_a_killed_runs_record_is_marked_failed_and_a_live_one_is_left_alone(tracking_overrides):
+    uri, root = _location(tracking_overrides)
+    ctx = multiprocessing.get_context("fork")  # see check_concurrent_logging
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_die_with_a_running_run, args=(uri, root, send))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == -signal.SIGKILL
+    dead = receive.recv()
     store = Store(uri, root)
     live = store.start_run("digits", "live", {"config_hash": "c0ffee"})
     assert store.client.get_run(dead).data.tags["status"] == "RUNNING"
@@ -145,8 +139,8 @@ def test_stale_verdict_for_other_hosts_goes_by_heartbeat():
     assert stale_reason(here, 0, stale_after_s=1, now_ms=now) is None, "a live local process is never stale"
 
 
-def test_heartbeat_keeps_a_live_run_fresh(tmp_path):
-    store = Store(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))
+def test_heartbeat_keeps_a_live_run_fresh(tracking_overrides):
+    store = Store(*_location(tracking_overrides))
     recorder = store.start_run("e", "r", {}, heartbeat_s=0.2)
     first = int(store.client.get_run(recorder.run_id).data.tags["heartbeat"])
     deadline = time.monotonic() + 30
@@ -175,8 +169,12 @@ def _log_runs(uri: str, root: str | None, worker: int, out: Path) -> None:
 
 
 def check_concurrent_logging(uri: str, root: str | None, tmp_path: Path) -> None:
-    """Two processes log RUNS runs each into one store at the same time; every row must be there."""
-    ctx = multiprocessing.get_context("spawn")
+    """Two processes log RUNS runs each into one store at the same time; every row must be there.
+
+    The processes are forked: they touch only MLflow and the store, and a spawned one would spend
+    seconds importing torch and the harness again before its first write.
+    """
+    ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_log_runs, args=(uri, root, w, tmp_path)) for w in (1, 2)]
     for p in procs:
         p.start()
@@ -202,27 +200,27 @@ def test_two_processes_logging_to_one_new_sqlite_store_lose_nothing(tmp_path):
     check_concurrent_logging(f"sqlite:///{tmp_path}/new/mlflow.db", str(tmp_path / "artifacts"), tmp_path)
 
 
-def _corrupt_copy(digits_root: Path, tmp_path: Path) -> tuple[Path, Path]:
-    import shutil
-
+@pytest.fixture
+def corrupt(digits16_root, tmp_path, small) -> SimpleNamespace:
+    """A copy of the digits tree with one val PNG that is a header and nothing else, and a run's overrides on it."""
     root = tmp_path / "digits"
-    shutil.copytree(digits_root, root)
+    shutil.copytree(digits16_root, root)
     bad = sorted((root / "val" / "3").glob("*.png"))[0]
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a header and nothing else
-    return root, bad
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return SimpleNamespace(bad=bad, args=[*small, f"data.root={root}", "data.val_fraction=1.0"])
 
 
-def test_corrupt_image_fails_naming_it_or_is_skipped_per_config(small, digits_root, tmp_path, capsys, caplog):
-    root, bad = _corrupt_copy(digits_root, tmp_path)
-    args = [*small, f"data.root={root}", "data.val_fraction=1.0"]
-    assert main(["run", *args]) == 2
+def test_corrupt_image_fails_the_run_naming_it(corrupt, small, capsys):
+    assert main(["run", *corrupt.args]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert str(bad) in line and "data.on_corrupt=skip" in line
-    store = Store.from_config({"uri": small[0].split("=", 1)[1], "artifact_root": small[1].split("=", 1)[1]})
-    (failed,) = store.search("")
-    assert failed.data.tags["status"] == "FAILED" and str(bad) in failed.data.tags["error"]
+    assert str(corrupt.bad) in line and "data.on_corrupt=skip" in line
+    (failed,) = _store(small).search("")
+    assert failed.data.tags["status"] == "FAILED" and str(corrupt.bad) in failed.data.tags["error"]
+    assert failed.data.tags["error_kind"] == "input"
 
-    assert main(["run", *args, "data.on_corrupt=skip"]) == 0
-    assert f"skipping corrupt image {bad}" in capsys.readouterr().out + caplog.text
-    finished = [r for r in store.search("") if r.data.tags["status"] == "FINISHED"]
-    assert len(finished) == 1 and finished[0].data.metrics["onnx/top1"] >= 0
+
+def test_corrupt_image_is_skipped_when_the_config_says_so(corrupt, small, capsys, caplog):
+    assert main(["run", *corrupt.args, "data.on_corrupt=skip"]) == 0
+    assert f"skipping corrupt image {corrupt.bad}" in capsys.readouterr().out + caplog.text
+    (finished,) = _store(small).search("")
+    assert finished.data.tags["status"] == "FINISHED" and finished.data.metrics["onnx/top1"] >= 0

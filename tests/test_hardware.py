@@ -27,15 +27,15 @@ from quantbench.engine import (
     export_onnx,
     presets,
 )
-from quantbench.engine.hardware import (
+from quantbench.engine.graph import op_name
+from quantbench.engine.passes import align as hw_passes
+from quantbench.engine.targets import (
     avg_pool_factor,
     npu_avg_pool2d,
     npu_global_avg_pool,
     npu_hardsigmoid,
     operands,
 )
-from quantbench.engine.passes import hardware as hw_passes
-from quantbench.engine.passes.prequant import op_name
 
 SIZE = 14  # 14 -> 2x2 avg pool -> a 7x7 global pool: the 21/1024 factor
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from quantbench.harness.config import compose_config
-from quantbench.harness.prepare import longest_first, sweep_values
 from quantbench.harness.run import resolve_threads
 from quantbench.harness.sweep import UsageError, launcher_overrides
+from quantbench.harness.warmup import longest_first, sweep_values
 
 
 def test_jobs_pick_the_parallel_launcher_and_share_the_cores():

@@ -12,21 +12,36 @@ The flow (see :mod:`quantbench.engine.quantizer` for details)::
 
 The engine depends on torch, torchao, onnx and onnxruntime only: never on
 hydra, omegaconf, mlflow, pandas, timm or pycocotools.
+
+Layers, bottom to top (a module imports only modules listed before it;
+``tests/test_engine_layers.py`` checks that there is no cycle)::
+
+    errors, graph, learnable      exceptions; graph helpers (op names, attributes); LSQ / TQT math
+    ops, observers, capture       the op vocabulary (kinds, tags); observer registry; torch.export
+    spec, passes.prequant         specs and configs; pre-quantization passes
+    qdq, fake_quant, modes, presets, annotate, passes.qat_bn, passes.integer
+    targets, export, qat          hardware targets and their check; ONNX export; QAT modes
+    passes.align                  alignment to a hardware target
+    passes.freeze                 fake-quant graph -> integer Q/DQ graph
+    quantizer                     ModelQuantizer, coverage
+    check                         onnxruntime parity, SQNR, latency
 """
 
-from quantbench.engine import check, modes, presets, qat
-from quantbench.engine.capture import CaptureError, capture
-from quantbench.engine.export import ExportError, export_onnx
-from quantbench.engine.hardware import HardwareError, HardwareTarget, Violation, check_hardware
-from quantbench.engine.observers import NonFiniteError
-from quantbench.engine.quantizer import (
+from quantbench.engine import check, modes, ops, presets, qat
+from quantbench.engine.capture import capture
+from quantbench.engine.errors import (
     CalibrationError,
-    CoverageReport,
-    ModelQuantizer,
+    CaptureError,
+    ExportError,
+    HardwareError,
+    NonFiniteError,
     QuantizationError,
-    coverage,
+    SpecError,
 )
-from quantbench.engine.spec import Config, QuantizationConfig, QuantizationSpec, SpecError
+from quantbench.engine.export import export_onnx
+from quantbench.engine.quantizer import CoverageReport, ModelQuantizer, coverage
+from quantbench.engine.spec import Config, QuantizationConfig, QuantizationSpec
+from quantbench.engine.targets import HardwareTarget, Violation, check_hardware
 
 __all__ = [
     "CalibrationError",
@@ -49,6 +64,7 @@ __all__ = [
     "coverage",
     "export_onnx",
     "modes",
+    "ops",
     "presets",
     "qat",
 ]

@@ -19,8 +19,9 @@ The annotator walks the ATen graph once and produces a :class:`Plan`:
 * where a consumer needs a different spec than its producer gives (mixed
   precision, a float producer), an *edge* quantizer requantizes that input.
 
-Op kinds live in a registry keyed by the short ATen op name; unknown ops are
-left in float and listed by the coverage report with the reason.
+Op kinds live in the registry of :mod:`quantbench.engine.ops`, keyed by the
+short ATen op name; unknown ops are left in float and listed by the coverage
+report with the reason.
 Precedence of configs: node name > op type > global (:meth:`Config.for_node`).
 """
 
@@ -30,60 +31,14 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from quantbench.engine.passes.prequant import op_name
-from quantbench.engine.passes.qat_bn import QAT_BN_OPS
+from quantbench.engine.graph import op_name
+from quantbench.engine.ops import op_kind, ops_tagged
 from quantbench.engine.spec import Config, QuantizationSpec
 
-__all__ = ["HELPER_KINDS", "OP_KINDS", "OP_TYPES", "register_op_kind", "op_kind", "Group", "Plan", "annotate"]
+__all__ = ["FUSABLE_PRODUCERS", "Group", "Plan", "annotate"]
 
-OP_KINDS: dict[str, str] = {}
-
-
-def register_op_kind(kind: str, *names: str) -> None:
-    """Register op names under a kind; registering a name twice raises."""
-    for name in names:
-        if name in OP_KINDS:
-            raise KeyError(f"op {name!r} is already registered as {OP_KINDS[name]!r}")
-        OP_KINDS[name] = kind
-
-
-register_op_kind("weighted", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                 "conv_transpose3d", "linear")
-register_op_kind("matmul", "matmul", "mm", "bmm")
-register_op_kind("binary", "add", "sub", "mul", "div")
-register_op_kind("cat", "cat", "concat")
-register_op_kind("activation", "relu", "hardtanh", "relu6", "clamp", "sigmoid", "hardsigmoid", "silu",
-                 "hardswish", "gelu", "leaky_relu", "softmax", "_softmax", "log_softmax", "tanh", "elu",
-                 "mish", "prelu")
-register_op_kind("pool", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-                 "adaptive_avg_pool2d", "mean", "sum", "upsample_bilinear2d", "upsample_bicubic2d",
-                 "_upsample_bilinear2d_aa", "upsample_linear1d")
-register_op_kind("norm", "layer_norm", "group_norm", "batch_norm")
-# Value-preserving: output values are a subset / rearrangement of input values.
-register_op_kind("shared", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d",
-                 "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "constant_pad_nd",
-                 "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
-register_op_kind("passthrough", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
-                 "transpose", "t", "squeeze", "unsqueeze", "slice", "select", "narrow", "contiguous",
-                 "clone", "expand", "alias", "detach", "getitem", "identity")
-register_op_kind("tuple_passthrough", "split", "split_with_sizes", "chunk", "unbind", "tensor_split")
-# QAT only (PTQ removes dropout and folds BN before annotation).
-register_op_kind("dropout", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
-register_op_kind("qat_bn", *QAT_BN_OPS)
-
-OP_TYPES = tuple(sorted(OP_KINDS))
-RELU_LIKE = {"relu", "hardtanh", "relu6"}
 FUSABLE_PRODUCERS = {"weighted", "norm"}
-_NO_QUANT_KINDS = {"passthrough", "tuple_passthrough"}
-HELPER_KINDS = ("passthrough", "tuple_passthrough", "dropout", "qat_bn")
-"""Kinds that compute nothing on the integer grid of their own (coverage does not count them)."""
-
-
-def op_kind(node: fx.Node) -> str | None:
-    """The registered kind of a call_function node, or None if unsupported."""
-    if node.op != "call_function":
-        return None
-    return OP_KINDS.get(op_name(node))
+"""Kinds whose output stays inside a fused pattern when a relu-like op follows them."""
 
 
 @dataclass(eq=False)
@@ -140,7 +95,7 @@ def _fused_producers(graph: fx.Graph, config: Config) -> set[fx.Node]:
     for node in reversed(list(graph.nodes)):
         if op_name(node) == "bn_qat_output":
             fused.add(node.args[0])  # the conv's output is BN's input: never quantized
-        if op_name(node) not in RELU_LIKE or _excluded(node, config):
+        if op_name(node) not in ops_tagged("relu_like") or _excluded(node, config):
             continue
         prev = node.args[0]
         chain = []
@@ -162,9 +117,6 @@ def _fused_producers(graph: fx.Graph, config: Config) -> set[fx.Node]:
 
 def _is_folded_weight(node: fx.Node) -> bool:
     return node.op == "call_function" and op_name(node) == "bn_fold_weight"
-
-
-
 
 
 def _tensor_args(node: fx.Node) -> list[tuple[int, int, fx.Node]]:

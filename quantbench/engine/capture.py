@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from quantbench.engine.errors import CaptureError
+
 __all__ = ["capture", "CaptureError"]
 
 _FIXES = (
@@ -18,10 +20,6 @@ _FIXES = (
     "with torch.cond/torch.where; avoid .item()/.tolist()/numpy calls in forward; keep the batch size "
     ">= 2 in the example; move dynamic-shape logic out of forward"
 )
-
-
-class CaptureError(RuntimeError):
-    """The model could not be captured by torch.export; the message names the construct."""
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from quantbench.engine.fake_quant import DerivedBiasFakeQuantize, FakeQuantizeBase
-from quantbench.engine.passes.prequant import get_attr_tensor, op_name
+from quantbench.engine.graph import get_attr_tensor, op_name
 from quantbench.engine.qdq import dequantize
 from quantbench.engine.quantizer import batch_inputs
 

@@ -20,6 +20,7 @@ import onnx
 import torch
 from torch import fx
 
+from quantbench.engine.errors import ExportError
 from quantbench.engine.passes.integer import expand_integer_kernels, int_clamp
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 # Activation grids that QuantizeLinear (opset <= 20) expresses exactly: the full int8 / uint8 range.
 ONNX_ACTIVATION_DTYPES = {("int8", -128, 127), ("uint8", 0, 255)}
-
-
-class ExportError(RuntimeError):
-    """The graph cannot be exported to ONNX exactly; the message names the node and the fix."""
 
 
 def _decomposed_ops():

@@ -1,8 +1,10 @@
-"""Mode switches of a quantized GraphModule, as context managers and setters.
+"""Mode switches of a quantized GraphModule's quantizers, as context managers.
 
 Every context manager restores the previous state in ``finally``; there are no
-global flags. The setters are for a training loop that switches once for the
-rest of training (e.g. freeze observers after N epochs).
+global flags. Observers are switched for training by :mod:`quantbench.engine.qat`
+(:func:`~quantbench.engine.qat.set_observers_frozen`,
+:func:`~quantbench.engine.qat.freeze_observers`), which knows the train / eval
+mode of a QAT graph; this module only sets the flags of calibration.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from quantbench.engine.fake_quant import DerivedBiasFakeQuantize, FakeQuantizeBa
 __all__ = [
     "fake_quantizers",
     "calibration_mode",
-    "set_observers",
     "set_fake_quant",
-    "freeze_observers",
     "disable_fake_quant",
 ]
 
@@ -39,10 +39,10 @@ def _restore(state: list[tuple[FakeQuantizeBase, bool, bool]]) -> None:
         m.observer_enabled, m.fake_quant_enabled = obs, fq
 
 
-def set_observers(model: nn.Module, enabled: bool, *, roles: tuple[str, ...] | None = None) -> None:
-    """Turn observers on or off (all, or only quantizers of the given roles)."""
+def _set_observers(model: nn.Module, enabled: bool, roles: tuple[str, ...]) -> None:
+    """Turn the observers of quantizers of the given roles on or off."""
     for m in fake_quantizers(model):
-        if roles is None or m.role in roles:
+        if m.role in roles:
             m.observer_enabled = enabled
 
 
@@ -58,19 +58,8 @@ def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
     state = _snapshot(model)
     try:
         set_fake_quant(model, False)
-        set_observers(model, True, roles=("activation",))
-        set_observers(model, False, roles=("weight", "const"))
-        yield model
-    finally:
-        _restore(state)
-
-
-@contextlib.contextmanager
-def freeze_observers(model: nn.Module) -> Iterator[nn.Module]:
-    """Scales stay fixed inside the block (static QAT after its observer-freeze point)."""
-    state = _snapshot(model)
-    try:
-        set_observers(model, False)
+        _set_observers(model, True, roles=("activation",))
+        _set_observers(model, False, roles=("weight", "const"))
         yield model
     finally:
         _restore(state)

@@ -10,21 +10,26 @@ cut at ``spec.percentile``) and ``mse`` (clipping range or pow2 exponent with
 the lowest quantization MSE). Percentile and MSE follow the usual calibrators
 (onnxruntime's HistogramCollector / percentile calibrator, torch's
 HistogramObserver); the code is our own. Power-of-two scales use the
-non-overflow rule of REFERENCES.md.
+non-overflow rule (the smallest power of two that does not clip the observed
+range, the ``non_overflow`` method of AMD Vitis AI / Quark), see
+:func:`pow2_exponent`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from quantbench.engine.spec import QuantizationSpec
+from quantbench.engine.errors import NonFiniteError
+from quantbench.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: the spec module validates observer names against this registry
+    from quantbench.engine.spec import QuantizationSpec
 
 __all__ = [
-    "HIST_BINS", "MIN_SCALE", "MSE_GRID", "POW2_SEARCH", "MSEObserver", "MinMaxObserver",
+    "HIST_BINS", "MIN_SCALE", "MSE_GRID", "OBSERVERS", "POW2_SEARCH", "MSEObserver", "MinMaxObserver",
     "MovingAverageObserver", "NonFiniteError", "ObserverBase", "PercentileObserver", "build_observer",
     "list_observers", "pow2_exponent", "pow2_mse_exponent", "qparams_from_range", "quantize_dequantize",
     "register_observer",
@@ -42,10 +47,6 @@ _MIN_EXP = -23
 
 _ROUND: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "half_even": torch.round, "half_up": lambda t: torch.floor(t + 0.5), "floor": torch.floor}
-
-
-class NonFiniteError(ValueError):
-    """Calibration data contained NaN or inf; the message names the observer's node."""
 
 
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
@@ -70,8 +71,9 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 def pow2_exponent(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     """Exponent e of the non-overflow power-of-two scale: the smallest e with amax / 2**e <= qmax.
 
-    REFERENCES.md: s = 2**ceil(log2(amax / qmax)); rounding the exponent instead
-    of ceiling it can clip. ``log2`` is inexact near powers of two, so the result
+    The non-overflow rule s = 2**ceil(log2(amax / qmax)) (AMD Vitis AI / Quark's
+    ``non_overflow`` power-of-two method); rounding the exponent instead of
+    ceiling it can clip. ``log2`` is inexact near powers of two, so the result
     is fixed up with exact tests (dividing by a power of two is exact). Zero ranges
     give e = 0 (scale 1.0); e is never below log2(MIN_SCALE).
     """
@@ -126,8 +128,8 @@ def pow2_mse_exponent(values: torch.Tensor, spec: QuantizationSpec, weights: tor
                       amax: torch.Tensor | None = None, search: int = POW2_SEARCH) -> torch.Tensor:
     """Power-of-two exponent with the lowest quantization MSE, per row of ``values``.
 
-    Searches e0 - search .. e0, where e0 is the non-overflow exponent
-    (REFERENCES.md, "Pow2 MSE"): a smaller scale clips the tails but rounds the
+    Searches e0 - search .. e0, where e0 is the non-overflow exponent (as the
+    ``mse`` power-of-two method of AMD Vitis AI / Quark does): a smaller scale clips the tails but rounds the
     bulk finer, which often wins for heavy-tailed weights. Ties keep the larger
     exponent, so the result never has more MSE than the non-overflow scale.
     ``values`` is (R, N) rows (the channels of a weight) or (N,) for one row;
@@ -176,27 +178,31 @@ def _row_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
     return a + (b - a) * (pos - k)
 
 
-_OBSERVERS: dict[str, type[ObserverBase]] = {}
+OBSERVERS: Registry[type[ObserverBase]] = Registry("observer", hint="(QuantizationSpec.observer)")
+"""Observer classes by name (``spec.observer``); :func:`register_observer` adds one."""
 
 
 def register_observer(cls: type[ObserverBase]) -> type[ObserverBase]:
-    """Class decorator: register ``cls`` under ``cls.kind``; a duplicate name raises."""
-    if cls.kind in _OBSERVERS:
-        raise ValueError(f"observer {cls.kind!r} is already registered (by {_OBSERVERS[cls.kind].__name__})")
-    _OBSERVERS[cls.kind] = cls
-    return cls
+    """Class decorator: register ``cls`` under ``cls.kind``.
+
+    Raises:
+        DuplicateNameError: the name is taken (a ``ValueError``).
+    """
+    return OBSERVERS.register(cls, name=cls.kind)
 
 
 def list_observers(pattern: str = "*") -> list[str]:
     """Registered observer names matching a shell-style wildcard, sorted."""
-    return sorted(n for n in _OBSERVERS if fnmatch.fnmatchcase(n, pattern))
+    return OBSERVERS.list(pattern)
 
 
 def build_observer(spec: QuantizationSpec, name: str = "") -> ObserverBase:
-    """The observer registered under ``spec.observer``, labelled ``name``."""
-    if spec.observer not in _OBSERVERS:
-        raise ValueError(f"unknown observer {spec.observer!r}; known observers: {list_observers()}")
-    return _OBSERVERS[spec.observer](spec, name=name)
+    """The observer registered under ``spec.observer``, labelled ``name``.
+
+    Raises:
+        UnknownNameError: no observer has that name (a ``ValueError``; the message lists close matches).
+    """
+    return OBSERVERS.get(spec.observer)(spec, name=name)
 
 
 class ObserverBase(torch.nn.Module):

@@ -4,47 +4,45 @@ A preset is a function returning a :class:`Config`; its name is the function's
 name. PTQ presets quantize the whole graph: weights, bias (int32 derived),
 inputs and outputs. QAT presets use the same grids with static observers
 (``qat_pow2``, ``qat_float``) or learnable scales (``qat_lsq``, ``qat_tqt``).
+The presets are a :class:`quantbench.registry.Registry` (:data:`PRESETS`); an
+unknown name raises :class:`~quantbench.registry.UnknownNameError`, whose
+message lists the close matches.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Callable
 
 from quantbench.engine.spec import Config, QuantizationConfig, QuantizationSpec
+from quantbench.registry import Registry, UnknownNameError
 
-__all__ = ["get", "list", "register", "PresetError"]
+__all__ = ["PRESETS", "PresetError", "get", "list", "register"]
 
-_REGISTRY: dict[str, Callable[[], Config]] = {}
 _builtin_list = list
 
+PRESETS: Registry[Callable[[], Config]] = Registry("preset", hint="(quantbench.engine.presets.list() names them)")
 
-class PresetError(KeyError):
-    """Unknown preset name; the message lists the known ones."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+PresetError = UnknownNameError
+"""An unknown preset name (the registry's :class:`~quantbench.registry.UnknownNameError`, a ``KeyError``)."""
 
 
 def register(fn: Callable[[], Config]) -> Callable[[], Config]:
-    """Register a preset under its function name; a duplicate raises."""
-    name = fn.__name__
-    if name in _REGISTRY:
-        raise KeyError(f"preset {name!r} is already registered")
-    _REGISTRY[name] = fn
-    return fn
+    """Register a preset under its function name; a duplicate raises ``DuplicateNameError``."""
+    return PRESETS.register(fn)
 
 
 def get(name: str) -> Config:
-    """The Config of a preset."""
-    if name not in _REGISTRY:
-        raise PresetError(f"unknown preset {name!r}; known presets: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]().replace(name=name)
+    """The Config of a preset, named ``name``.
+
+    Raises:
+        UnknownNameError: no preset has that name.
+    """
+    return PRESETS.get(name)().replace(name=name)
 
 
 def list(pattern: str = "*") -> _builtin_list[str]:  # noqa: A001 - mirrors timm.list_models
-    """Preset names matching a wildcard pattern, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """Preset names matching a shell-style wildcard pattern, sorted."""
+    return PRESETS.list(pattern)
 
 
 def _int32_bias() -> QuantizationSpec:

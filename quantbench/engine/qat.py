@@ -42,9 +42,10 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
+from quantbench.engine.graph import op_name
 from quantbench.engine.modes import disable_fake_quant, fake_quantizers
 from quantbench.engine.observers import ObserverBase
-from quantbench.engine.passes.prequant import op_name
+from quantbench.engine.ops import ops_of_kind
 from quantbench.engine.passes.qat_bn import BATCH_STATS_ARG
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "quantizer_parameters",
     "quantizer_state",
     "set_bn_frozen",
-    "set_observers",
     "set_observers_frozen",
     "sync_quantizers",
     "train_mode",
@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 _STATE = "qb_qat"
-_DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
 
 
 def _state(qmodel: fx.GraphModule) -> dict[str, bool]:
@@ -86,7 +85,7 @@ def _set_graph_flags(qmodel: fx.GraphModule, bn_training: bool, dropout_training
         name = op_name(node)
         if name in BATCH_STATS_ARG and node.args[3] is not None:
             index, value = BATCH_STATS_ARG[name], bn_training
-        elif name in _DROPOUT and len(node.args) > 2:
+        elif name in ops_of_kind("dropout") and len(node.args) > 2:
             index, value = 2, dropout_training
         else:
             continue
@@ -126,14 +125,18 @@ def eval_mode(qmodel: fx.GraphModule) -> fx.GraphModule:
 
 
 def set_observers_frozen(qmodel: fx.GraphModule, frozen: bool = True) -> None:
-    """Freeze (or unfreeze) the scales of static quantizers for the rest of training."""
+    """Freeze (or unfreeze) the scales of static quantizers for the rest of training.
+
+    The engine's one observer switch (the recipe's observer-freeze point).
+    The state is kept in ``qmodel.meta`` and every later :func:`train_mode` /
+    :func:`eval_mode` (``qmodel.train()`` / ``.eval()``) respects it: an
+    observer runs only in train mode, only in a static (observer-driven)
+    quantizer, and only while not frozen. LSQ / TQT quantizers never observe
+    after initialisation, frozen or not. For a block that restores the
+    previous state on exit, use :func:`freeze_observers`.
+    """
     _state(qmodel)["observers_frozen"] = bool(frozen)
     _apply_observers(qmodel)
-
-
-def set_observers(qmodel: fx.GraphModule, enabled: bool) -> None:
-    """``set_observers_frozen(qmodel, not enabled)``: the one-way switch of the QAT recipe."""
-    set_observers_frozen(qmodel, not enabled)
 
 
 def set_bn_frozen(qmodel: fx.GraphModule, frozen: bool = True) -> None:
@@ -149,7 +152,7 @@ def set_bn_frozen(qmodel: fx.GraphModule, frozen: bool = True) -> None:
 
 @contextlib.contextmanager
 def freeze_observers(qmodel: fx.GraphModule) -> Iterator[fx.GraphModule]:
-    """Static scales stay fixed inside the block; the previous state is restored on exit."""
+    """:func:`set_observers_frozen` inside the block; the frozen state and every observer flag are restored on exit."""
     previous = _state(qmodel)["observers_frozen"]
     flags = [(m, m.observer_enabled) for m in fake_quantizers(qmodel)]
     try:

@@ -26,45 +26,38 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import fx
 
-from quantbench.engine.annotate import HELPER_KINDS, Plan, annotate, op_kind
+from quantbench.engine.annotate import Plan, annotate
+from quantbench.engine.errors import CalibrationError, QuantizationError
 from quantbench.engine.fake_quant import (
     DerivedBiasFakeQuantize,
     FakeQuantizeBase,
     build_fake_quantize,
 )
-from quantbench.engine.modes import calibration_mode, fake_quantizers, set_fake_quant, set_observers
+from quantbench.engine.graph import constant_value, op_name
+from quantbench.engine.modes import calibration_mode, fake_quantizers
+from quantbench.engine.ops import HELPER_KINDS, op_kind
+from quantbench.engine.passes.freeze import freeze_graph
 from quantbench.engine.passes.prequant import (
     PREQUANT_PTQ,
     PREQUANT_PTQ_KEEP_BN,
     PREQUANT_QAT,
-    op_name,
     run_passes,
 )
-from quantbench.engine.passes.qat_bn import constant_value, simulate_bn_folding
-from quantbench.engine.progress import progress
+from quantbench.engine.passes.qat_bn import simulate_bn_folding
 from quantbench.engine.qat import enable_train_eval, eval_mode
 from quantbench.engine.spec import Config
-
-if TYPE_CHECKING:  # the hardware module builds on this one
-    from quantbench.engine.hardware import HardwareTarget
+from quantbench.engine.targets import HardwareTarget
+from quantbench.progress import progress
 
 __all__ = ["ModelQuantizer", "CoverageReport", "QuantizationError", "CalibrationError", "coverage",
            "batch_inputs"]
 
 log = logging.getLogger(__name__)
-
-
-class QuantizationError(RuntimeError):
-    """The model cannot be quantized as asked; the message says why and what to do."""
-
-
-class CalibrationError(QuantizationError):
-    """A calibration batch does not fit the captured model."""
 
 
 def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -373,8 +366,8 @@ class ModelQuantizer:
         if batches == 0:
             log.warning("no calibration data: activation scales are initialised on the first batch "
                         "(LSQ/TQT) or stay at 1.0 (static); pass a calib_loader for PTQ")
-        set_observers(qmodel, False)
-        set_fake_quant(qmodel, True)
+        for m in fake_quantizers(qmodel):  # ready for evaluation: scales fixed, values rounded
+            m.observer_enabled, m.fake_quant_enabled = False, True
         if qat:
             enable_train_eval(qmodel)
             eval_mode(qmodel)
@@ -394,20 +387,18 @@ class ModelQuantizer:
             target: ``"ort"`` (generic QDQ for onnxruntime, int32 bias) or
                 ``"npu_pow2"``: a power-of-two NPU (AMD XINT8). The scales
                 must be powers of two (a pow2 preset; else a
-                :class:`~quantbench.engine.hardware.HardwareError` names the
+                :class:`~quantbench.engine.errors.HardwareError` names the
                 first one that is not). Positions are moved into the NPU's
                 shift ranges, concat / pool / reshape share one scale, the
                 bias gets its own int8 pow2 scale, average pools compute
                 ``sum * multiplier / 2^shift`` and sigmoid / SiLU become the
                 NPU's hardsigmoid / hardswish, so the frozen graph and its
                 ONNX export compute what the NPU computes;
-                :func:`~quantbench.engine.hardware.check_hardware` of the
-                result is empty. A :class:`~quantbench.engine.hardware.HardwareTarget`
+                :func:`~quantbench.engine.targets.check_hardware` of the
+                result is empty. A :class:`~quantbench.engine.targets.HardwareTarget`
                 selects a variant (e.g. ``bias_dtype="int32"``).
 
         A QAT graph is frozen as it computes in eval mode: BatchNorm folded
         with its running statistics, dropout removed.
         """
-        from quantbench.engine.passes.freeze import freeze_graph
-
         return freeze_graph(qmodel, target=target)

@@ -21,6 +21,9 @@ from typing import Any, Mapping
 
 import torch
 
+from quantbench.engine.errors import SpecError
+from quantbench.engine.observers import OBSERVERS
+
 __all__ = [
     "DTYPES",
     "IntType",
@@ -29,10 +32,6 @@ __all__ = [
     "Config",
     "SpecError",
 ]
-
-
-class SpecError(ValueError):
-    """An invalid quantization spec or config; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,6 @@ QSCHEMES = ("per_tensor", "per_channel")
 SCALE_TYPES = ("float", "pow2")
 ROUND_METHODS = ("half_even", "half_up", "floor")
 LEARNABLE = ("none", "lsq", "tqt")
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -87,8 +85,9 @@ class QuantizationSpec:
             int32 for bias).
         qscheme: ``per_tensor`` or ``per_channel`` (with ``ch_axis``).
         ch_axis: channel axis for per-channel quantization.
-        observer: how the range is estimated: ``minmax``, ``moving_average``,
-            ``percentile`` (histogram) or ``mse``. With ``scale_type="pow2"``,
+        observer: how the range is estimated, a name of the observer
+            registry (:func:`~quantbench.engine.observers.list_observers`):
+            ``minmax``, ``moving_average``, ``percentile`` (histogram) or ``mse``. With ``scale_type="pow2"``,
             ``minmax`` gives the non-overflow power of two and ``mse`` searches
             exponents around it.
         symmetric: zero point 0 (signed types) instead of an affine range.
@@ -128,7 +127,7 @@ class QuantizationSpec:
         _choice("scale_type", self.scale_type, SCALE_TYPES)
         _choice("round_method", self.round_method, ROUND_METHODS)
         _choice("learnable", self.learnable, LEARNABLE)
-        _choice("observer", self.observer, OBSERVERS)
+        _choice("observer", self.observer, tuple(OBSERVERS.list()))
         if self.is_dynamic:
             raise SpecError(
                 "QuantizationSpec.is_dynamic=True is not supported: quantbench builds static "
@@ -232,7 +231,7 @@ class Config:
     Attributes:
         global_quant_config: the default for every op.
         op_type_quant_config: op type (short aten name, e.g. ``"conv2d"``,
-            ``"linear"``, ``"add"``; see ``annotate.OP_TYPES``) -> config.
+            ``"linear"``, ``"add"``; see ``ops.OP_TYPES``) -> config.
         node_name_quant_config: exported node name -> config.
         exclude: node names, or module-path prefixes (``"features.0"``), left
             in float.

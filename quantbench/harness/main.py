@@ -22,11 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from quantbench.harness import distributed
+from quantbench.errors import BadInputError, one_line
 from quantbench.harness.config import CONF_DIR
-from quantbench.harness.errors import BadInputError
 from quantbench.harness.run import RunResult, run
 from quantbench.harness.schema import register_configs
+from quantbench.training import distributed
 
 __all__ = ["main"]
 
@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> RunResult:
     try:
         result = run(cfg)
     except BadInputError as exc:
-        sys.stderr.write(f"quantbench: {exc}\n")
+        sys.stderr.write(f"quantbench: {one_line(exc)}\n")
         sys.exit(2)
     if result.status == "FAILED" and HydraConfig.get().mode == RunMode.RUN:
         sys.stderr.write(f"quantbench: {result.label} FAILED: {result.error} (MLflow run {result.run_id})\n")

@@ -27,18 +27,14 @@ import onnx
 import torch
 from matplotlib.figure import Figure
 
-from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
-from quantbench.harness.protocol import PredictFn, TaskAdapter
+from quantbench.engine import ModelQuantizer, capture, check, export_onnx
 from quantbench.harness.schemes import engine_config
 from quantbench.harness.tracking import RunRecorder
+from quantbench.training import PredictFn, TaskAdapter
 
-__all__ = ["STAGES", "Context", "QATUnavailableError", "execute"]
+__all__ = ["STAGES", "Context", "execute"]
 
 log = logging.getLogger(__name__)
-
-
-class QATUnavailableError(RuntimeError):
-    """A QAT scheme asked for an engine preset that this checkout does not have yet."""
 
 
 @dataclass
@@ -97,15 +93,10 @@ def capture_graph(ctx: Context) -> None:
     ctx.gm = capture(ctx.model, ctx.example)
 
 
-def prepare_scheme(ctx: Context) -> None:
-    """Build the engine config first, so a bad scheme (or QAT before the engine has it) fails in seconds."""
+def build_engine_config(ctx: Context) -> None:
+    """Build the engine config first, so a bad scheme (an unknown preset, an impossible override) fails in seconds."""
     if not ctx.quantized:
         return
-    if ctx.scheme.get("qat") and ctx.scheme["preset"] not in presets.list():
-        raise QATUnavailableError(
-            f"scheme {ctx.scheme['name']!r} needs the engine's QAT preset {ctx.scheme['preset']!r}, which "
-            f"this checkout does not have yet (engine presets: {', '.join(presets.list())}); run a ptq_* "
-            "scheme, or update the engine")
     ctx.quantizer = ModelQuantizer(engine_config(ctx.scheme))
 
 
@@ -253,7 +244,7 @@ def measure_latency(ctx: Context) -> None:
 
 
 STAGES: tuple[Callable[[Context], None], ...] = (
-    prepare_scheme, evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, freeze_and_export,
+    build_engine_config, evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, freeze_and_export,
     evaluate_onnx, check_parity, node_sqnr, measure_latency,
 )
 

@@ -10,7 +10,7 @@ run cannot stop a sweep: the run is marked FAILED with a one-line ``error``
 tag and the traceback as ``error.txt``. The exceptions are bad inputs that no
 other run can get past either (missing or corrupt data, an unreachable
 server, a device that is not there, a config that names foreign code): they
-are raised as :class:`~quantbench.harness.errors.BadInputError` for the entry
+are raised as :class:`~quantbench.errors.BadInputError` for the entry
 point to turn into one line and exit status 2.
 
 Under ``torchrun`` every rank runs the stages (training is data-parallel,
@@ -34,48 +34,31 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench.harness import distributed
-from quantbench.harness.errors import BadInputError, DeviceUnavailableError, UnsafeConfigError
+from quantbench.errors import BadInputError, DataError, DeviceUnavailableError, UnsafeConfigError
 from quantbench.harness.pipeline import Context, execute
-from quantbench.harness.protocol import TaskAdapter
+from quantbench.harness.schema import TARGET_PACKAGES
 from quantbench.harness.tracking import (
     NullRecorder,
     RunRecorder,
     Store,
     config_hash,
-    error_line,
     flatten,
     git_sha,
 )
+from quantbench.training import TaskAdapter, distributed
 
 __all__ = [
     "HARNESS_ONLY",
     "TARGET_PACKAGES",
-    "DataError",
-    "DataMissingError",
     "RunResult",
     "build_task",
     "check_config",
-    "is_data_error",
-    "is_data_missing",
     "resolve_threads",
     "resolve_tree",
     "run",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The packages whose classes a config may name in ``task._target_``: the project's own.
-TARGET_PACKAGES = ("tasks.", "quantbench.")
-
-
-class DataError(BadInputError):
-    """The task's data set is missing or holds a corrupt file; the message says which and how to fix it."""
-
-
-class DataMissingError(DataError):
-    """The task's data set is not where the config says; the message says how to get it."""
-
 
 @dataclass
 class RunResult:
@@ -99,25 +82,8 @@ class RunResult:
         return f"{self.model} x {self.scheme}"
 
 
-def _named(exc: BaseException, names: tuple[str, ...]) -> bool:
-    return any(cls.__name__ in names for cls in type(exc).__mro__)
-
-
-def is_data_missing(exc: BaseException) -> bool:
-    """True for a task's ``DataNotFoundError`` (matched by name: the harness never imports tasks)."""
-    return _named(exc, ("DataNotFoundError",))
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """True for a task's ``DataNotFoundError`` or ``CorruptDataError`` (also when a DataLoader worker raised it)."""
-    if _named(exc, ("DataNotFoundError", "CorruptDataError")):
-        return True
-    text = str(exc)
-    return text.startswith("Caught CorruptDataError") or text.startswith("Caught DataNotFoundError")
-
-
 #: Keys the harness reads itself and does not pass to the task adapter.
-HARNESS_ONLY = {"task": ("pretrained_weights",), "model": ("display_name",)}
+HARNESS_ONLY = {"task": ("pretrained_weights",)}
 
 
 def _for_task(tree: Mapping[str, Any], group: str) -> dict[str, Any]:
@@ -247,8 +213,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
             metrics = execute(ctx)
     except BaseException as exc:
         line = recorder.fail(exc)
-        if is_data_error(exc):
-            raise (DataMissingError if is_data_missing(exc) else DataError)(error_line(exc, typed=False)) from exc
+        if isinstance(exc, DataError):  # every run would fail the same way: stop here
+            raise
         log.error("%s x %s FAILED: %s (run %s)", names["model"], names["scheme"], line, recorder.run_id)
         if not isinstance(exc, Exception):
             raise

@@ -1,10 +1,20 @@
 """The structured-config schema: one dataclass per config group, in Hydra's ConfigStore.
 
-Every YAML file under ``conf/`` starts from one of these schemas (its defaults
-list names ``base_<group>``), and the primary config is typed by
-:class:`QuantbenchConf`. OmegaConf then refuses unknown keys and wrong types
-while Hydra composes, so a typo such as ``scheme.calib_bacthes`` fails before
-any model is built, with the key and the schema named in the message.
+Every YAML file under ``conf/`` starts from a schema (its defaults list names
+``base_<...>``), and the primary config is typed by :class:`QuantbenchConf`.
+OmegaConf then refuses unknown keys and wrong types while Hydra composes, so a
+typo such as ``scheme.calib_bacthes`` fails before any model is built, with the
+key and the schema named in the message.
+
+Each group's dataclass is owned by the code that reads it, and defined once:
+
+* the harness's own groups here: ``task`` (:class:`TaskConf`), ``scheme``
+  (:class:`SchemeConf`), ``tracking`` (:class:`TrackingConf`), ``run`` (:class:`RunConf`);
+* ``model``: :class:`quantbench.training.ModelConfig`;
+* ``data`` and ``train``: the classes each task kind registers with
+  :data:`quantbench.training.TASK_KINDS` (``base_<kind>``, ``base_<kind>_train``).
+  The task packages are found through the ``_target_`` of ``conf/task/*.yaml``
+  and imported by name, as Hydra would import them to build the task.
 
 The scheme's per-tensor overrides are generated from the engine's own
 :class:`~quantbench.engine.spec.QuantizationSpec` fields, so the schema can
@@ -14,34 +24,36 @@ never drift from what the engine accepts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import Any, List
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from quantbench.engine.spec import QuantizationSpec
+from quantbench.errors import UnsafeConfigError
+from quantbench.training import TASK_KINDS, ModelConfig
 
 __all__ = [
-    "BaselineConf",
-    "ClassificationDataConf",
-    "DetectionDataConf",
-    "DetectionTrainConf",
     "HASH_EXCLUDE",
-    "LoopConf",
-    "ModelConf",
-    "QatRecipeConf",
+    "TARGET_PACKAGES",
     "QuantbenchConf",
     "RunConf",
     "SchemeConf",
     "SpecOverride",
     "TaskConf",
     "TrackingConf",
-    "TrainConf",
+    "load_task_kinds",
     "register_configs",
 ]
+
+#: The packages whose classes a config may name in ``task._target_``: the project's own.
+TARGET_PACKAGES = ("tasks.", "quantbench.")
 
 #: Config subtrees that do not change what a run computes (where it is logged,
 #: whether to rerun it, how many threads or where checkpoints go, what a corrupt
@@ -54,7 +66,7 @@ HASH_EXCLUDE = ("tracking", "run.force", "run.threads", "run.resume_root", "data
 
 @dataclass
 class TaskConf:
-    """A task adapter, built by ``hydra.utils.instantiate`` from ``_target_``.
+    """A task adapter, built by ``hydra.utils.instantiate`` from ``_target_`` (a registered task kind's adapter).
 
     The harness adds ``data``, ``model``, ``train`` (the baseline recipe) and
     ``qat`` (the QAT recipe) as plain-dict keyword arguments.
@@ -69,179 +81,6 @@ class TaskConf:
     cache_dir: str = ".cache/quantbench"
     device: str = "auto"
     pretrained_weights: bool = False
-
-
-@dataclass
-class ClassificationDataConf:
-    """An ImageFolder tree (``root/train/<class>``, ``root/val/<class>``) and its transforms.
-
-    Mirrors ``tasks.classification.config.DataConfig`` (a test keeps the two in step).
-    """
-
-    root: str | None = None
-    root_env: str | None = "IMAGENET_ROOT"
-    generate: str | None = None
-    resize_size: int = 256
-    image_size: int = 224
-    train_augment: str = "random_resized_crop"
-    pad: int = 4
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    eval_batch_size: int = 256
-    calib_size: int = 256
-    calib_batch_size: int = 32
-    train_fraction: float = 1.0
-    val_fraction: float = 1.0
-    num_workers: int = 0
-    seed: int = 0
-    on_corrupt: str = "fail"
-
-
-@dataclass
-class ModelConf:
-    """A model of the task's registry; ``display_name`` (harness only) is what tables show."""
-
-    name: str = MISSING
-    display_name: str = ""
-    num_classes: int | None = None
-    pretrained: bool = False
-    checkpoint: str | None = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class LoopConf:
-    """What float and QAT training share (torchvision references style)."""
-
-    epochs: int = 1
-    steps: int | None = None
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
-    lr_decay: float = 1.0
-    lr_decay_steps: int = 1000
-    label_smoothing: float = 0.0
-    keep_best: str = "memory"
-    checkpoint_dir: str | None = None
-    resume_dir: str | None = None
-    checkpoint_steps: int | None = None
-    channels_last: bool = False
-    seed: int = 0
-
-
-@dataclass
-class BaselineConf(LoopConf):
-    """The float-baseline recipe (trained once per config and cached by the task)."""
-
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 4e-3
-    warmup_epochs: float = 2.0
-
-
-@dataclass
-class QatRecipeConf(LoopConf):
-    """The QAT recipe (REFERENCES.md, after Quark's ImageNet results).
-
-    ``quant_*`` drive the learnable scales (LSQ steps, TQT log2 thresholds).
-    Observers and BN statistics freeze after ``freeze_observers_after`` /
-    ``freeze_bn_after`` epochs (Jacob et al., arXiv 1712.05877;
-    Krishnamoorthi, arXiv 1806.08342).
-    """
-
-    epochs: int = 3
-    batch_size: int = 24
-    optimizer: str = "adam"
-    lr: float = 1e-5
-    weight_decay: float = 1e-4
-    scheduler: str = "step"
-    lr_decay: float = 0.94
-    lr_decay_steps: int = 2000
-    quant_lr: float = 1e-5
-    quant_weight_decay: float = 0.0
-    quant_lr_decay: float = 0.5
-    quant_lr_decay_steps: int = 1000
-    freeze_observers_after: float | None = 1.0
-    freeze_bn_after: float | None = 2.0
-
-
-@dataclass
-class TrainConf:
-    """The float-baseline recipe and the QAT recipe of a task."""
-
-    baseline: BaselineConf = field(default_factory=BaselineConf)
-    qat: QatRecipeConf = field(default_factory=QatRecipeConf)
-
-
-@dataclass
-class DetectionDataConf:
-    """A COCO-format data set (``root/annotations/instances_<split>.json``, ``root/<split>/``) and its letterbox.
-
-    Mirrors ``tasks.detection.config.DetDataConfig`` (a test keeps the two in step).
-    """
-
-    root: str | None = None
-    root_env: str | None = "COCO_ROOT"
-    generate: str | None = None
-    train_split: str = "train2017"
-    val_split: str = "val2017"
-    image_size: int = 640
-    scale_min: float = 0.6
-    flip: bool = True
-    eval_batch_size: int = 32
-    calib_size: int = 500
-    calib_batch_size: int = 32
-    train_fraction: float = 1.0
-    val_fraction: float = 1.0
-    num_workers: int = 0
-    seed: int = 0
-    n_train: int = 2000
-    n_val: int = 300
-
-
-@dataclass
-class _DetectionLoopConf:
-    """Detection-only loop settings (weight EMA, clipping, evaluation period, NMS)."""
-
-    ema: bool = True
-    ema_decay: float = 0.9998
-    ema_tau: float = 2000.0
-    grad_clip: float | None = 10.0
-    eval_every: int = 1
-    score_threshold: float = 0.001
-    iou_threshold: float = 0.65
-    max_detections: int = 100
-
-
-@dataclass
-class DetectionBaselineConf(BaselineConf, _DetectionLoopConf):
-    """The detector's float-baseline recipe (``tasks.detection.config.DetTrainConfig``)."""
-
-    epochs: int = 300
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 3.0
-
-
-@dataclass
-class DetectionQatConf(QatRecipeConf, _DetectionLoopConf):
-    """The detector's QAT recipe (``tasks.detection.config.DetQatConfig``): EMA off."""
-
-    ema: bool = False
-
-
-@dataclass
-class DetectionTrainConf:
-    """The detector's float-baseline and QAT recipes."""
-
-    baseline: DetectionBaselineConf = field(default_factory=DetectionBaselineConf)
-    qat: DetectionQatConf = field(default_factory=DetectionQatConf)
 
 
 def _spec_override_fields() -> list[tuple[str, Any, Any]]:
@@ -334,12 +173,11 @@ class RunConf:
 @dataclass
 class QuantbenchConf:
     """The primary config. ``task``, ``data`` and ``train`` differ per task kind, so
-    their files carry their own schema (``base_task``; ``base_classification`` or
-    ``base_detection``; ``base_train`` or ``base_detection_train``)."""
+    their files carry their own schema (``base_task``; ``base_<kind>``; ``base_<kind>_train``)."""
 
     task: Any = MISSING
     data: Any = MISSING
-    model: ModelConf = MISSING
+    model: ModelConfig = MISSING
     scheme: SchemeConf = MISSING
     train: Any = MISSING
     tracking: TrackingConf = MISSING
@@ -349,18 +187,38 @@ class QuantbenchConf:
 _SCHEMAS: dict[tuple[str | None, str], type] = {
     (None, "base_config"): QuantbenchConf,
     ("task", "base_task"): TaskConf,
-    ("data", "base_classification"): ClassificationDataConf,
-    ("data", "base_detection"): DetectionDataConf,
-    ("model", "base_model"): ModelConf,
+    ("model", "base_model"): ModelConfig,
     ("scheme", "base_scheme"): SchemeConf,
-    ("train", "base_train"): TrainConf,
-    ("train", "base_detection_train"): DetectionTrainConf,
     ("tracking", "base_tracking"): TrackingConf,
 }
 
 
-def register_configs() -> None:
+def _task_packages(conf_dir: Path) -> list[str]:
+    """The packages of the adapters that ``conf/task/*.yaml`` name in ``_target_`` (the project's own only)."""
+    packages = []
+    for path in sorted((conf_dir / "task").glob("*.yaml")):
+        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+        if not isinstance(target, str) or not target:
+            continue
+        if not target.startswith(TARGET_PACKAGES):
+            raise UnsafeConfigError(f"{path}: _target_={target!r} is not one of the project's classes "
+                                    f"(allowed: {', '.join(p + '*' for p in TARGET_PACKAGES)})")
+        packages.append(target.rsplit(".", 2)[0] if target.count(".") >= 2 else target.rsplit(".", 1)[0])
+    return list(dict.fromkeys(packages))
+
+
+def load_task_kinds(conf_dir: Path) -> list[str]:
+    """Import the task packages that ``conf/task`` names, so their kinds register; the kinds, sorted."""
+    for package in _task_packages(conf_dir):
+        importlib.import_module(package)
+    return TASK_KINDS.list()
+
+
+def register_configs(conf_dir: Path | None = None) -> None:
     """Store every schema in Hydra's ConfigStore (idempotent; call before composing).
+
+    The harness's own groups, ``model``, and the ``data``/``train`` schemas of
+    every task kind that ``conf_dir/task/*.yaml`` leads to.
 
     ``conf/hydra/launcher/basic.yaml`` names the launcher in conf/ and is
     validated against Hydra's own ``hydra/launcher/basic`` schema, as intended;
@@ -371,3 +229,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for (group, name), node in _SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
+    for kind in load_task_kinds(conf_dir or Path(__file__).resolve().parents[2] / "conf"):
+        schemas = TASK_KINDS.get(kind)
+        cs.store(group="data", name=f"base_{kind}", node=schemas.data)
+        cs.store(group="train", name=f"base_{kind}_train", node=schemas.train)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from quantbench.engine.spec import Config, QuantizationConfig
+from quantbench.errors import ConfigError
 
 __all__ = ["ROLES", "SchemeError", "engine_config"]
 
@@ -20,7 +21,7 @@ ROLES = ("weight", "bias", "input_tensors", "output_tensors")
 _CONFIG_FIELDS = ("fold_bn", "exclude")
 
 
-class SchemeError(ValueError):
+class SchemeError(ConfigError):
     """A scheme whose overrides do not fit its preset."""
 
 
@@ -49,7 +50,7 @@ def engine_config(scheme: Mapping[str, Any]) -> Config:
     Raises:
         SchemeError: the scheme has no preset (a float scheme), or overrides a
             role that the preset leaves in float everywhere.
-        KeyError: the preset is unknown (the engine lists the known ones).
+        UnknownNameError: the preset is unknown (a ConfigError; the engine lists close matches).
     """
     from quantbench.engine import presets
 

@@ -16,7 +16,7 @@ is not there: one line, exit 2), the store is created once (parallel jobs
 would race to create its schema), and RUNNING records left by a killed sweep
 are marked FAILED, so the jobs redo them. A local parallel sweep also puts
 QAT jobs first and trains missing float baselines with every core before the
-jobs start (:mod:`quantbench.harness.prepare`).
+jobs start (:mod:`quantbench.harness.warmup`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from quantbench.errors import BadInputError
+from quantbench.harness.callbacks import count_jobs
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, known_options
-from quantbench.harness.prepare import longest_first, sweep_values, warm_baselines
-from quantbench.harness.progress import count_jobs
 from quantbench.harness.run import check_config, resolve_threads
 from quantbench.harness.tracking import Store
+from quantbench.harness.warmup import longest_first, sweep_values, warm_baselines
 
 __all__ = ["LAUNCHERS", "SweepOutcome", "UsageError", "launch", "launcher_overrides", "sweep"]
 
@@ -45,7 +46,7 @@ _SWEEP_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _CLOCK_SLACK_MS = 1000  # runs on other nodes stamp their start with their own clocks
 
 
-class UsageError(ValueError):
+class UsageError(BadInputError):
     """A bad command line; the message names the culprit and the fix."""
 
 
@@ -177,7 +178,7 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
     store.reap_stale(str(tracking["experiment"]), stale_after_s=float(tracking["stale_after_s"]))
     params = dict(first.hydra.sweeper.params or {})
     total = count_jobs(params or None, base)
-    if "hydra/launcher=parallel" in hydra_launcher:  # N jobs on this machine: see quantbench.harness.prepare
+    if "hydra/launcher=parallel" in hydra_launcher:  # N jobs on this machine: see quantbench.harness.warmup
         values = sweep_values(params, base)
         base = [*base, *longest_first(values, first_job_overrides(base))]
         warm_baselines(first_job_overrides(base), values, store, jobs)

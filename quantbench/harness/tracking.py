@@ -39,7 +39,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from quantbench.harness.errors import ArtifactWriteError, BadInputError, TrackingUnavailableError
+from quantbench.errors import ArtifactWriteError, BadInputError, TrackingUnavailableError, one_line
 from quantbench.harness.liveness import Heartbeat, process_tags, stale_reason
 from quantbench.harness.schema import HASH_EXCLUDE
 
@@ -137,15 +137,13 @@ def _chunks(items: list, n: int = _BATCH) -> Iterator[list]:
 def error_line(exc: BaseException, typed: bool = True) -> str:
     """``Type: message`` on one line (the message alone for a bad input, or with ``typed=False``).
 
-    An error that a DataLoader worker raised arrives as "Caught X in DataLoader
-    worker ..." plus a traceback; its original message is the last line.
+    An error that a DataLoader worker raised keeps its type but arrives as
+    "Caught X in DataLoader worker ..." plus a traceback: :func:`quantbench.errors.one_line`
+    recovers the original message.
     """
-    text = str(exc)
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.partition(": ")[2] or last
+    text = one_line(exc)
     line = text if isinstance(exc, BadInputError) or not typed else f"{type(exc).__name__}: {text}"
-    return (line.splitlines() or [type(exc).__name__])[0][:_MAX_TAG_ERROR]
+    return line[:_MAX_TAG_ERROR]
 
 
 def safe_artifact_path(name: str | None) -> str | None:
@@ -233,7 +231,7 @@ class RunRecorder:
         except (OSError, BadInputError, MlflowException) as write_error:
             log.warning("could not write error.txt for run %s: %s", self.run_id, error_line(write_error))
         tags = {"status": status, "error": line}
-        if isinstance(exc, BadInputError) or type(exc).__name__ in ("DataNotFoundError", "CorruptDataError"):
+        if isinstance(exc, BadInputError):
             tags["error_kind"] = "input"
         self.set_tags(tags)
         self.client.set_terminated(self.run_id, status)

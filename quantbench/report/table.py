@@ -1,4 +1,4 @@
-"""The results table, in the format of REFERENCES.md (Model | Method | Acc@1 / Acc@5), plus
+"""The results table, in the format of AMD Quark's FX-mode results (Model | Method | Acc@1 / Acc@5), plus
 ONNX accuracy, parity, int8 speedup and quantize time; and the README block that mirrors it."""
 
 from __future__ import annotations

@@ -1,38 +1,28 @@
-"""Image classification task adapter: ImageFolder data (ImageNet, digits), models, loops.
+"""Image classification task: ImageFolder data (ImageNet, digits), models, top-k metrics.
 
-``ClassificationTask`` is what ``conf/task/*.yaml`` instantiates. The pieces are
-usable on their own: ``write_digits_imagefolder`` backs ``quantbench data
-digits``, ``build_model`` names torchvision/timm/test models, ``evaluate``
-scores any predict function with the same top-1/top-5 code.
+``ClassificationTask`` (:mod:`.adapter`) is what ``conf/task/{digits,imagenet}.yaml``
+instantiates. The pieces are usable on their own: ``write_digits_imagefolder``
+(:mod:`.data`) backs ``quantbench data digits``, ``build_model`` (:mod:`.models`)
+names torchvision/timm/test models, ``evaluate`` (:mod:`.metrics`) scores any
+predict function with the same top-1/top-5 code.
+
+Importing the package registers the ``classification`` task kind and its
+config schemas (:mod:`.config`), and nothing heavier; the rest loads on use.
 """
 
-from tasks.classification.adapter import (
-    PRESETS,
-    ClassificationTask,
-    DeviceNotAvailableError,
-    TaskPreset,
-    resolve_device,
-)
-from tasks.classification.config import DataConfig, ModelConfig, QatConfig, TrainConfig
-from tasks.classification.data import DataNotFoundError, write_digits_imagefolder
-from tasks.classification.loops import evaluate, topk_correct
-from tasks.classification.models import WeightsNotFoundError, build_model, list_models
+import importlib
+from typing import Any
 
-__all__ = [
-    "PRESETS",
-    "ClassificationTask",
-    "DataConfig",
-    "DataNotFoundError",
-    "DeviceNotAvailableError",
-    "ModelConfig",
-    "QatConfig",
-    "TaskPreset",
-    "TrainConfig",
-    "WeightsNotFoundError",
-    "build_model",
-    "evaluate",
-    "list_models",
-    "resolve_device",
-    "topk_correct",
-    "write_digits_imagefolder",
-]
+from tasks.classification.config import DataConfig
+
+__all__ = ["ClassificationTask", "DataConfig", "build_model", "evaluate", "list_models", "topk_correct",
+           "write_digits_imagefolder"]
+
+_LAZY = {"ClassificationTask": "adapter", "build_model": "models", "list_models": "models",
+         "evaluate": "metrics", "topk_correct": "metrics", "write_digits_imagefolder": "data"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,11 +1,13 @@
 """``ClassificationTask``: the harness's view of an ImageFolder classification task.
 
-It implements :class:`quantbench.harness.protocol.TaskAdapter`. Hydra builds it
-from ``conf/task/*.yaml`` (``_target_: tasks.classification.adapter.ClassificationTask``)
-with nested mappings, which are converted to the plain dataclasses of
-:mod:`tasks.classification.config` here, on top of the named task's preset.
-Data sets are opened lazily, so constructing a task is cheap and a missing
-data set fails at first use with one line (:class:`DataNotFoundError`).
+It implements :class:`quantbench.training.TaskAdapter`. Hydra builds it from
+``conf/task/*.yaml`` (``_target_: tasks.classification.adapter.ClassificationTask``)
+with the resolved ``data``, ``model`` and recipe groups as nested mappings,
+which become the dataclasses of :mod:`tasks.classification.config` and
+:mod:`quantbench.training.config` here. Every value comes from the config:
+there are no per-task presets in code. Data sets are opened lazily, so
+constructing a task is cheap and a missing data set fails at first use with
+one line (:class:`~quantbench.errors.DataNotFoundError`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,78 +24,33 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from quantbench.harness import distributed
-from quantbench.harness.protocol import PredictFn, TrainResult
+from quantbench.training import (
+    BaselineCache,
+    CalibrationBatches,
+    DataError,
+    LoopConfig,
+    ModelConfig,
+    PredictFn,
+    QatConfig,
+    TrainResult,
+    baseline_payload,
+    calibration_subset,
+    coerce,
+    distributed,
+    fraction_subset,
+    module_device,
+    resolve_device,
+    train_float,
+    train_qat,
+)
 from tasks.classification import data as data_lib
-from tasks.classification.cache import BaselineCache, baseline_payload
-from tasks.classification.config import DataConfig, LoopConfig, ModelConfig, QatConfig, TrainConfig, coerce
-from tasks.classification.loops import CalibrationBatches, evaluate
+from tasks.classification.config import DataConfig
+from tasks.classification.metrics import CrossEntropyObjective, evaluate
 from tasks.classification.models import build_model
-from tasks.classification.recipes import train_float, train_qat
 
-__all__ = ["PRESETS", "ClassificationTask", "DeviceNotAvailableError", "TaskPreset", "resolve_device"]
+__all__ = ["ClassificationTask"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TaskPreset:
-    """Defaults of a named task; the config passed to the task overrides them key by key."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    qat: QatConfig = field(default_factory=QatConfig)
-
-
-PRESETS: dict[str, TaskPreset] = {
-    # ImageNet: torchvision's transforms and its SGD baseline recipe (used only without pretrained weights).
-    "imagenet": TaskPreset(
-        data=DataConfig(root_env="IMAGENET_ROOT", num_workers=8),
-        model=ModelConfig(num_classes=1000, pretrained=True),
-        train=TrainConfig(
-            epochs=90, batch_size=256, optimizer="sgd", lr=0.1, weight_decay=1e-4, warmup_epochs=0.0
-        ),
-    ),
-    # digits: sklearn's 8x8 digits written as a 32x32 ImageFolder tree on first use (data/digits).
-    "digits": TaskPreset(
-        data=DataConfig(
-            root="data/digits",
-            root_env=None,
-            generate="digits",
-            resize_size=32,
-            image_size=32,
-            train_augment="pad_crop",
-            pad=4,
-        ),
-        qat=QatConfig(batch_size=64, lr=1e-4, quant_lr=1e-3),
-    ),
-}
-
-
-class DeviceNotAvailableError(RuntimeError):
-    """The requested device does not exist on this machine (one-line message)."""
-
-
-def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``/``"cuda[:i]"`` as given, checked."""
-    if spec in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceNotAvailableError(
-            f"device={str(spec)!r} was requested but this torch ({torch.__version__}) sees no CUDA device; "
-            "use device=cpu or device=auto"
-        )
-    return device
-
-
-def _module_device(obj: Any) -> torch.device:
-    """Where a model's tensors live (CPU for plain callables such as an onnxruntime predict)."""
-    if isinstance(obj, nn.Module):
-        for tensor in (*obj.parameters(), *obj.buffers()):
-            return tensor.device
-    return torch.device("cpu")
 
 
 @dataclass
@@ -108,12 +65,12 @@ class ClassificationTask:
     """ImageFolder classification (ImageNet, the embedded digits) for the harness.
 
     Args:
-        name: Task name; selects a preset in :data:`PRESETS` (``digits``,
-            ``imagenet``); other names start from the plain dataclass defaults.
-        data: :class:`DataConfig` or a mapping of overrides.
-        model: :class:`ModelConfig` or a mapping of overrides.
-        train: Float-baseline :class:`TrainConfig` or a mapping of overrides.
-        qat: :class:`QatConfig` or a mapping of overrides.
+        name: Task name (``digits``, ``imagenet``): the experiment and the cache entries' prefix.
+        data: :class:`DataConfig` or a mapping (``conf/data/<task>.yaml``).
+        model: :class:`~quantbench.training.ModelConfig` or a mapping (``conf/model/*.yaml``).
+        train: Float-baseline :class:`~quantbench.training.LoopConfig` or a mapping
+            (``train.baseline`` of ``conf/train/<task>.yaml``).
+        qat: :class:`~quantbench.training.QatConfig` or a mapping (``train.qat``).
         cache_dir: Where trained float baselines are cached (``<cache_dir>/baselines``).
         device: ``auto``, ``cpu`` or ``cuda[:i]``; where training runs. Under
             ``torchrun`` the task joins the process group (gloo on CPU, nccl
@@ -128,17 +85,16 @@ class ClassificationTask:
         name: str = "digits",
         data: DataConfig | dict | None = None,
         model: ModelConfig | dict | None = None,
-        train: TrainConfig | dict | None = None,
+        train: LoopConfig | dict | None = None,
         qat: QatConfig | dict | None = None,
         cache_dir: str | os.PathLike = ".cache/quantbench",
         device: str = "auto",
     ) -> None:
-        preset = PRESETS.get(name, TaskPreset())
         self.name = name
-        self.data_config = coerce(DataConfig, data, preset.data)
-        self.model_config = coerce(ModelConfig, model, preset.model)
-        self.train_config = coerce(TrainConfig, train, preset.train)
-        self.qat_config = coerce(QatConfig, qat, preset.qat)
+        self.data_config = coerce(DataConfig, data)
+        self.model_config = coerce(ModelConfig, model)
+        self.train_config = coerce(LoopConfig, train)
+        self.qat_config = coerce(QatConfig, qat)
         self.cache_dir = Path(cache_dir).expanduser()
         self.device = resolve_device(device)
         distributed.init_from_env(self.device)
@@ -156,12 +112,13 @@ class ClassificationTask:
         train = data_lib.image_folder(root, "train", data_lib.train_transform(cfg), cfg.on_corrupt)
         val = data_lib.image_folder(root, "val", data_lib.eval_transform(cfg), cfg.on_corrupt)
         if train.classes != val.classes:
-            raise ValueError(f"{root}: train/ and val/ have different class folders; labels would not match")
+            raise DataError(f"{root}: train/ and val/ have different class folders, so labels would not match; "
+                            "give both splits the same class folders")
         calib_source = data_lib.with_transform(train, data_lib.eval_transform(cfg))
         splits = _Splits(
-            train=data_lib.fraction_subset(train, cfg.train_fraction, cfg.seed),
-            val=data_lib.fraction_subset(val, cfg.val_fraction, cfg.seed),
-            calib=data_lib.calibration_subset(calib_source, cfg.calib_size, cfg.seed),
+            train=fraction_subset(train, cfg.train_fraction, cfg.seed),
+            val=fraction_subset(val, cfg.val_fraction, cfg.seed),
+            calib=calibration_subset(calib_source, cfg.calib_size, cfg.seed),
             classes=list(train.classes),
         )
         log.info(
@@ -175,7 +132,7 @@ class ClassificationTask:
         )
         return splits
 
-    def prepare(self) -> None:
+    def load_data(self) -> None:
         """Open the data set now (writing a generated tree such as digits if missing).
 
         Raises:
@@ -233,7 +190,7 @@ class ClassificationTask:
         mode first), or any callable such as an onnxruntime predict function
         (CPU tensors in).
         """
-        return evaluate(predict, self.val_loader(), device=_module_device(predict), desc=desc)
+        return evaluate(predict, self.val_loader(), device=module_device(predict), desc=desc)
 
     def build_model(self, model: ModelConfig | dict | None = None) -> nn.Module:
         """The float model on the CPU in eval mode.
@@ -243,7 +200,7 @@ class ClassificationTask:
         cache miss; ``train.epochs=0`` keeps the seeded random init).
         """
         cfg = coerce(ModelConfig, model, self.model_config)
-        self.prepare()  # a missing data set is the first thing to report, before weights or training
+        self.load_data()  # a missing data set is the first thing to report, before weights or training
         if cfg.checkpoint or cfg.pretrained:
             return build_model(cfg.name, self._num_classes(cfg), cfg.pretrained, cfg.checkpoint, **cfg.kwargs)
         return self._float_baseline(cfg)
@@ -286,13 +243,20 @@ class ClassificationTask:
         )
 
     def train(self, model: nn.Module, recipe: Any = None, *, qat: bool) -> TrainResult:
-        """Float-baseline (``qat=False``) or QAT training; ``recipe`` overrides the task's.
+        """Float-baseline (``qat=False``) or QAT training through the training layer's one loop.
 
-        Raises:
-            NotImplementedError: ``qat=True`` before the engine has QAT support.
+        ``recipe`` (a dataclass or a mapping) replaces the task's recipe; the
+        best validation top-1 checkpoint is kept.
         """
-        if qat:
-            cfg = coerce(QatConfig, recipe, self.qat_config)
-            return train_qat(model, self.train_loader(cfg), self.val_loader(), cfg, self.device)
-        cfg = coerce(TrainConfig, recipe, self.train_config)
-        return train_float(model, self.train_loader(cfg), self.val_loader(), cfg, self.device)
+        cfg: LoopConfig = coerce(QatConfig, recipe, self.qat_config) if qat else coerce(LoopConfig, recipe,
+                                                                                        self.train_config)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        desc = "qat" if qat else "float"
+
+        def validate(m: nn.Module) -> dict[str, float]:
+            return evaluate(lambda x: m(x.contiguous(memory_format=fmt)), self.val_loader(), device=self.device,
+                            desc=f"{desc} val")
+
+        trainer = train_qat if qat else train_float
+        return trainer(model, self.train_loader(cfg), cfg, objective=CrossEntropyObjective(cfg.label_smoothing,
+                       cfg.channels_last), validate=validate, monitor=self.primary_metric, device=self.device)

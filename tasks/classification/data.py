@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets, transforms
 
-from quantbench.harness import protocol
-from quantbench.harness.distributed import EpochSeeded, ShardSampler
+from quantbench.errors import CorruptDataError, DataNotFoundError
+from quantbench.registry import Registry
+from quantbench.training import data as shared
 from tasks.classification.config import DataConfig
 
 __all__ = [
@@ -33,10 +33,8 @@ __all__ = [
     "DataNotFoundError",
     "GENERATORS",
     "TRAIN_AUGMENTS",
-    "calibration_subset",
     "ensure_tree",
     "eval_transform",
-    "fraction_subset",
     "image_folder",
     "make_loader",
     "resolve_root",
@@ -47,19 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class DataNotFoundError(protocol.DataNotFoundError):
-    """The data set is not where the config says; the message is one line.
-
-    A ``FileNotFoundError`` via the harness's own class, which the harness
-    turns into exit code 2, printing the message as is: so the message says
-    what to set (``data.root``, the env variable) and what to try.
-    """
-
-
-class CorruptDataError(protocol.CorruptDataError):
-    """An image of the data set does not decode (``data.on_corrupt=fail``); the message names it."""
 
 
 def _normalize(cfg: DataConfig) -> list[Callable]:
@@ -107,22 +92,18 @@ def _affine(cfg: DataConfig) -> transforms.Compose:
     )
 
 
-TRAIN_AUGMENTS: dict[str, Callable[[DataConfig], transforms.Compose]] = {
-    "random_resized_crop": _random_resized_crop,
-    "pad_crop": _pad_crop,
-    "affine": _affine,
-    "none": eval_transform,
-}
+#: ``data.train_augment`` name -> transform builder.
+TRAIN_AUGMENTS: Registry[Callable[[DataConfig], transforms.Compose]] = Registry(
+    "train augmentation", hint="(data.train_augment)")
+TRAIN_AUGMENTS.add("random_resized_crop", _random_resized_crop)
+TRAIN_AUGMENTS.add("pad_crop", _pad_crop)
+TRAIN_AUGMENTS.add("affine", _affine)
+TRAIN_AUGMENTS.add("none", eval_transform)
 
 
 def train_transform(cfg: DataConfig) -> transforms.Compose:
     """The training transform named by ``cfg.train_augment``."""
-    try:
-        return TRAIN_AUGMENTS[cfg.train_augment](cfg)
-    except KeyError:
-        raise ValueError(
-            f"unknown data.train_augment {cfg.train_augment!r}; known: {sorted(TRAIN_AUGMENTS)}"
-        ) from None
+    return TRAIN_AUGMENTS.get(cfg.train_augment)(cfg)
 
 
 def resolve_root(cfg: DataConfig) -> Path | None:
@@ -148,11 +129,10 @@ def ensure_tree(cfg: DataConfig, task: str) -> Path:
     """
     root = resolve_root(cfg)
     if root is not None and not root.exists() and cfg.generate:
-        if cfg.generate not in GENERATORS:
-            raise ValueError(f"unknown data.generate {cfg.generate!r}; known: {sorted(GENERATORS)}")
+        generate = GENERATORS.get(cfg.generate)
         log.info("writing the %s ImageFolder tree to %s", cfg.generate, root)
         try:
-            GENERATORS[cfg.generate](root, size=cfg.image_size, seed=cfg.seed)
+            generate(root, size=cfg.image_size, seed=cfg.seed)
         except OSError:
             if not root.is_dir():  # another process may have renamed its copy into place first
                 raise
@@ -228,64 +208,11 @@ def with_transform(dataset: datasets.ImageFolder, transform: Callable) -> datase
     return clone
 
 
-def _seeded_indices(n: int, k: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=generator)[:k].tolist())
-
-
-def fraction_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
-    """A seeded random ``fraction`` of ``dataset`` (all of it when 1.0)."""
-    if fraction >= 1.0:
-        return dataset
-    n = len(dataset)
-    return Subset(dataset, _seeded_indices(n, max(1, round(n * fraction)), seed))
-
-
-def calibration_subset(dataset: Dataset, size: int, seed: int) -> Subset:
-    """``size`` seeded images of ``dataset`` (fewer if it is smaller), in file order."""
-    n = len(dataset)
-    return Subset(dataset, _seeded_indices(n, min(size, n), seed))
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int,
-    num_workers: int = 0,
-    pin_memory=False,
-    shard: bool = False,
-) -> DataLoader:
-    """A DataLoader whose order and augmentation follow ``seed`` (and the epoch).
-
-    Shuffled (training) loaders take this rank's equal share of a seeded
-    per-epoch permutation (:class:`ShardSampler`; call ``set_epoch``), and draw
-    each sample's augmentation from (seed, epoch, index) (:class:`EpochSeeded`),
-    so a run resumed mid-epoch, or run by several processes, sees the same
-    images transformed the same way. They drop the last partial batch when
-    there is at least one full batch: a trailing batch of one breaks BatchNorm
-    in training mode, and odd-sized channels-last batches crashed torch 2.13's
-    CPU conv backward. ``shard=True`` gives an unshuffled loader this rank's
-    disjoint share (evaluation under torchrun; counts are then summed).
-    """
-    sampler = None
-    if shuffle:
-        sampler = ShardSampler(len(dataset), shuffle=True, seed=seed, even=True, with_epoch=True)
-        dataset = EpochSeeded(dataset, seed)
-    elif shard:
-        sampler = ShardSampler(len(dataset), shuffle=False, even=False)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=shuffle and len(sampler) > batch_size,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        collate_fn=skip_missing_collate,
-    )
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
+                pin_memory: bool = False, shard: bool = False) -> DataLoader:
+    """:func:`quantbench.training.data.make_loader` with :func:`skip_missing_collate` (corrupt images skipped)."""
+    return shared.make_loader(dataset, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
+                              pin_memory=pin_memory, shard=shard, collate_fn=skip_missing_collate)
 
 
 def _digit_image(pixels: np.ndarray, size: int) -> Image.Image:
@@ -341,4 +268,6 @@ def write_digits_imagefolder(
     return out
 
 
-GENERATORS: dict[str, Callable[..., Path]] = {"digits": write_digits_imagefolder}
+#: ``data.generate`` name -> writer of an ImageFolder tree.
+GENERATORS: Registry[Callable[..., Path]] = Registry("data generator", hint="(data.generate)")
+GENERATORS.add("digits", write_digits_imagefolder)

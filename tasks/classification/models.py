@@ -26,10 +26,12 @@ from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock
 
+from quantbench.errors import WeightsNotFoundError
+from quantbench.registry import Registry, UnknownNameError, suggest
+
 __all__ = [
     "MODELS",
     "SOURCES",
-    "ModelRegistry",
     "WeightsNotFoundError",
     "build_model",
     "list_models",
@@ -41,39 +43,9 @@ log = logging.getLogger(__name__)
 Builder = Callable[..., nn.Module]
 
 
-class WeightsNotFoundError(FileNotFoundError):
-    """Weights could not be found or fetched; the message is one line that says how to supply them."""
-
-
-class ModelRegistry:
-    """Name -> model constructor. The name is the function's; duplicates raise."""
-
-    def __init__(self) -> None:
-        self._builders: dict[str, Builder] = {}
-
-    def register(self, fn: Builder) -> Builder:
-        """Decorator: register ``fn`` under ``fn.__name__``."""
-        if fn.__name__ in self._builders:
-            raise ValueError(f"model {fn.__name__!r} is already registered")
-        self._builders[fn.__name__] = fn
-        return fn
-
-    def names(self, pattern: str = "*") -> list[str]:
-        """Registered names matching the shell-style ``pattern``."""
-        return sorted(fnmatch.filter(self._builders, pattern))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._builders
-
-    def get(self, name: str) -> Builder:
-        """The builder of ``name``; an unknown name raises a KeyError listing the known ones."""
-        try:
-            return self._builders[name]
-        except KeyError:
-            raise KeyError(f"unknown model {name!r}; known: {self.names()}") from None
-
-
-MODELS = ModelRegistry()
+#: ``test_*`` and other local classification models, by function name.
+MODELS: Registry[Builder] = Registry("classification model", hint="(model.name: also any torchvision name, "
+                                     "or timm:<name>)")
 
 
 def _weights_hint(name: str, where: str, reason: BaseException) -> WeightsNotFoundError:
@@ -95,7 +67,8 @@ def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 def _torchvision(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        raise KeyError(f"unknown torchvision model {name!r}; known: {known}")
+        raise UnknownNameError(suggest(name, known, "torchvision model",
+                                       hint="(local models: " + ", ".join(MODELS.list()) + "; timm: timm:<name>)"))
     if not pretrained:
         return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -111,7 +84,7 @@ def _timm(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
-        raise KeyError(f"unknown timm model {name!r}; see timm.list_models()")
+        raise UnknownNameError(suggest(name, timm.list_models(), "timm model"))
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except Exception as exc:  # huggingface_hub raises non-OSError http errors too
@@ -129,15 +102,18 @@ def _registered(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.M
     return MODELS.get(name)(num_classes=num_classes, **kwargs)
 
 
-SOURCES: dict[str, Builder] = {"tv": _torchvision, "timm": _timm, "local": _registered}
+#: ``<source>:<name>`` prefixes of ``model.name``.
+SOURCES: Registry[Builder] = Registry("model source", hint="(model.name=<source>:<name>)")
+SOURCES.add("tv", _torchvision)
+SOURCES.add("timm", _timm)
+SOURCES.add("local", _registered)
 
 
 def _split(name: str) -> tuple[str, str]:
     """``"timm:x"`` -> ``("timm", "x")``; a bare name is local if registered, else torchvision."""
     prefix, sep, rest = name.partition(":")
     if sep:
-        if prefix not in SOURCES:
-            raise KeyError(f"unknown model source {prefix!r} in {name!r}; known: {sorted(SOURCES)}")
+        SOURCES.get(prefix)
         return prefix, rest
     return ("local" if name in MODELS else "tv"), name
 
@@ -145,7 +121,7 @@ def _split(name: str) -> tuple[str, str]:
 def list_models(pattern: str = "*") -> list[str]:
     """Local and torchvision names matching ``pattern`` (timm: ``timm.list_models``)."""
     tv = torchvision.models.list_models(module=torchvision.models)
-    return sorted(set(MODELS.names(pattern)) | set(fnmatch.filter(tv, pattern)))
+    return sorted(set(MODELS.list(pattern)) | set(fnmatch.filter(tv, pattern)))
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -184,13 +160,13 @@ def build_model(
         **kwargs: Passed to the model constructor.
 
     Raises:
-        KeyError: Unknown name (the message lists the known ones).
+        UnknownNameError: Unknown name (a ConfigError; the message lists close matches).
         WeightsNotFoundError: Weights missing; a one-line message.
     """
     source, bare = _split(name)
     if checkpoint and pretrained:
         log.info("model.checkpoint given: not loading the library's pretrained weights")
-    model = SOURCES[source](bare, num_classes, pretrained and not checkpoint, **kwargs)
+    model = SOURCES.get(source)(bare, num_classes, pretrained and not checkpoint, **kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model.eval()

@@ -1,9 +1,9 @@
 """``DetectionTask``: the harness's view of a COCO-format detection task (COCO, the embedded shapes).
 
-It implements :class:`quantbench.harness.protocol.TaskAdapter`. Hydra builds it
+It implements :class:`quantbench.training.TaskAdapter`. Hydra builds it
 from ``conf/task/{shapes,coco}.yaml`` with nested mappings, which become the
-dataclasses of :mod:`tasks.detection.config` on top of the named task's
-preset. Data sets open lazily: a missing COCO fails at first use with one line.
+dataclasses of :mod:`tasks.detection.config` (every value comes from the
+config; there are no per-task presets in code). Data sets open lazily: a missing COCO fails at first use with one line.
 
 The float model is the YOLO-NAS-style detector, trained once per config and
 cached (no pretrained weights exist for it), then re-parameterised: what the
@@ -13,7 +13,7 @@ pycocotools' COCOeval, for the float model, the fake-quant graph and an
 onnxruntime session alike.
 
 Under torchrun every rank trains on its share of each epoch (a seeded
-:class:`~quantbench.harness.distributed.ShardSampler`, augmentation drawn per
+:class:`~quantbench.training.distributed.ShardSampler`, augmentation drawn per
 sample from (seed, epoch, index)); rank 0 writes the generated data set and
 the baseline cache. A float baseline being trained keeps a resumable
 checkpoint next to its cache entry until it is cached.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -33,62 +32,44 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from quantbench.engine.progress import progress
-from quantbench.harness import distributed
-from quantbench.harness.distributed import EpochSeeded, ShardSampler
-from quantbench.harness.protocol import PredictFn, TrainResult
-from tasks.classification.adapter import _module_device, resolve_device
-from tasks.classification.cache import BaselineCache, baseline_payload
-from tasks.classification.loops import CalibrationBatches
+from quantbench.progress import progress
+from quantbench.training import (
+    BaselineCache,
+    CalibrationBatches,
+    ModelConfig,
+    PredictFn,
+    TrainResult,
+    WeightsNotFoundError,
+    baseline_payload,
+    calibration_subset,
+    coerce,
+    distributed,
+    module_device,
+    resolve_device,
+    train_float,
+    train_qat,
+)
 from tasks.detection import data as data_lib
-from tasks.detection.config import DetDataConfig, DetModelConfig, DetQatConfig, DetTrainConfig, coerce
+from tasks.detection.config import DetDataConfig, DetQatConfig, DetTrainConfig
 from tasks.detection.evaluate import CocoEvaluator
-from tasks.detection.loss import DetectionLoss, LossConfig
+from tasks.detection.loss import DetectionLoss, DetectionObjective, LossConfig
 from tasks.detection.model import DEFAULT_REG_MAX, YoloNASLike, build_detector
 from tasks.detection.postprocess import Anchors, NmsConfig, make_anchors, postprocess
-from tasks.detection.train import train_float, train_qat
 
-__all__ = ["PRESETS", "DetectionTask", "TaskPreset"]
+__all__ = ["DetectionTask"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TaskPreset:
-    """Defaults of a named task; the config passed to the task overrides them key by key."""
-
-    data: DetDataConfig = field(default_factory=DetDataConfig)
-    model: DetModelConfig = field(default_factory=DetModelConfig)
-    train: DetTrainConfig = field(default_factory=DetTrainConfig)
-    qat: DetQatConfig = field(default_factory=DetQatConfig)
-
-
-PRESETS: dict[str, TaskPreset] = {
-    "coco": TaskPreset(
-        data=DetDataConfig(root_env="COCO_ROOT", image_size=640, num_workers=8),
-        model=DetModelConfig(name="yolo_nas_small", kwargs={"reg_max": 16}),
-        qat=DetQatConfig(batch_size=24),
-    ),
-    # shapes: the measured recipe of conf/train/shapes.yaml (30 epochs reach mAP ~0.69 in ~8 min on 2 cores).
-    "shapes": TaskPreset(
-        data=DetDataConfig(root="data/shapes", root_env=None, generate="shapes", train_split="train",
-                           val_split="val", image_size=128, eval_batch_size=64, calib_size=256),
-        model=DetModelConfig(name="yolo_nas_nano"),
-        train=DetTrainConfig(epochs=30, lr=3e-3, ema_tau=200.0, eval_every=5),
-        qat=DetQatConfig(batch_size=32, lr=3e-5, quant_lr=1e-3),
-    ),
-}
 
 
 class DetectionTask:
     """COCO-format object detection (COCO 2017, the embedded shapes set) for the harness.
 
     Args:
-        name: Task name; selects a preset in :data:`PRESETS` (``shapes``, ``coco``).
-        data: :class:`DetDataConfig` or a mapping of overrides.
-        model: :class:`DetModelConfig` or a mapping of overrides.
-        train: Float-baseline :class:`DetTrainConfig` or a mapping of overrides.
-        qat: :class:`DetQatConfig` or a mapping of overrides.
+        name: Task name (``shapes``, ``coco``): the experiment and the cache entries' prefix.
+        data: :class:`DetDataConfig` or a mapping (``conf/data/<task>.yaml``).
+        model: :class:`~quantbench.training.ModelConfig` or a mapping (``conf/model/yolo_nas_*.yaml``).
+        train: Float-baseline :class:`DetTrainConfig` or a mapping (``train.baseline``).
+        qat: :class:`DetQatConfig` or a mapping (``train.qat``).
         cache_dir: Where trained float baselines are cached (``<cache_dir>/baselines``).
         device: ``auto``, ``cpu`` or ``cuda[:i]``; where training runs.
     """
@@ -99,18 +80,17 @@ class DetectionTask:
         self,
         name: str = "shapes",
         data: DetDataConfig | dict | None = None,
-        model: DetModelConfig | dict | None = None,
+        model: ModelConfig | dict | None = None,
         train: DetTrainConfig | dict | None = None,
         qat: DetQatConfig | dict | None = None,
         cache_dir: str | os.PathLike = ".cache/quantbench",
         device: str = "auto",
     ) -> None:
-        preset = PRESETS.get(name, TaskPreset())
         self.name = name
-        self.data_config = coerce(DetDataConfig, data, preset.data)
-        self.model_config = coerce(DetModelConfig, model, preset.model)
-        self.train_config = coerce(DetTrainConfig, train, preset.train)
-        self.qat_config = coerce(DetQatConfig, qat, preset.qat)
+        self.data_config = coerce(DetDataConfig, data)
+        self.model_config = coerce(ModelConfig, model, ModelConfig(name="yolo_nas_nano"))
+        self.train_config = coerce(DetTrainConfig, train)
+        self.qat_config = coerce(DetQatConfig, qat)
         self.cache_dir = Path(cache_dir).expanduser()
         self.device = resolve_device(device)
         distributed.init_from_env(self.device)
@@ -147,7 +127,7 @@ class DetectionTask:
                  len(val.class_names), self._root)
         return val
 
-    def prepare(self) -> None:
+    def load_data(self) -> None:
         """Open the data set now (writing the generated shapes set if missing).
 
         Raises:
@@ -159,28 +139,19 @@ class DetectionTask:
     def class_names(self) -> list[str]:
         return list(self._val_set.class_names)
 
-    def _num_classes(self, cfg: DetModelConfig) -> int:
+    def _num_classes(self, cfg: ModelConfig) -> int:
         return cfg.num_classes if cfg.num_classes is not None else len(self.class_names)
 
     def _loader(self, dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
-        """A DataLoader with :func:`collate`; a shuffled one is sharded and seeded per epoch.
+        """A seeded loader (:func:`quantbench.training.make_loader`); a shuffled one is sharded per rank.
 
-        A shuffled (training) loader takes this rank's share of a per-epoch
-        permutation and draws each sample's augmentation from (seed, epoch,
-        index), so a resumed or data-parallel run sees the same images
-        transformed the same way (call ``sampler.set_epoch``). It drops the
-        last partial batch when there is a full one: a trailing batch of one
-        breaks BatchNorm in training mode.
+        Call ``sampler.set_epoch``: a training loader draws this rank's share of
+        a per-epoch permutation and each sample's augmentation from (seed,
+        epoch, index), so a resumed or data-parallel run sees the same images
+        transformed the same way. Validation is not sharded: rank 0 scores it.
         """
-        sampler = None
-        if shuffle:
-            sampler = ShardSampler(len(dataset), shuffle=True, seed=seed, even=True, with_epoch=True)
-            dataset = EpochSeeded(dataset, seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                          drop_last=sampler is not None and len(sampler) > batch_size,
-                          num_workers=self.data_config.num_workers, collate_fn=data_lib.collate,
-                          generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda",
-                          persistent_workers=self.data_config.num_workers > 0)
+        return data_lib.make_loader(dataset, batch_size, shuffle=shuffle, seed=seed,
+                                    num_workers=self.data_config.num_workers, pin_memory=self.device.type == "cuda")
 
     def train_loader(self, recipe: DetTrainConfig | DetQatConfig | None = None) -> DataLoader:
         """Shuffled, augmented training batches of ``recipe.batch_size`` (per rank under torchrun)."""
@@ -194,9 +165,7 @@ class DetectionTask:
     def calib_loader(self) -> CalibrationBatches:
         """Input batches of a seeded subset of train (letterbox only, no augmentation), re-iterable."""
         cfg = self.data_config
-        n = len(self._train_eval_set)
-        indices = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: min(cfg.calib_size, n)]
-        subset = torch.utils.data.Subset(self._train_eval_set, sorted(indices.tolist()))
+        subset = calibration_subset(self._train_eval_set, cfg.calib_size, cfg.seed)
         return CalibrationBatches(self._loader(subset, cfg.calib_batch_size, shuffle=False, seed=0))
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -230,7 +199,7 @@ class DetectionTask:
         return self._evaluate(predict, self._nms(), desc)
 
     def _evaluate(self, predict: PredictFn, nms: NmsConfig, desc: str) -> dict[str, float]:
-        device = _module_device(predict)
+        device = module_device(predict)
         anchors = self.anchors()
         evaluator = CocoEvaluator(self._val_set)
         loader = self.val_loader()
@@ -242,7 +211,7 @@ class DetectionTask:
         return evaluator.compute()
 
     # --------------------------------------------------------------- models
-    def build_model(self, model: DetModelConfig | dict | None = None) -> nn.Module:
+    def build_model(self, model: ModelConfig | dict | None = None) -> nn.Module:
         """The deploy-form (re-parameterised) float detector on the CPU in eval mode.
 
         Weights: a local checkpoint (training form), else the cached float
@@ -252,10 +221,10 @@ class DetectionTask:
         Raises:
             ValueError: ``pretrained=true``: no library weights exist for this detector.
         """
-        cfg = coerce(DetModelConfig, model, self.model_config)
-        self.prepare()  # a missing data set is the first thing to report
+        cfg = coerce(ModelConfig, model, self.model_config)
+        self.load_data()  # a missing data set is the first thing to report
         if cfg.pretrained:
-            raise ValueError(f"model.pretrained=true: there are no published weights for {cfg.name}; "
+            raise WeightsNotFoundError(f"model.pretrained=true: there are no published weights for {cfg.name}; "
                              "set model.checkpoint=PATH or let the task train its float baseline")
         if cfg.checkpoint:
             net = build_detector(cfg.name, self._num_classes(cfg), cfg.checkpoint, **cfg.kwargs)
@@ -263,11 +232,11 @@ class DetectionTask:
             net = self._float_baseline(cfg)
         return net.eval().reparameterize()
 
-    def _fresh_model(self, cfg: DetModelConfig) -> YoloNASLike:
+    def _fresh_model(self, cfg: ModelConfig) -> YoloNASLike:
         torch.manual_seed(self.train_config.seed)
         return build_detector(cfg.name, self._num_classes(cfg), **cfg.kwargs)
 
-    def _float_baseline(self, cfg: DetModelConfig) -> YoloNASLike:
+    def _float_baseline(self, cfg: ModelConfig) -> YoloNASLike:
         recipe = self.train_config
         if recipe.steps is None and recipe.epochs == 0:
             return self._fresh_model(cfg)
@@ -275,7 +244,7 @@ class DetectionTask:
         return cache.load_or_train(lambda: self._fresh_model(cfg), lambda m, r: self.train(m, r, qat=False),
                                    recipe, "val_map50_95")  # type: ignore[return-value]
 
-    def baseline_key(self, cfg: DetModelConfig | None = None) -> dict[str, Any]:
+    def baseline_key(self, cfg: ModelConfig | None = None) -> dict[str, Any]:
         """What determines a trained baseline: model, data identity and preprocessing, recipe."""
         cfg = cfg or self.model_config
         skip = {"root", "root_env", "generate", "num_workers", "eval_batch_size", "calib_size", "calib_batch_size",
@@ -291,20 +260,20 @@ class DetectionTask:
         return DetectionLoss(self.anchors(), self.reg_max, cfg or LossConfig())
 
     def train(self, model: nn.Module, recipe: Any = None, *, qat: bool) -> TrainResult:
-        """Float-baseline (``qat=False``) or QAT training; ``recipe`` overrides the task's.
+        """Float-baseline (``qat=False``) or QAT training through the training layer's one loop.
 
-        Validation inside training uses the NMS settings of the recipe and
-        keeps the best mAP@0.5:0.95 checkpoint.
+        ``recipe`` (a dataclass or a mapping) replaces the task's recipe.
+        Validation inside training uses the recipe's NMS settings, runs on rank
+        0 (pycocotools' state does not shard) and keeps the best mAP@0.5:0.95
+        checkpoint on every rank.
         """
-        if qat:
-            cfg = coerce(DetQatConfig, recipe, self.qat_config)
-            trainer = train_qat
-        else:
-            cfg = coerce(DetTrainConfig, recipe, self.train_config)
-            trainer = train_float
+        cfg: DetTrainConfig | DetQatConfig = (coerce(DetQatConfig, recipe, self.qat_config) if qat
+                                              else coerce(DetTrainConfig, recipe, self.train_config))
         nms = self._nms(cfg)
 
-        def evaluate(m: nn.Module) -> dict[str, float]:
-            return self._evaluate(m, nms, "val")
+        def validate(m: nn.Module) -> dict[str, float]:
+            return distributed.main_rank_result(lambda: self._evaluate(m, nms, "val"))
 
-        return trainer(model, self.train_loader(cfg), evaluate, self.loss(), cfg, self.device)
+        trainer = train_qat if qat else train_float
+        return trainer(model, self.train_loader(cfg), cfg, objective=DetectionObjective(self.loss()),  # type: ignore[arg-type]
+                       validate=validate, monitor=self.primary_metric, device=self.device)

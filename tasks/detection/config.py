@@ -1,20 +1,24 @@
-"""Plain dataclasses that configure the detection adapter.
+"""The detection task's config: the schemas of ``conf/data/{shapes,coco}.yaml`` and ``conf/train/{shapes,coco}.yaml``.
 
-As in classification, Hydra (or a test) passes nested mappings and
-:func:`tasks.classification.config.coerce` turns them into these frozen
-dataclasses at the boundary, so an unknown key fails with its name.
+Importing this module registers the ``detection`` task kind
+(:data:`quantbench.training.TASK_KINDS`) with the dataclasses it owns. The
+recipes are the training layer's (:class:`~quantbench.training.LoopConfig`,
+:class:`~quantbench.training.QatConfig`) plus the non-maximum suppression
+that validation during training uses. The values live in ``conf/*.yaml`` only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tasks.classification.config import ModelConfig, QatConfig, TrainConfig, coerce
+from quantbench.errors import ConfigError
+from quantbench.training.config import LoopConfig, QatConfig
+from quantbench.training.tasks import TASK_KINDS, TaskKind
 
-__all__ = ["DetDataConfig", "DetModelConfig", "DetQatConfig", "DetTrainConfig", "coerce"]
+__all__ = ["DetDataConfig", "DetQatConfig", "DetTrainConfig", "DetectionTrainConfig"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class DetDataConfig:
     """Where the COCO-format data set is and how images become tensors.
 
@@ -60,66 +64,54 @@ class DetDataConfig:
     n_val: int = 300
 
     def __post_init__(self) -> None:
-        if self.image_size % 32:
-            raise ValueError(f"data.image_size must be a multiple of 32 (the detector's stride), got {self.image_size}")
+        if self.image_size < 32 or self.image_size % 32:
+            raise ConfigError(f"data.image_size must be a positive multiple of 32 (the detector's stride), "
+                              f"got {self.image_size}")
         for name in ("train_fraction", "val_fraction"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
-                raise ValueError(f"data.{name} must be in (0, 1], got {value}")
+                raise ConfigError(f"data.{name} must be in (0, 1], got {value}")
         if not 0.0 < self.scale_min <= 1.0:
-            raise ValueError(f"data.scale_min must be in (0, 1], got {self.scale_min}")
-        if self.calib_size < 1:
-            raise ValueError(f"data.calib_size must be >= 1, got {self.calib_size}")
+            raise ConfigError(f"data.scale_min must be in (0, 1], got {self.scale_min}")
+        for name in ("calib_size", "calib_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass(frozen=True)
-class DetModelConfig(ModelConfig):
-    """A detector of :func:`tasks.detection.model.build_detector` (``yolo_nas_nano``, ``yolo_nas_small``)."""
-
-    name: str = "yolo_nas_nano"
-
-
-@dataclass(frozen=True)
-class _DetectionLoop:
-    """What detection training adds to the shared loop settings.
+@dataclass
+class _Nms:
+    """Post-processing of validation during training (and of :meth:`DetectionTask.evaluate`).
 
     Attributes:
-        ema: Keep an exponential moving average of the weights and evaluate,
-            keep and return it (the usual detector recipe).
-        ema_decay: Its decay; ramped up as ``decay * (1 - exp(-updates / ema_tau))``.
-        ema_tau: Ramp length in optimizer steps.
-        grad_clip: Clip the gradient norm (``None``: no clipping).
-        eval_every: Evaluate mAP every this many epochs (and always after the last).
         score_threshold: Post-processing score threshold for evaluation.
         iou_threshold: NMS IoU threshold.
         max_detections: Detections kept per image.
     """
 
-    ema: bool = True
-    ema_decay: float = 0.9998
-    ema_tau: float = 2000.0
-    grad_clip: float | None = 10.0
-    eval_every: int = 1
     score_threshold: float = 0.001
     iou_threshold: float = 0.65
     max_detections: int = 100
 
 
-@dataclass(frozen=True)
-class DetTrainConfig(TrainConfig, _DetectionLoop):
-    """Float-baseline recipe of the detector (trained once per config, then cached)."""
-
-    epochs: int = 300
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 3.0
+@dataclass
+class DetTrainConfig(LoopConfig, _Nms):
+    """The detector's float-baseline recipe (``train.baseline``)."""
 
 
-@dataclass(frozen=True)
-class DetQatConfig(QatConfig, _DetectionLoop):
-    """QAT recipe of the detector: the REFERENCES.md recipe, EMA off (the quantizers must see the weights they train)."""
+@dataclass
+class DetQatConfig(QatConfig, _Nms):
+    """The detector's QAT recipe (``train.qat``)."""
 
-    ema: bool = False
+
+@dataclass
+class DetectionTrainConfig:
+    """The schema of ``conf/train/{shapes,coco}.yaml``: the two recipes."""
+
+    baseline: DetTrainConfig = field(default_factory=DetTrainConfig)
+    qat: DetQatConfig = field(default_factory=DetQatConfig)
+
+
+TASK_KINDS.add("detection", TaskKind(adapter="tasks.detection.adapter.DetectionTask", data=DetDataConfig,
+                                     train=DetectionTrainConfig))
+
 

@@ -32,6 +32,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from quantbench.errors import CorruptDataError, DataNotFoundError
+from quantbench.registry import Registry
+from quantbench.training import data as shared
 from tasks.detection.shapes import write_shapes_coco
 
 __all__ = [
@@ -54,21 +57,13 @@ log = logging.getLogger(__name__)
 PAD_VALUE = 114
 """Grey of the letterbox canvas (YOLO's), as 0..255."""
 
-GENERATORS = {"shapes": write_shapes_coco}
+#: ``data.generate`` name -> writer of a COCO-format set.
+GENERATORS: Registry[Any] = Registry("data generator", hint="(data.generate)")
+GENERATORS.add("shapes", write_shapes_coco)
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 
 
-class DataNotFoundError(FileNotFoundError):
-    """The data set is not where the config says; the message is one line.
-
-    The harness matches this class by *name* and exits with status 2, printing
-    the message as is (see :mod:`quantbench.harness.protocol`); it is not
-    derived from the protocol's class only so that the data layer does not
-    import the harness (and with it Hydra and MLflow).
-    """
-
-
-class DetectionDataError(ValueError):
+class DetectionDataError(CorruptDataError):
     """The data set is there but its content is wrong; the one-line message names the culprit and the fix."""
 
 
@@ -123,13 +118,13 @@ def ensure_coco(
         DataNotFoundError: A split's json is missing and the set cannot be generated.
     """
     path = resolve_root(root, root_env)
-    if generate is not None and generate not in GENERATORS:
-        raise ValueError(f"unknown data.generate {generate!r}; known: {sorted(GENERATORS)}")
+    if generate is not None:
+        GENERATORS.get(generate)
     fresh = path is not None and (not path.exists() or (path.is_dir() and not any(path.iterdir())))
     if generate and fresh:
         log.info("writing the %s detection set to %s", generate, path)
         try:
-            GENERATORS[generate](path, **generate_kwargs)
+            GENERATORS.get(generate)(path, **generate_kwargs)
         except OSError:
             if not all(annotation_path(path, s).is_file() for s in splits):  # nobody else won the race
                 raise
@@ -307,7 +302,7 @@ class CocoDetection(Dataset):
         augment: Training augmentation: horizontal flip and scale jitter (the long
             side resized to ``image_size * U(scale_min, 1)``, placed at a random
             offset), drawn from torch's global RNG (the task's training loader seeds
-            it per sample and epoch with :class:`~quantbench.harness.distributed.EpochSeeded`).
+            it per sample and epoch with :class:`~quantbench.training.distributed.EpochSeeded`).
         scale_min: Lower end of the scale jitter.
         flip_p: Probability of the horizontal flip.
         min_box_size: Boxes narrower or lower than this (canvas pixels) are dropped from the targets.
@@ -435,24 +430,8 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, l
     return torch.stack(images), list(targets)
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0
-) -> DataLoader:
-    """A DataLoader with :func:`collate` whose shuffling and augmentation follow ``seed``.
-
-    Shuffled (training) loaders drop the last partial batch when there is at
-    least one full batch: a trailing batch of one breaks BatchNorm in training
-    mode. The augmentation draws from torch's RNG: in workers that RNG is
-    seeded from the loader's generator, so a run is repeatable; with
-    ``num_workers=0`` it is the main process's (seed it with ``torch.manual_seed``).
-    """
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(dataset) > batch_size,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
+                pin_memory: bool = False, shard: bool = False) -> DataLoader:
+    """:func:`quantbench.training.data.make_loader` with :func:`collate` (images stacked, targets listed)."""
+    return shared.make_loader(dataset, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
+                              pin_memory=pin_memory, shard=shard, collate_fn=collate)

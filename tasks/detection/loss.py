@@ -21,7 +21,7 @@ scale with the batch size or the number of objects.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import nn
 
 from tasks.detection.postprocess import Anchors, dfl_expectation
 
-__all__ = ["DetectionLoss", "LossConfig", "TaskAlignedAssigner", "box_iou_pairwise", "giou"]
+__all__ = ["DetectionLoss", "DetectionObjective", "LossConfig", "TaskAlignedAssigner", "box_iou_pairwise", "giou"]
 
 
 def _inter_union(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,3 +215,30 @@ class DetectionLoss(nn.Module):
         total = self.cfg.cls_weight * loss_cls + self.cfg.iou_weight * loss_iou + self.cfg.dfl_weight * loss_dfl
         parts = {"cls": float(loss_cls.detach()), "iou": float(loss_iou.detach()), "dfl": float(loss_dfl.detach())}
         return total, parts
+
+
+class DetectionObjective:
+    """What the detector gives the training layer's one loop (:func:`quantbench.training.fit`).
+
+    The loss of a batch of ``(images, targets)`` through :class:`DetectionLoss`,
+    and its additive sums: the total and each part (classification, IoU, DFL)
+    and a batch count, which :meth:`summarize` turns into mean batch losses
+    (``train_loss``, ``train_cls``, ``train_iou``, ``train_dfl``).
+    """
+
+    PARTS = ("loss", "cls", "iou", "dfl")
+
+    def __init__(self, loss_fn: DetectionLoss) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, net: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets = batch
+        outputs = net(images.to(device, non_blocking=True))
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        loss, parts = self.loss_fn(outputs, targets)
+        return loss, {"loss": float(loss.detach()), **parts, "batches": 1}
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Mean batch losses over the epoch."""
+        batches = max(sums.get("batches", 0.0), 1.0)
+        return {k: sums.get(k, 0.0) / batches for k in self.PARTS}

@@ -31,7 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantbench.errors import WeightsNotFoundError
+from quantbench.registry import Registry
+
 __all__ = [
+    "DETECTORS",
     "SIZES",
     "ConvBNReLU",
     "CSPStage",
@@ -306,25 +310,30 @@ class YoloNASLike(nn.Module):
         return all(m.fused is not None for m in self.modules() if isinstance(m, QARepVGGBlock))
 
 
+#: ``model.name`` -> its key of :data:`SIZES`: ``yolo_nas_nano``, ``yolo_nas_small``, ``yolo_nas_test``.
+DETECTORS: Registry[str] = Registry("detection model", hint="(model.name)")
+for _size in SIZES:
+    DETECTORS.add(f"yolo_nas_{_size}", _size)
+
+
 def build_detector(
     name: str, num_classes: int, checkpoint: str | None = None, *, reparameterize: bool = False, **kwargs
 ) -> YoloNASLike:
-    """``yolo_nas_nano``, ``yolo_nas_small`` or ``yolo_nas_test``; ``checkpoint`` is a local state_dict.
+    """A detector of :data:`DETECTORS`; ``checkpoint`` is a local state_dict.
 
     A checkpoint holds the training (multi-branch) form, as the task's cache
     and ``torch.save(model.state_dict())`` after training write it.
+
+    Raises:
+        UnknownNameError: ``name`` is not a registered detector.
+        WeightsNotFoundError: ``checkpoint`` does not exist.
     """
-    prefix = "yolo_nas_"
-    size = name[len(prefix):] if name.startswith(prefix) else None
-    if size not in SIZES:
-        known = ", ".join(prefix + s for s in SIZES)
-        raise ValueError(f"unknown detection model {name!r}; known: {known}")
-    model = YoloNASLike(num_classes, size, **kwargs)
+    model = YoloNASLike(num_classes, DETECTORS.get(name), **kwargs)
     if checkpoint:
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise FileNotFoundError(f"model.checkpoint {checkpoint} does not exist; fix the path") from None
+            raise WeightsNotFoundError(f"model.checkpoint {checkpoint} does not exist; fix the path") from None
         model.load_state_dict(state)
     if reparameterize:
         model.eval().reparameterize()

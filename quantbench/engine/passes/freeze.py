@@ -8,12 +8,14 @@ weights, constants and biases are integer buffers (int8 / int4-in-int8 /
 int32) read through ``dequantize``. The float weights are gone. Freezing a
 frozen graph is a no-op (there are no quantizers left).
 
-Targets (:data:`FREEZE_TARGETS`): ``ort`` bakes the scales as they are
-(generic QDQ for onnxruntime, int32 bias); ``npu_pow2`` first aligns the
-fake-quant copy to a power-of-two NPU
-(:func:`~quantbench.engine.passes.hardware.align_to_target`: its shift
-ranges, shared scales, int8 bias, average pool and hardsigmoid arithmetic),
-then bakes it the same way.
+Targets: ``ort`` bakes the scales as they are (generic QDQ for onnxruntime,
+int32 bias); a hardware target (a name of
+:data:`quantbench.engine.targets.TARGETS`, e.g. ``npu_pow2``, or a
+:class:`~quantbench.engine.targets.HardwareTarget`) first aligns the
+fake-quant copy to that power-of-two NPU
+(:func:`~quantbench.engine.passes.align.align_to_target`: its shift ranges,
+shared scales, int8 bias, average pool and hardsigmoid arithmetic), then
+bakes it the same way.
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ import torch
 from torch import fx
 
 from quantbench.engine.fake_quant import FakeQuantizeBase
-from quantbench.engine.hardware import HardwareTarget, get_target
-from quantbench.engine.passes.hardware import align_to_target
+from quantbench.engine.graph import get_attr_tensor, set_attr_tensor
+from quantbench.engine.passes.align import align_to_target
 from quantbench.engine.passes.integer import fuse_integer_kernels
-from quantbench.engine.passes.prequant import get_attr_tensor, set_attr_tensor
 from quantbench.engine.passes.qat_bn import fold_qat_batchnorm
 from quantbench.engine.qdq import dequantize, quantize
+from quantbench.engine.targets import TARGETS, HardwareTarget, get_target
+from quantbench.registry import UnknownNameError, suggest
 
-__all__ = ["freeze_graph", "bake_quantizers", "FREEZE_TARGETS"]
+__all__ = ["freeze_graph", "bake_quantizers", "freeze_targets"]
 
-FREEZE_TARGETS = ("ort", "npu_pow2")
+
+def freeze_targets() -> list[str]:
+    """The target names :func:`freeze_graph` takes: ``ort`` and every registered hardware target."""
+    return ["ort", *TARGETS.list()]
 
 
 def _qdq_args(gm: fx.GraphModule, mod: FakeQuantizeBase, base: str) -> tuple:
@@ -103,12 +109,15 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
 def freeze_graph(qmodel: fx.GraphModule, target: str | HardwareTarget = "ort") -> fx.GraphModule:
     """A frozen copy of ``qmodel`` for the given target (see module docstring).
 
-    ``target`` is a name of :data:`FREEZE_TARGETS` or a
-    :class:`~quantbench.engine.hardware.HardwareTarget` (e.g. an NPU variant
+    ``target`` is a name of :func:`freeze_targets` or a
+    :class:`~quantbench.engine.targets.HardwareTarget` (e.g. an NPU variant
     with an int32 bias).
+
+    Raises:
+        UnknownNameError: an unknown target name (a ``ValueError``; the message lists close matches).
     """
-    if not isinstance(target, HardwareTarget) and target not in FREEZE_TARGETS:
-        raise ValueError(f"freeze target {target!r} is not one of {list(FREEZE_TARGETS)}")
+    if not isinstance(target, HardwareTarget) and target not in freeze_targets():
+        raise UnknownNameError(suggest(str(target), freeze_targets(), "freeze target"))
     frozen = copy.deepcopy(qmodel)
     frozen = fold_qat_batchnorm(frozen)
     if target != "ort":

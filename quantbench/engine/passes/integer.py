@@ -24,15 +24,12 @@ import math
 import torch
 from torch import fx
 
-from quantbench.engine.passes.prequant import op_name, target_name
+from quantbench.engine.graph import op_name, target_name
+from quantbench.engine.ops import ops_tagged
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
-__all__ = ["qlinear", "qadd", "fuse_integer_kernels", "expand_integer_kernels", "INTEGER_OPS",
-           "GRID_ACTIVATIONS", "int_clamp"]
-
-INTEGER_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
-GRID_ACTIVATIONS = {"relu", "hardtanh", "relu6"}
+__all__ = ["qlinear", "qadd", "fuse_integer_kernels", "expand_integer_kernels", "int_clamp"]
 
 
 def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
@@ -155,7 +152,7 @@ def _pow2_bias(dqx: fx.Node, dqb: fx.Node) -> bool:
 
 
 def _match(node: fx.Node):
-    if node.op != "call_function" or op_name(node) not in INTEGER_OPS:
+    if node.op != "call_function" or op_name(node) not in ops_tagged("integer_kernel"):
         return None
     args = list(node.args) + [None] * max(0, 3 - len(node.args))
     dqx, dqw, dqb = args[0], args[1], args[2]
@@ -169,7 +166,7 @@ def _match(node: fx.Node):
         return None
     user = next(iter(node.users))
     act = None
-    if user.op == "call_function" and op_name(user) in GRID_ACTIVATIONS and len(user.users) == 1:
+    if user.op == "call_function" and op_name(user) in ops_tagged("relu_like") and len(user.users) == 1:
         act, user = user, next(iter(user.users))
     if not _is(user, quantize) or user.args[3] is not None:
         return None

@@ -8,10 +8,11 @@ idempotent: running it twice is a no-op the second time. Each ends with
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
+
+from quantbench.engine.graph import conv_groups, finish_graph, get_attr_tensor, op_name, set_attr_tensor
+from quantbench.engine.ops import ops_of_kind, ops_tagged
 
 __all__ = [
     "functionalize_inplace",
@@ -19,11 +20,6 @@ __all__ = [
     "fold_bn",
     "bn_to_affine",
     "lift_scalar_constants",
-    "op_name",
-    "target_name",
-    "finish_graph",
-    "get_attr_tensor",
-    "set_attr_tensor",
     "PREQUANT_PTQ",
     "PREQUANT_PTQ_KEEP_BN",
     "PREQUANT_QAT",
@@ -31,51 +27,6 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
-
-_CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-
-
-def target_name(target) -> str:
-    """Short name of a call target: ``aten.conv2d.default`` -> ``"conv2d"``."""
-    if target is operator.getitem:
-        return "getitem"
-    return str(getattr(target, "_opname", None) or getattr(target, "__name__", str(target)))
-
-
-def op_name(node: fx.Node) -> str:
-    """Short op type of a node (``node.op`` for anything but a call_function)."""
-    if node.op != "call_function":
-        return node.op
-    return target_name(node.target)
-
-
-def get_attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def set_attr_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor, *, param: bool) -> str:
-    """Register a new top-level tensor attribute under a fresh name and return the name."""
-    base = name.replace(".", "_")
-    candidate, k = base, 0
-    while hasattr(gm, candidate):
-        k += 1
-        candidate = f"{base}_{k}"
-    if param:
-        gm.register_parameter(candidate, torch.nn.Parameter(value.detach().clone(), requires_grad=True))
-    else:
-        gm.register_buffer(candidate, value.detach().clone())
-    return candidate
-
-
-def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """End of every pass: drop dead nodes, lint, recompile."""
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def functionalize_inplace(gm: fx.GraphModule) -> fx.GraphModule:
@@ -104,7 +55,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> fx.GraphModule:
 def remove_dropout(gm: fx.GraphModule) -> fx.GraphModule:
     """Remove dropout nodes (identity at inference). Idempotent."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and op_name(node) in {"dropout", "feature_dropout", "alpha_dropout"}:
+        if node.op == "call_function" and op_name(node) in ops_of_kind("dropout"):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     return finish_graph(gm)
@@ -134,18 +85,18 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         if bn.op != "call_function" or op_name(bn) != "batch_norm":
             continue
         conv = bn.args[0]
-        if not (isinstance(conv, fx.Node) and op_name(conv) in _CONV_OPS and len(conv.users) == 1):
+        if not (isinstance(conv, fx.Node) and op_name(conv) in ops_tagged("conv") and len(conv.users) == 1):
             continue
         w_node = conv.args[1]
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
             continue
         transposed = op_name(conv).startswith("conv_transpose")
         weight = get_attr_tensor(gm, w_node.target).detach().float()
-        out_ch = weight.shape[1] * _groups(conv) if transposed else weight.shape[0]
+        out_ch = weight.shape[1] * conv_groups(conv) if transposed else weight.shape[0]
         gamma, beta, mean, inv_std = _bn_params(gm, bn, out_ch)
         factor = gamma * inv_std
         if transposed:
-            groups = _groups(conv)
+            groups = conv_groups(conv)
             w = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
             w = w * factor.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))
             new_w = w.reshape(weight.shape)
@@ -166,14 +117,6 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         bn.replace_all_uses_with(conv)
         gm.graph.erase_node(bn)
     return finish_graph(gm)
-
-
-def _groups(conv: fx.Node) -> int:
-    name = op_name(conv)
-    idx = 7 if name.startswith("conv_transpose") else 6
-    if len(conv.args) > idx:
-        return int(conv.args[idx])
-    return int(conv.kwargs.get("groups", 1))
 
 
 def bn_to_affine(gm: fx.GraphModule) -> fx.GraphModule:
@@ -210,9 +153,6 @@ def bn_to_affine(gm: fx.GraphModule) -> fx.GraphModule:
     return finish_graph(gm)
 
 
-_SCALAR_BINARY = {"add", "sub", "mul", "div", "rsub"}
-
-
 def lift_scalar_constants(gm: fx.GraphModule) -> fx.GraphModule:
     """Make Python-number operands of add/sub/mul/div tensor constants.
 
@@ -222,7 +162,7 @@ def lift_scalar_constants(gm: fx.GraphModule) -> fx.GraphModule:
     ``rsub(x, c)`` becomes ``sub(c, x)``. Idempotent (no scalars remain).
     """
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or op_name(node) not in _SCALAR_BINARY:
+        if node.op != "call_function" or op_name(node) not in ops_of_kind("binary") | {"rsub"}:
             continue
         args = list(node.args[:2])
         if not any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):

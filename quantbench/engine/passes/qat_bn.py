@@ -25,13 +25,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from quantbench.engine.passes.prequant import (
-    finish_graph,
-    get_attr_tensor,
-    op_name,
-    remove_dropout,
-    set_attr_tensor,
-)
+from quantbench.engine.graph import constant_value, conv_groups, finish_graph, op_name, set_attr_tensor
+from quantbench.engine.ops import ops_of_kind, ops_tagged
+from quantbench.engine.passes.prequant import remove_dropout
 
 __all__ = [
     "BATCH_STATS_ARG",
@@ -39,12 +35,9 @@ __all__ = [
     "bn_fold_bias",
     "bn_fold_weight",
     "bn_qat_output",
-    "constant_value",
     "fold_qat_batchnorm",
     "simulate_bn_folding",
 ]
-
-_CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 
 def _factor(gamma: torch.Tensor | None, running_var: torch.Tensor, eps: float) -> torch.Tensor:
@@ -129,15 +122,11 @@ def bn_qat_output(y: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tenso
     return out
 
 
-QAT_BN_OPS = (bn_fold_weight.__name__, bn_fold_bias.__name__, bn_qat_output.__name__)
+QAT_BN_OPS = ops_of_kind("qat_bn")
+"""The op names of the functions above (registered in :mod:`quantbench.engine.ops` as kind ``qat_bn``)."""
 BATCH_STATS_ARG = {"batch_norm": 5, bn_qat_output.__name__: 5, bn_fold_bias.__name__: 6}
 """Ops whose argument at that index says "BatchNorm uses batch statistics" (switched by train/eval).
 All three take the running mean at index 3 (None: BN without running statistics, left alone)."""
-
-
-def _groups(conv: fx.Node) -> int:
-    idx = 7 if op_name(conv).startswith("conv_transpose") else 6
-    return int(conv.args[idx]) if len(conv.args) > idx else int(conv.kwargs.get("groups", 1))
 
 
 def _bn_args(bn: fx.Node) -> list:
@@ -149,7 +138,7 @@ def _foldable(bn: fx.Node) -> bool:
         return False
     conv = bn.args[0]
     _, _, _, mean, var, *_ = _bn_args(bn)
-    return (isinstance(conv, fx.Node) and op_name(conv) in _CONV_OPS and len(conv.users) == 1
+    return (isinstance(conv, fx.Node) and op_name(conv) in ops_tagged("conv") and len(conv.users) == 1
             and isinstance(conv.args[1], fx.Node) and conv.args[1].op == "get_attr"
             and isinstance(mean, fx.Node) and mean.op == "get_attr"
             and isinstance(var, fx.Node) and var.op == "get_attr")
@@ -178,7 +167,7 @@ def simulate_bn_folding(gm: fx.GraphModule) -> fx.GraphModule:
         transposed = op_name(conv).startswith("conv_transpose")
         with graph.inserting_before(conv):
             wf = graph.create_node("call_function", bn_fold_weight,
-                                   (w, gamma, var, eps, transposed, _groups(conv)), name=f"{w.name}_folded")
+                                   (w, gamma, var, eps, transposed, conv_groups(conv)), name=f"{w.name}_folded")
             bf = graph.create_node("call_function", bn_fold_bias,
                                    (b, gamma, beta, mean, var, eps, bool(training)), name=f"{w.name}_folded_bias")
         wf.meta["val"] = w.meta.get("val")
@@ -191,24 +180,6 @@ def simulate_bn_folding(gm: fx.GraphModule) -> fx.GraphModule:
         bn.replace_all_uses_with(out)
         graph.erase_node(bn)
     return finish_graph(gm)
-
-
-def constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The value of a node computed from constants only (``get_attr`` and functions of them), else None."""
-    if node.op == "get_attr":
-        return get_attr_tensor(gm, node.target)
-    if node.op != "call_function" or not node.all_input_nodes:
-        return None
-    values = {}
-    for a in node.all_input_nodes:
-        v = constant_value(gm, a)
-        if v is None:
-            return None
-        values[a] = v
-    with torch.no_grad():
-        args = fx.node.map_arg(node.args, lambda n: values[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
-        return node.target(*args, **kwargs)
 
 
 def fold_qat_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:

@@ -4,7 +4,7 @@
 the step count, the torch random state and whatever the loop adds (history,
 best weights, the running sums of a half-finished epoch). With a data order
 that is a function of (seed, epoch) (see
-:class:`~quantbench.harness.distributed.ShardSampler`), a run killed after
+:class:`~quantbench.training.distributed.ShardSampler`), a run killed after
 step k and started again ends with the same weights and metrics on CPU as one
 that was never interrupted::
 
@@ -36,9 +36,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from quantbench.harness.distributed import is_main
+from quantbench.training.distributed import is_main
 
-__all__ = ["CheckpointMismatch", "TrainingCheckpoint", "fingerprint_of"]
+__all__ = ["BestCheckpoint", "CheckpointMismatch", "TrainingCheckpoint", "fingerprint_of"]
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +173,64 @@ class TrainingCheckpoint:
         """Delete the checkpoint directory (the run finished and was recorded); rank 0 only."""
         if is_main():
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class BestCheckpoint:
+    """Keeps the weights of the best validation score, in memory or on disk.
+
+    Why: QAT curves are noisy and the last epoch is not always the best, so
+    the recipes keep the best checkpoint by validation score (``keep_best``).
+
+    Args:
+        keep: ``memory``, ``disk`` (``directory/best.pt``) or ``none`` (keep nothing).
+        directory: Where ``disk`` keeps it (default: a temporary directory,
+            removed by :meth:`restore`).
+    """
+
+    def __init__(self, keep: str = "memory", directory: str | os.PathLike | None = None) -> None:
+        self.keep = keep
+        self.best: float | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+        self._own_dir = keep == "disk" and directory is None
+        self._dir = Path(tempfile.mkdtemp(prefix="qb-best-")) if self._own_dir else Path(directory or ".")
+        self.path = self._dir / "best.pt"
+
+    def update(self, score: float, model: nn.Module) -> bool:
+        """Save ``model`` if ``score`` beats the best so far; True when it did."""
+        if self.keep == "none" or (self.best is not None and score <= self.best):
+            return False
+        self.best = score
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if self.keep == "disk":
+            self._dir.mkdir(parents=True, exist_ok=True)
+            torch.save(state, self.path)
+        else:
+            self._state = state
+        return True
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best weights back into ``model`` (no-op when nothing was kept)."""
+        if self.keep == "disk" and self.best is not None:
+            model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        elif self._state is not None:
+            model.load_state_dict(self._state)
+        if self._own_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def state(self) -> dict[str, Any]:
+        """The best score and weights as plain data (for a resumable checkpoint)."""
+        weights = self._state
+        if self.keep == "disk" and self.best is not None:
+            weights = torch.load(self.path, map_location="cpu", weights_only=True)
+        return {"best": self.best, "weights": weights}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take over what :meth:`state` returned (a resumed run)."""
+        self.best = state["best"]
+        if state["weights"] is None:
+            return
+        if self.keep == "disk":
+            self._dir.mkdir(parents=True, exist_ok=True)
+            torch.save(state["weights"], self.path)
+        else:
+            self._state = state["weights"]

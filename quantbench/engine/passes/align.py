@@ -1,4 +1,6 @@
-"""Freeze passes for power-of-two NPU targets (``freeze(target="npu_pow2")``).
+"""Alignment passes: fit a fake-quant graph to a power-of-two NPU target (``freeze(target="npu_pow2")``).
+
+The targets, their arithmetic and the check live in :mod:`quantbench.engine.targets`.
 
 They run on the fake-quant copy that :func:`~quantbench.engine.passes.freeze.freeze_graph`
 is about to bake, not on the baked graph, for two reasons: the float weights
@@ -21,14 +23,15 @@ import logging
 import torch
 from torch import fx
 
-from quantbench.engine.annotate import op_kind
+from quantbench.engine.errors import HardwareError
 from quantbench.engine.fake_quant import DerivedBiasFakeQuantize, FakeQuantize, FakeQuantizeBase
-from quantbench.engine.hardware import (
-    AVG_POOL_OPS,
+from quantbench.engine.graph import constant_value, finish_graph, op_name
+from quantbench.engine.ops import op_kind, ops_tagged
+from quantbench.engine.spec import QuantizationSpec
+from quantbench.engine.targets import (
+    BINARY_RULES,
     NPU_POOL_OPS,
     SHARED_KINDS,
-    WEIGHTED_OPS,
-    HardwareError,
     HardwareTarget,
     avg_pool_factor,
     check_hardware,
@@ -40,9 +43,6 @@ from quantbench.engine.hardware import (
     operands,
     quant_of,
 )
-from quantbench.engine.passes.prequant import op_name
-from quantbench.engine.passes.qat_bn import constant_value
-from quantbench.engine.spec import QuantizationSpec
 
 __all__ = [
     "to_static_pow2_quantizers", "replace_sigmoid_with_hardsigmoid", "replace_silu_with_hardswish",
@@ -55,13 +55,6 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 MAX_ROUNDS = 8
-
-
-def _finish(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _static(spec: QuantizationSpec, role: str, name: str, scale: torch.Tensor) -> FakeQuantize:
@@ -122,11 +115,11 @@ def to_static_pow2_quantizers(gm: fx.GraphModule, target: str | HardwareTarget =
         if isinstance(mod, DerivedBiasFakeQuantize):
             act, weight = mod.sources
             mod.__dict__["_act"], mod.__dict__["_weight"] = new.get(id(act), act), new.get(id(weight), weight)
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def replace_sigmoid_with_hardsigmoid(gm: fx.GraphModule, target: str | HardwareTarget = "npu_pow2") -> fx.GraphModule:
-    """Compute sigmoid and hardsigmoid as the NPU does (:func:`~quantbench.engine.hardware.npu_hardsigmoid`).
+    """Compute sigmoid and hardsigmoid as the NPU does (:func:`~quantbench.engine.targets.npu_hardsigmoid`).
 
     Before: ``aten.sigmoid`` / ``aten.hardsigmoid`` nodes. After: calls of
     ``npu_hardsigmoid`` on the same input, output quantizer unchanged (the
@@ -136,9 +129,9 @@ def replace_sigmoid_with_hardsigmoid(gm: fx.GraphModule, target: str | HardwareT
     if not get_target(target).hard_activations:
         return gm
     for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node) in ("sigmoid", "hardsigmoid"):
+        if node.op == "call_function" and op_name(node) in ops_tagged("sigmoid_like"):
             node.target, node.args, node.kwargs = npu_hardsigmoid, (node.args[0],), {}
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def replace_silu_with_hardswish(gm: fx.GraphModule, target: str | HardwareTarget = "npu_pow2") -> fx.GraphModule:
@@ -155,7 +148,7 @@ def replace_silu_with_hardswish(gm: fx.GraphModule, target: str | HardwareTarget
         return gm
     spec = QuantizationSpec(dtype="int8", scale_type="pow2")
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or op_name(node) not in ("silu", "hardswish"):
+        if node.op != "call_function" or op_name(node) not in ops_tagged("swish_like"):
             continue
         x = node.args[0]
         with gm.graph.inserting_before(node):
@@ -168,7 +161,7 @@ def replace_silu_with_hardswish(gm: fx.GraphModule, target: str | HardwareTarget
         product.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(product)
         gm.graph.erase_node(node)
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def _spatial_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -222,17 +215,17 @@ def rewrite_avg_pools(gm: fx.GraphModule, target: str | HardwareTarget = "npu_po
     Before: ``avg_pool2d``, ``adaptive_avg_pool2d`` (output size dividing the
     input) and ``mean`` over H, W of 4-D tensors. After: calls of
     ``npu_avg_pool2d`` / ``npu_global_avg_pool`` with the factor of
-    :func:`~quantbench.engine.hardware.avg_pool_factor` (e.g. 7x7: 21/1024),
+    :func:`~quantbench.engine.targets.avg_pool_factor` (e.g. 7x7: 21/1024),
     zero padding counted as on the NPU. Other pools are left (and reported by
     ``check_hardware``). Idempotent.
     """
     for node in gm.graph.nodes:
-        if node.op != "call_function" or op_name(node) not in AVG_POOL_OPS:
+        if node.op != "call_function" or op_name(node) not in ops_tagged("avg_pool"):
             continue
         call = _npu_pool_call(node)
         if call is not None:
             node.target, node.args, node.kwargs = call[0], call[1], {}
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def _merge_quantizers(gm: fx.GraphModule, names: list[str]) -> bool:
@@ -262,7 +255,7 @@ def _align(gm: fx.GraphModule, wanted) -> fx.GraphModule:
         if ops.output is not None and len(quants) > 1 and all(q.module is not None for q in quants):
             _merge_quantizers(gm, [ops.output.name if op_name(node) == "cat" else quants[0].name,
                                    *(q.name for q in quants)])
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def align_concat_scales(gm: fx.GraphModule, target: str | HardwareTarget = "npu_pow2") -> fx.GraphModule:
@@ -297,9 +290,10 @@ def _move(q, pos: torch.Tensor, ops, constraint: str) -> None:
                   before.tolist(), q.pos.tolist())
 
 
-def _binary_ops(gm: fx.GraphModule, names: tuple[str, ...]):
+def _binary_ops(gm: fx.GraphModule, rule: str):
+    """The fully quantized elementwise ops that the NPU constrains by ``rule`` (:data:`BINARY_RULES`)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node) in names:
+        if node.op == "call_function" and rule in BINARY_RULES.get(op_name(node), ()):
             ops = operands(gm, node)
             if ops.output is not None and ops.inputs and all(q is not None for q in ops.inputs):
                 yield ops
@@ -313,11 +307,11 @@ def constrain_shift_read(gm: fx.GraphModule, target: str | HardwareTarget = "npu
     Idempotent.
     """
     hw = get_target(target)
-    for ops in _binary_ops(gm, ("add", "sub")):
+    for ops in _binary_ops(gm, "shift_read"):
         pos = [float(q.pos.max()) for q in ops.inputs]
         if max(pos) - min(pos) > hw.add_read[1] and ops.inputs[pos.index(max(pos))].settable:
             _move(ops.inputs[pos.index(max(pos))], torch.tensor(min(pos) + hw.add_read[1]), ops, "shift_read")
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def constrain_shift_write(gm: fx.GraphModule, target: str | HardwareTarget = "npu_pow2") -> fx.GraphModule:
@@ -328,18 +322,18 @@ def constrain_shift_write(gm: fx.GraphModule, target: str | HardwareTarget = "np
     output is requantized; its inputs keep their grids). Idempotent.
     """
     hw = get_target(target)
-    for ops in _binary_ops(gm, ("add", "mul")):
+    for ops in _binary_ops(gm, "shift_write"):
         pos = [q.pos.max() for q in ops.inputs]
         base, (lo, hi) = (min(pos), hw.add_write) if ops.op == "add" else (sum(pos), hw.mul_write)
         shift = base - ops.output.pos
         if ops.output.settable and not lo <= float(shift) <= hi:
             _move(ops.output, base - shift.clamp(lo, hi), ops, "shift_write")
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def _weighted_ops(gm: fx.GraphModule):
     for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node) in WEIGHTED_OPS:
+        if node.op == "call_function" and op_name(node) in ops_tagged("integer_kernel"):
             ops = operands(gm, node)
             if ops.output is not None and len(ops.inputs) > 1 and None not in ops.inputs[:2]:
                 yield ops
@@ -360,7 +354,7 @@ def constrain_shift_cut(gm: fx.GraphModule, target: str | HardwareTarget = "npu_
         x, w, y = ops.inputs[0], ops.inputs[1], ops.output
         if w.settable:
             _move(w, (w.pos + x.pos - y.pos).clamp(lo, hi) + y.pos - x.pos, ops, "shift_cut")
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 def constrain_shift_bias(gm: fx.GraphModule, target: str | HardwareTarget = "npu_pow2") -> fx.GraphModule:
@@ -382,7 +376,7 @@ def constrain_shift_bias(gm: fx.GraphModule, target: str | HardwareTarget = "npu
         acc = w.pos + x.pos
         low, high = float((acc - hi).max()), float((acc - lo).min())
         _move(b, b.pos.clamp(low, max(low, high)), ops, "shift_bias")
-    return _finish(gm)
+    return finish_graph(gm)
 
 
 REWRITE_PASSES = (to_static_pow2_quantizers, replace_sigmoid_with_hardsigmoid, replace_silu_with_hardswish,

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from quantbench.engine.progress import progress_disabled
+from quantbench.progress import progress_disabled
 
 __all__ = ["SweepProgress", "count_jobs"]
 

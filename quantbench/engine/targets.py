@@ -3,9 +3,8 @@
 A pow2 NPU (AMD's DPU / XINT8 flow) stores every tensor as int8 with a
 fixed-point *position* ``pos = -log2(scale)`` (its fractional bits) and
 moves between positions with shifts. Its compiler rejects a graph whose
-shifts fall outside the ranges its datapath implements (REFERENCES.md,
-"Power-of-two NPU constraints applied at freeze"; the formulas follow AMD
-Quark's ``refine.py`` / vai_q's ``adjust_shift_*``):
+shifts fall outside the ranges its datapath implements (the formulas follow
+AMD Quark's ``refine.py`` / vai_q's ``adjust_shift_*``):
 
 * ``shared_scale``: concat, max / avg pool, slice, reshape (and the other
   value-preserving ops) read and write one position;
@@ -21,7 +20,9 @@ Quark's ``refine.py`` / vai_q's ``adjust_shift_*``):
 
 :func:`check_hardware` lists every violation, node by node. It reads a
 frozen graph (Q/DQ calls and fused integer kernels) or a fake-quant graph
-(quantizer modules); :mod:`quantbench.engine.passes.hardware` fixes them.
+(quantizer modules); :mod:`quantbench.engine.passes.align` fixes them.
+Targets are looked up by name in :data:`TARGETS` (a
+:class:`~quantbench.registry.Registry`).
 """
 
 from __future__ import annotations
@@ -34,35 +35,31 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from quantbench.engine.annotate import RELU_LIKE, op_kind
+from quantbench.engine.errors import HardwareError
 from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
+from quantbench.engine.graph import get_attr_tensor, op_name, target_name
+from quantbench.engine.ops import op_kind, ops_tagged
 from quantbench.engine.passes.integer import qadd, qlinear
-from quantbench.engine.passes.prequant import get_attr_tensor, op_name, target_name
 from quantbench.engine.qdq import dequantize, quantize
-from quantbench.engine.quantizer import QuantizationError
 from quantbench.engine.spec import DTYPES
+from quantbench.registry import Registry
 
 __all__ = [
     "HardwareTarget", "HardwareError", "TARGETS", "get_target", "Violation", "check_hardware",
     "Quant", "Operands", "quant_of", "output_quant", "operands", "is_pow2",
     "avg_pool_factor", "npu_avg_pool2d", "npu_global_avg_pool", "npu_hardsigmoid",
-    "WEIGHTED_OPS", "AVG_POOL_OPS", "NPU_POOL_OPS", "SHARED_KINDS", "HARD_ACTIVATION_OPS",
+    "BINARY_RULES", "NPU_POOL_OPS", "SHARED_KINDS",
 ]
 
-WEIGHTED_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
-AVG_POOL_OPS = {"avg_pool2d", "adaptive_avg_pool2d", "mean"}
-NPU_POOL_OPS = {"npu_avg_pool2d", "npu_global_avg_pool"}
 SHARED_KINDS = {"shared", "passthrough"}
-HARD_ACTIVATION_OPS = {"sigmoid", "silu", "hardsigmoid", "hardswish"}
+"""Op kinds whose output must keep the input's position (plus ``cat`` and the NPU pools)."""
+BINARY_RULES = {"add": ("shift_read", "shift_write"), "sub": ("shift_read",), "mul": ("shift_write",)}
+"""The NPU's shift constraints of each elementwise op (``div`` has none: it stays a float op)."""
 HARDSIGMOID_MULTIPLIER, HARDSIGMOID_SHIFT = 2731, 14
 
 # The DPU's fixed multipliers for common kernels (vai_q / Quark ``get_avgpool_dpu_coeff``).
 _AVG_POOL_TABLE = {(3, 3): (7, 6), (5, 5): (10, 8), (6, 6): (7, 8), (3, 6): (7, 8), (6, 3): (7, 8),
                    (7, 7): (21, 10), (14, 14): (21, 12)}
-
-
-class HardwareError(QuantizationError):
-    """A graph cannot be aligned to a hardware target; the message names the quantizer and the fix."""
 
 
 @dataclass(frozen=True)
@@ -103,16 +100,20 @@ class HardwareTarget:
         return torch.clamp(-slack, max=0.0), float(self.shift_bias_max)
 
 
-TARGETS: dict[str, HardwareTarget] = {"npu_pow2": HardwareTarget("npu_pow2")}
+TARGETS: Registry[HardwareTarget] = Registry("hardware target")
+"""Hardware targets by name; ``TARGETS.add(name, HardwareTarget(name, ...))`` adds one."""
+TARGETS.add("npu_pow2", HardwareTarget("npu_pow2"))
 
 
 def get_target(target: str | HardwareTarget) -> HardwareTarget:
-    """A :class:`HardwareTarget` by name (or the target itself); an unknown name lists the known ones."""
+    """A :class:`HardwareTarget` by name (or the target itself).
+
+    Raises:
+        UnknownNameError: an unknown name (a ``ValueError``; the message lists close matches).
+    """
     if isinstance(target, HardwareTarget):
         return target
-    if target not in TARGETS:
-        raise ValueError(f"unknown hardware target {target!r}; known targets: {', '.join(sorted(TARGETS))}")
-    return TARGETS[target]
+    return TARGETS.get(target)
 
 
 # -- NPU arithmetic (call_function targets of frozen graphs) ------------------------------------------------
@@ -163,6 +164,10 @@ def npu_hardsigmoid(x: torch.Tensor) -> torch.Tensor:
     ``HARD_SIGMOID_SCALE`` compute it.
     """
     return F.relu6(x + 3.0) * (HARDSIGMOID_MULTIPLIER / 2**HARDSIGMOID_SHIFT)
+
+
+NPU_POOL_OPS = {npu_avg_pool2d.__name__, npu_global_avg_pool.__name__}
+"""Op names of the NPU average pools that :mod:`quantbench.engine.passes.align` writes."""
 
 
 # -- reading positions --------------------------------------------------------------------------------------
@@ -235,7 +240,7 @@ def output_quant(gm: fx.GraphModule, node: fx.Node) -> Quant | None:
         q = quant_of(gm, node) if node.op == "call_module" or node.target is quantize else None
         if q is not None:
             return q
-        if node.op != "call_function" or op_name(node) not in RELU_LIKE:
+        if node.op != "call_function" or op_name(node) not in ops_tagged("relu_like"):
             return None
     return None
 
@@ -325,11 +330,12 @@ def _binary_rows(ops: Operands, target: HardwareTarget) -> Iterator[Violation]:
     if ops.output is None or not ops.inputs or any(q is None for q in ops.inputs):
         return
     pos = [q.pos.max() for q in ops.inputs]
-    if ops.op in ("add", "sub"):
+    rules = BINARY_RULES[ops.op]
+    if "shift_read" in rules:
         yield from _row(ops, "shift_read", max(pos) - min(pos), *target.add_read)
-    if ops.op == "add":
+    if "shift_write" in rules and ops.op == "add":
         yield from _row(ops, "shift_write", min(pos) - ops.output.pos, *target.add_write)
-    elif ops.op == "mul":
+    elif "shift_write" in rules:
         yield from _row(ops, "shift_write", sum(pos) - ops.output.pos, *target.mul_write)
 
 
@@ -343,15 +349,16 @@ def _shared_rows(ops: Operands) -> Iterator[Violation]:
 
 def _op_rows(ops: Operands, target: HardwareTarget) -> Iterator[Violation]:
     quantized_input = any(q is not None for q in ops.inputs)
-    if ops.op in WEIGHTED_OPS:
+    if ops.op in ops_tagged("integer_kernel"):
         yield from _weighted_rows(ops, target)
-    elif ops.op in ("add", "sub", "mul"):
+    elif ops.op in BINARY_RULES:
         yield from _binary_rows(ops, target)
     elif ops.op == "cat" or op_kind(ops.node) in SHARED_KINDS or ops.op in NPU_POOL_OPS:
         yield from _shared_rows(ops)
-    elif ops.op in AVG_POOL_OPS and quantized_input:
+    elif ops.op in ops_tagged("avg_pool") and quantized_input:
         yield from _row(ops, "npu_avg_pool", 1, 0, 0, "not rewritten as sum * multiplier / 2^shift")
-    elif ops.op in HARD_ACTIVATION_OPS and quantized_input and target.hard_activations:
+    elif ops.op in ops_tagged("sigmoid_like") | ops_tagged("swish_like") and quantized_input \
+            and target.hard_activations:
         yield from _row(ops, "npu_activation", 1, 0, 0, "the NPU computes hardsigmoid / hardswish forms only")
 
 

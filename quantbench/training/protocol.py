@@ -1,7 +1,7 @@
 """The contract between the harness and a task adapter.
 
-A task adapter (``tasks/``) is the only place that knows datasets, models and
-metrics. The harness only sequences and records; it reaches an adapter through
+A task adapter (``tasks/``) is the only place that knows data sets, models and
+metrics. The harness only sequences and records: it builds an adapter from
 ``_target_`` in ``conf/task/*.yaml`` and talks to it through this protocol.
 
 ``evaluate`` takes a *predict function* (a batch of inputs -> raw model
@@ -16,30 +16,10 @@ from typing import Any, Callable, Iterable, Protocol, Tuple, Union, runtime_chec
 
 import torch
 
-__all__ = ["CorruptDataError", "DataNotFoundError", "PredictFn", "TaskAdapter", "TrainResult"]
+__all__ = ["PredictFn", "TaskAdapter", "TrainResult"]
 
 #: Input batch -> raw outputs: one tensor (a classifier's logits) or a tuple (a detector's raw heads).
 PredictFn = Callable[[torch.Tensor], Union[torch.Tensor, Tuple[torch.Tensor, ...]]]
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A task's data set is missing; the harness stops with exit status 2.
-
-    The message is one line, printed as is: it says that the data was not
-    found, where it was looked for, and how to get it. Tasks may raise this
-    class or their own class of the same name: the harness matches the name
-    (it never imports a task).
-    """
-
-
-class CorruptDataError(ValueError):
-    """A file of the data set does not decode and the task's policy is to fail.
-
-    Like :class:`DataNotFoundError`, it concerns every run of the task, so the
-    harness records the run as FAILED and stops with exit status 2; the
-    one-line message names the file and the setting that skips such files.
-    Matched by name, as above.
-    """
 
 
 @dataclass
@@ -55,13 +35,24 @@ class TrainResult:
 
 @runtime_checkable
 class TaskAdapter(Protocol):
-    """What every task (classification, detection) provides to the harness."""
+    """What every task (classification, detection) provides to the harness.
+
+    Errors follow :mod:`quantbench.errors`: a missing data set raises
+    ``DataNotFoundError``, an undecodable file ``CorruptDataError``, missing
+    weights ``WeightsNotFoundError``; the harness maps them by type.
+    """
 
     name: str
     primary_metric: str  # e.g. "top1" or "map50_95"
 
+    def load_data(self) -> None:
+        """Open the data set (writing a generated one if it is missing); a missing set raises now."""
+
     def build_model(self) -> torch.nn.Module:
         """The float model, pretrained or from the cached float baseline (trained once)."""
+
+    def baseline_key(self) -> dict[str, Any]:
+        """What determines the trained float baseline (its cache key payload)."""
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         """An example batch (batch >= 2) for capture and ONNX export."""

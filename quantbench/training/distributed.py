@@ -43,11 +43,13 @@ __all__ = [
     "ShardSampler",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "broadcast_object",
     "current",
     "init_from_env",
     "is_main",
     "main_process_first",
+    "main_rank_result",
     "max_spread",
     "quantizer_spread",
     "quantizer_state",
@@ -182,6 +184,36 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=_comm_device())
     return box[0]
+
+
+def main_rank_result(fn: Callable[[], Any]) -> Any:
+    """``fn()`` computed on rank 0 and broadcast to every rank (``fn()`` itself in a single process).
+
+    For work that rank 0 alone can do, such as a COCO evaluation whose
+    pycocotools state is not shardable, while every rank must act on its
+    result (keep the same best checkpoint).
+    """
+    return broadcast_object(fn() if is_main() else None)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers on every rank, one collective per dtype; a no-op in a single process.
+
+    Why: DDP broadcasts rank 0's buffers before each forward, but the forward
+    then updates BatchNorm statistics from the rank's own batch, so between
+    steps the ranks' buffers differ. The EMA, evaluation and checkpoints must
+    see one model.
+    """
+    if not current().distributed:
+        return
+    buffers = list(model.buffers())
+    for dtype in dict.fromkeys(b.dtype for b in buffers):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.detach().reshape(-1) for b in group])
+        wire = flat.to(torch.uint8) if dtype == torch.bool else flat  # gloo has no bool
+        dist.broadcast(wire, src=0)
+        for b, chunk in zip(group, wire.to(dtype).split([b.numel() for b in group])):
+            b.data.copy_(chunk.view_as(b))
 
 
 def max_spread(t: torch.Tensor) -> float:

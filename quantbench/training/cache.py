@@ -29,17 +29,18 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from quantbench.harness import distributed
-from quantbench.harness.distributed import is_main
-from quantbench.harness.protocol import TrainResult
+from quantbench.training import distributed
+from quantbench.training.distributed import is_main
+from quantbench.training.protocol import TrainResult
 
-__all__ = ["SAVE_FIELDS", "BaselineCache", "baseline_payload", "config_hash"]
+__all__ = ["CACHE_VERSION", "SAVE_FIELDS", "BaselineCache", "baseline_payload", "payload_hash"]
 
 log = logging.getLogger(__name__)
 
 # Bump when the training code changes what a config produces. 2: per-epoch seeded data order and
-# per-sample seeded augmentation (resumable, the same under torchrun).
-CACHE_VERSION = 2
+# per-sample seeded augmentation (resumable, the same under torchrun). 3: one training loop for every
+# task (quantbench.training.loop); the recipe gained ema, grad_clip, eval_every, decay_norm_and_bias.
+CACHE_VERSION = 3
 
 
 #: Recipe fields that say where and how often training saves, not what it learns: left out of keys.
@@ -64,7 +65,7 @@ def baseline_payload(task: str, model: dict[str, Any], data: dict[str, Any], dat
     return key
 
 
-def config_hash(payload: dict[str, Any]) -> str:
+def payload_hash(payload: dict[str, Any]) -> str:
     """Stable SHA-256 of a JSON-able payload (sorted keys), first 16 hex digits."""
     text = json.dumps({"version": CACHE_VERSION, **payload}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -76,7 +77,7 @@ class BaselineCache:
     def __init__(self, directory: str | os.PathLike, task: str, model: str, payload: dict[str, Any]) -> None:
         self.task, self.model = task, model
         self.payload = payload
-        self.key = config_hash(payload)
+        self.key = payload_hash(payload)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}_{model}")
         self.path = Path(directory).expanduser() / f"{safe}_{self.key}.pt"
         self.meta_path = self.path.with_suffix(".json")

@@ -28,15 +28,9 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from joblib import Parallel, delayed
 
+from quantbench.errors import DataError
 from quantbench.harness.config import compose_config
-from quantbench.harness.run import (
-    DataError,
-    build_task,
-    check_config,
-    is_data_error,
-    resolve_threads,
-    resolve_tree,
-)
+from quantbench.harness.run import build_task, check_config, resolve_threads, resolve_tree
 from quantbench.harness.tracking import Store, config_hash, error_line
 
 __all__ = ["longest_first", "sweep_values", "warm_baselines"]
@@ -92,7 +86,7 @@ def _build_baseline(tree: Mapping[str, Any], threads: int) -> str | None:
     try:
         build_task(tree).build_model()
     except Exception as exc:
-        if is_data_error(exc):
+        if isinstance(exc, DataError):
             return error_line(exc, typed=False)
         log.warning("float baseline of %s: %s; its runs will report it", tree["model"]["name"], error_line(exc))
     return None

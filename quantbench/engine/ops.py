@@ -1,0 +1,148 @@
+"""The op vocabulary: every ATen op the engine knows, its kind and its tags, in one registry.
+
+Ops are keyed by their short ATen name (``aten.conv2d.default`` ->
+``"conv2d"``, :func:`~quantbench.engine.graph.op_name`). The *kind* says how
+the annotator quantizes an op (one ``_annotate_<kind>`` method each); an op
+without a kind is left in float and the coverage report says so. A *tag*
+names a family that some pass treats alike across kinds. Every op set of the
+engine is derived from here (:func:`ops_of_kind`, :func:`ops_tagged`), so an
+op is declared once::
+
+    kind               ops
+    weighted           conv*, conv_transpose*, linear (weight and bias quantizers)
+    matmul             matmul, mm, bmm
+    binary             add, sub, mul, div
+    cat                cat, concat (inputs and output share one scale)
+    activation         relu, sigmoid, silu, gelu, softmax, ...
+    pool               average pools, mean, sum, bilinear upsampling (requantized output)
+    norm               layer_norm, group_norm, batch_norm
+    shared             max pools, nearest upsampling, padding, shuffles (output in the input's group)
+    passthrough        reshapes, permutes, slices, ... (output in the input's group, no quantizer)
+    tuple_passthrough  split, chunk, unbind (their getitem users carry the groups)
+    dropout            dropout variants (QAT only: PTQ removes them; identity at inference)
+    qat_bn             the simulated BN-folding ops of :mod:`quantbench.engine.passes.qat_bn`
+
+    tag                ops
+    conv               convolutions, plain and transposed: a following BatchNorm folds into them
+    integer_kernel     conv1d/2d/3d, linear: one integer kernel (onnxruntime QLinearConv / QGemm,
+                       :func:`~quantbench.engine.passes.integer.fuse_integer_kernels`), and the
+                       ops a pow2 NPU checks with shift_cut / shift_bias
+    relu_like          relu, relu6, hardtanh: fused into the op before them, a clamp on the grid
+    avg_pool           avg_pool2d, adaptive_avg_pool2d, mean: a pow2 NPU computes them as
+                       sum * multiplier / 2^shift
+    sigmoid_like       sigmoid, hardsigmoid: a pow2 NPU computes its hardsigmoid
+    swish_like         silu, hardswish: a pow2 NPU computes x * hardsigmoid(x)
+
+The registry is a :class:`quantbench.registry.Registry`: a name registered
+twice raises, and :func:`ops_of_kind` / :func:`ops_tagged` of an unknown kind
+or tag raise :class:`~quantbench.registry.UnknownNameError`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import fx
+
+from quantbench.engine.graph import op_name
+from quantbench.registry import Registry, UnknownNameError, suggest
+
+__all__ = [
+    "HELPER_KINDS",
+    "OP_KINDS",
+    "OP_TYPES",
+    "kind_of",
+    "op_kind",
+    "op_tags",
+    "ops_of_kind",
+    "ops_tagged",
+    "register_op_kind",
+]
+
+OP_KINDS: Registry[str] = Registry(
+    "op", hint="(register it with quantbench.engine.ops.register_op_kind)")
+"""Short ATen op name -> kind; the tags of each op are its registry meta (``OP_KINDS.meta(name)["tags"]``)."""
+
+_BY_KIND: dict[str, frozenset[str]] = {}
+_BY_TAG: dict[str, frozenset[str]] = {}
+
+
+def register_op_kind(kind: str, *names: str, tags: Iterable[str] = ()) -> None:
+    """Register op names under a kind, each with the given tags.
+
+    Raises:
+        DuplicateNameError: a name is already registered.
+    """
+    tags = frozenset(tags)
+    for name in names:
+        OP_KINDS.add(name, kind, tags=tags)
+        _BY_KIND[kind] = _BY_KIND.get(kind, frozenset()) | {name}
+        for tag in tags:
+            _BY_TAG[tag] = _BY_TAG.get(tag, frozenset()) | {name}
+
+
+def _lookup(table: dict[str, frozenset[str]], key: str, what: str) -> frozenset[str]:
+    if key not in table:
+        raise UnknownNameError(suggest(str(key), sorted(table), what))
+    return table[key]
+
+
+def ops_of_kind(kind: str) -> frozenset[str]:
+    """The op names registered under ``kind``."""
+    return _lookup(_BY_KIND, kind, "op kind")
+
+
+def ops_tagged(tag: str) -> frozenset[str]:
+    """The op names that carry ``tag``."""
+    return _lookup(_BY_TAG, tag, "op tag")
+
+
+def kind_of(name: str) -> str | None:
+    """The kind of a short op name, or None if the engine does not know it."""
+    return OP_KINDS.get(name) if name in OP_KINDS else None
+
+
+def op_tags(name: str) -> frozenset[str]:
+    """The tags of a registered op name."""
+    return OP_KINDS.meta(name)["tags"]
+
+
+def op_kind(node: fx.Node) -> str | None:
+    """The registered kind of a call_function node, or None if unsupported."""
+    if node.op != "call_function":
+        return None
+    return kind_of(op_name(node))
+
+
+register_op_kind("weighted", "conv1d", "conv2d", "conv3d", tags=("conv", "integer_kernel"))
+register_op_kind("weighted", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", tags=("conv",))
+register_op_kind("weighted", "linear", tags=("integer_kernel",))
+register_op_kind("matmul", "matmul", "mm", "bmm")
+register_op_kind("binary", "add", "sub", "mul", "div")
+register_op_kind("cat", "cat", "concat")
+register_op_kind("activation", "relu", "hardtanh", "relu6", tags=("relu_like",))
+register_op_kind("activation", "sigmoid", "hardsigmoid", tags=("sigmoid_like",))
+register_op_kind("activation", "silu", "hardswish", tags=("swish_like",))
+register_op_kind("activation", "clamp", "gelu", "leaky_relu", "softmax", "_softmax", "log_softmax", "tanh", "elu",
+                 "mish", "prelu")
+register_op_kind("pool", "avg_pool2d", "adaptive_avg_pool2d", "mean", tags=("avg_pool",))
+register_op_kind("pool", "avg_pool1d", "avg_pool3d", "adaptive_avg_pool1d", "sum", "upsample_bilinear2d",
+                 "upsample_bicubic2d", "_upsample_bilinear2d_aa", "upsample_linear1d")
+register_op_kind("norm", "layer_norm", "group_norm", "batch_norm")
+# Value-preserving: output values are a subset / rearrangement of input values.
+register_op_kind("shared", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d",
+                 "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "constant_pad_nd",
+                 "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
+register_op_kind("passthrough", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
+                 "transpose", "t", "squeeze", "unsqueeze", "slice", "select", "narrow", "contiguous",
+                 "clone", "expand", "alias", "detach", "getitem", "identity")
+register_op_kind("tuple_passthrough", "split", "split_with_sizes", "chunk", "unbind", "tensor_split")
+# QAT only (PTQ removes dropout and folds BN before annotation).
+register_op_kind("dropout", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+# The call_function targets of passes.qat_bn, by their function names.
+register_op_kind("qat_bn", "bn_fold_weight", "bn_fold_bias", "bn_qat_output")
+
+OP_TYPES = tuple(OP_KINDS.list())
+"""Every registered op name, sorted: the keys ``Config.op_type_quant_config`` understands."""
+HELPER_KINDS = ("passthrough", "tuple_passthrough", "dropout", "qat_bn")
+"""Kinds that compute nothing on the integer grid of their own (coverage does not count them)."""
