@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@# torch first, pinned: a range that admits a newer torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@# An editable install cannot ship the .pth file that applies the torchvision shim at interpreter start.
+	$(PY) -m quantbench.compat --install-hook
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install quantbench (idempotent; reruns when pyproject/constraints change)

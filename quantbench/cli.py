@@ -1,21 +1,36 @@
 """``quantbench``: run, sweep, report, gate, data, ui, server.
 
-Exit status: 0 fine; 1 a run failed or a gate did not pass; 2 a bad command
-line, a bad config, or missing data (one line on stderr naming the culprit
-and the fix).
+Exit status: 0 fine; 1 a run failed, a gate did not pass, or a bug (with its
+traceback); 2 a bad input: a bad command line, a bad config, missing data, a
+tracking store that cannot work, a busy port (one line on stderr naming the
+culprit and the fix, no traceback; ``--debug`` or ``QUANTBENCH_DEBUG=1`` adds
+the traceback). ``-v`` shows the library warnings quantbench filters by
+default (see :mod:`quantbench.quiet`).
+
+The command line is parsed, and a run's or sweep's overrides are checked
+(:mod:`quantbench.harness.preflight`), before torch, the engine or MLflow
+are imported: ``--help`` and a typo return in well under two seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable
+
+from quantbench.errors import BadInputError, UsageError
 
 __all__ = ["DATA_WRITERS", "main"]
 
@@ -27,11 +42,20 @@ DATA_WRITERS: dict[str, tuple[str, str, dict]] = {
 }
 
 
+#: Hydra's own flags that ``quantbench run`` passes through; with any other flag the preflight is skipped.
+_HYDRA_RUN_FLAGS = ("-m", "--multirun")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from quantbench.harness.sweep import UsageError, launch
+    from quantbench.harness.preflight import check_overrides
 
     if args.nproc < 1:
         raise UsageError(f"--nproc {args.nproc}: needs at least 1")
+    flags = [a for a in args.overrides if a.startswith("-")]
+    if all(f in _HYDRA_RUN_FLAGS for f in flags):  # e.g. --cfg job or --help: Hydra's business
+        check_overrides([a for a in args.overrides if not a.startswith("-")])
+    from quantbench.harness.sweep import launch
+
     if args.nproc == 1:
         return launch(args.overrides)
     # Data-parallel: torchrun starts N processes of the Hydra entry point (gloo on CPU, nccl on CUDA).
@@ -45,6 +69,17 @@ def _interrupt(*_: object) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from quantbench.harness.paths import CONF_DIR
+    from quantbench.harness.preflight import check_overrides, group_choices
+
+    if not (CONF_DIR / "sweep" / f"{args.task}.yaml").is_file():  # before importing torch and MLflow
+        from quantbench.registry import close_matches
+
+        close = close_matches(args.task, group_choices("sweep"))
+        raise UsageError(f"no sweep for task {args.task!r} (conf/sweep/{args.task}.yaml)"
+                         + (f"; did you mean {' or '.join(close)}?" if close else "")
+                         + f" Tasks: {', '.join(group_choices('sweep'))}")
+    check_overrides([f"sweep={args.task}", *args.overrides])
     from quantbench.harness.sweep import sweep
 
     # SIGTERM (a scheduler's stop, kill) stops like Ctrl-C: joblib then stops its worker processes
@@ -88,8 +123,6 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from quantbench.harness.sweep import UsageError
-
     module, function, defaults = DATA_WRITERS[args.name]
     try:
         writer = getattr(importlib.import_module(module), function)
@@ -109,19 +142,20 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     exp_id = store.experiment_id(experiment, create=False)
     base = f"http://{args.host}:{args.port}/"
     link = f"{base}#/experiments/{exp_id}/runs?workflowType=machine_learning" if exp_id else base
-    print(f"MLflow UI on {store.uri}\n  runs table ({experiment}): {link}\n"
-          "  (metric and parameter columns: pick them under 'Columns'; Ctrl-C stops the UI)", flush=True)
+    _check_port(args.host, args.port, "ui")
+    banner = (f"MLflow UI on {store.uri}\n  runs table ({experiment}): {link}\n"
+              "  (metric and parameter columns: pick them under 'Columns'; Ctrl-C stops the UI)")
+    args.banner = banner
     mlflow = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow), "ui", "--backend-store-uri", store.uri, "--host", args.host, "--port", str(args.port),
            "--workers", "1"]
     if store.artifact_root:
         cmd += ["--default-artifact-root", store.artifact_root]
-    return _serve(cmd)
+    return _serve(cmd, args.host, args.port, "ui", banner=args.banner)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from quantbench.harness.sweep import UsageError
-    from quantbench.harness.tracking import project_root
+    from quantbench.harness.paths import project_root
 
     root = project_root() / "mlruns" / "server"
     backend = args.backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
@@ -131,22 +165,72 @@ def _cmd_server(args: argparse.Namespace) -> int:
     artifacts.mkdir(parents=True, exist_ok=True)
     if backend.startswith("sqlite:///"):
         Path(backend.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    _check_port(args.host, args.port, "server")
     uri = f"http://{args.host}:{args.port}"
-    print(f"MLflow tracking server on {uri} (backend {backend}, artifacts {artifacts})\n"
-          f"  log to it: quantbench sweep TASK tracking.uri={uri}   (Ctrl-C stops it)", flush=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     return _serve([str(mlflow), "server", "--backend-store-uri", backend, "--serve-artifacts",
                    "--artifacts-destination", str(artifacts), "--host", args.host, "--port", str(args.port),
-                   "--workers", str(args.workers)])
+                   "--workers", str(args.workers)], args.host, args.port, "server",
+                  banner=f"MLflow tracking server on {uri} (backend {backend}, artifacts {artifacts})\n"
+                         f"  log to it: quantbench sweep TASK tracking.uri={uri}   (Ctrl-C stops it)")
 
 
-def _serve(cmd: list[str]) -> int:
-    """Run an MLflow server command in the foreground until it exits, Ctrl-C or SIGTERM."""
+def _check_port(host: str, port: int, command: str) -> None:
+    """A port another process holds is a bad input: say so before starting MLflow, not in its log."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                what = "is in use (another MLflow UI or server?)" if exc.errno == errno.EADDRINUSE else \
+                    "needs privileges"
+                raise UsageError(f"--port {port}: {host}:{port} {what}; pick another port: quantbench {command} "
+                                 f"--port {port + 1} (make {command} ARGS='--port {port + 1}')") from exc
+            raise UsageError(f"--host {host}: cannot listen there ({exc.strerror}); use 127.0.0.1 or 0.0.0.0") \
+                from exc
+
+
+def _quiet_env() -> dict[str, str]:
+    """MLflow's server without its start-up INFO lines, access log and Starlette deprecation warning
+    (nothing a user can act on); ``-v`` shows them."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, env=env)
+    if os.environ.get("QUANTBENCH_VERBOSE") != "1":
+        env.update(MLFLOW_LOGGING_LEVEL="WARNING",
+                   PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated")
+    return env
+
+
+def _healthy(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=1) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _serve(cmd: list[str], host: str, port: int, command: str, *, banner: str | None = None,
+           startup_s: float = 120.0) -> int:
+    """Run an MLflow server command in the foreground until it exits, Ctrl-C or SIGTERM.
+
+    The banner (the link) is printed once the server answers its health check;
+    a server that exits before that is an error, with its exit status.
+    """
+    if os.environ.get("QUANTBENCH_VERBOSE") != "1":
+        cmd = [*cmd, "--uvicorn-opts", "--log-level warning"]
+    proc = subprocess.Popen(cmd, env=_quiet_env())
     # SIGTERM to the mlflow parent stops its server children; pass ours on to it.
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     try:
+        deadline = time.monotonic() + startup_s
+        while proc.poll() is None and not _healthy(probe, port) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        if proc.poll() is not None:
+            print(f"quantbench {command}: MLflow exited with status {proc.returncode} before it served on "
+                  f"{host}:{port} (its output is above)", file=sys.stderr)
+            return proc.returncode or 1
+        if banner:
+            print(banner, flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
@@ -162,6 +246,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("QUANTBENCH_DEBUG") == "1",
+                        help="show the full traceback of a bad-input error too (or QUANTBENCH_DEBUG=1)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=os.environ.get("QUANTBENCH_VERBOSE") == "1",
+                        help="show the library warnings and logs quantbench filters by default (or QUANTBENCH_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one run; the rest goes to Hydra (e.g. model=resnet18 scheme=ptq_pow2)")
     run.add_argument("--nproc", type=int, default=1,
@@ -199,23 +287,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    from quantbench.errors import BadInputError, one_line
+def _bad_input_line(exc: BaseException) -> str | None:
+    """The one line for a bad input, or None for a bug (which gets its traceback)."""
+    from quantbench.errors import one_line
 
     if isinstance(exc, BadInputError):
         return one_line(exc)
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    module = type(exc).__module__.split(".", 1)[0]
+    if module in ("hydra", "omegaconf"):  # a config Hydra could not compose (outside the preflight's checks)
+        from quantbench.harness.preflight import explain
+
+        return explain(exc)
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                        NotADirectoryError)) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from quantbench.errors import BadInputError
-    from quantbench.harness.sweep import UsageError
-    from quantbench.report import ReportError
-
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command != "run" and any(a.startswith("-") for a in extra):
@@ -223,16 +313,30 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     if args.command != "run":  # Hydra sets up logging for runs itself (and for a sweep's jobs)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Read by quantbench.quiet and the Hydra entry point here, in Hydra jobs, loky workers and torchrun ranks.
+    flags = {"QUANTBENCH_VERBOSE": args.verbose, "QUANTBENCH_DEBUG": args.debug}
+    saved = {name: os.environ.get(name) for name in flags}
+    os.environ.update({name: "1" for name, on in flags.items() if on})
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ReportError, BadInputError, FileNotFoundError, FileExistsError, HydraException,
-            OmegaConfBaseException) as exc:
-        print(f"quantbench {args.command}: {_one_line(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"quantbench {args.command}: interrupted; run the same command again to complete what is missing",
               file=sys.stderr)
         return 130
+    except Exception as exc:
+        line = _bad_input_line(exc)
+        if line is None:
+            raise  # a bug: Python prints the traceback, exit status 1
+        if args.debug:
+            traceback.print_exception(exc)
+        print(f"quantbench {args.command}: {line}", file=sys.stderr)
+        return 2
+    finally:
+        for name, value in saved.items():  # main() may be called again in the same process (tests, the API)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 if __name__ == "__main__":

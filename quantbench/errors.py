@@ -19,7 +19,8 @@ never by class name or message text::
     ├── WeightsNotFoundError (FileNotFoundError)   a checkpoint or pretrained weights that are not there
     ├── DeviceUnavailableError             e.g. task.device=cuda on a machine without CUDA
     ├── TrackingUnavailableError           the MLflow server does not answer
-    └── ArtifactWriteError                 an artifact could not be written (a full disk)
+    ├── ArtifactWriteError                 an artifact could not be written (a full disk)
+    └── UsageError                         a bad command line: an unknown task, a bad option, a busy port
 
 This module is a leaf (it imports nothing of quantbench), so the engine, the
 training layer, the tasks and the harness all raise the same classes;
@@ -38,6 +39,7 @@ __all__ = [
     "DeviceUnavailableError",
     "TrackingUnavailableError",
     "UnsafeConfigError",
+    "UsageError",
     "WeightsNotFoundError",
     "one_line",
 ]
@@ -90,6 +92,10 @@ class TrackingUnavailableError(BadInputError):
 
 class ArtifactWriteError(BadInputError):
     """An artifact could not be written (a full disk); the run is marked FAILED, the sweep goes on."""
+
+
+class UsageError(BadInputError):
+    """A bad command line (an unknown task, a bad option value, a busy port); the message names it and the fix."""
 
 
 def one_line(exc: BaseException) -> str:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Any, Callable, Generic, Iterator, TypeVar, overload
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar, overload
 
 from quantbench.errors import ConfigError
 
-__all__ = ["DuplicateNameError", "Registry", "UnknownNameError"]
+__all__ = ["DuplicateNameError", "Registry", "UnknownNameError", "close_matches", "suggest"]
 
 T = TypeVar("T")
 
@@ -46,6 +46,11 @@ class UnknownNameError(ConfigError, KeyError):
 
 class DuplicateNameError(ValueError):
     """A second entry under a name that is already registered (a bug, not a bad input)."""
+
+
+def close_matches(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` names of ``known`` that look like ``name`` (a typo's likely intent), best first."""
+    return difflib.get_close_matches(name, list(known), n=n, cutoff=0.6)
 
 
 def suggest(name: str, known: list[str], kind: str, *, hint: str = "", limit: int = 12) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -55,6 +56,37 @@ def test_torchvision_and_timm_import_and_nms_works():
     assert rest == "[0, 2] [0, 1, 2] ResNet"
 
 
+_NMS = ("b = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30.]]); s = torch.tensor([.9, .8, .7])\n"
+        "print(torchvision.ops.nms(b, s, 0.5).tolist(), type(timm.create_model('resnet18')).__name__)\n")
+
+
+def _fresh(code: str, *flags: str) -> str:
+    out = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_import_order_does_not_matter_in_this_environment():
+    """torchvision first, without quantbench: the site-packages .pth installed the hook at startup."""
+    from quantbench.compat.hook import PTH_LINE, pth_path
+
+    assert pth_path().read_text() == PTH_LINE, "make install writes it: python -m quantbench.compat --install-hook"
+    assert _fresh("import torch, torchvision, timm\n" + _NMS) == "[0, 2] ResNet"
+
+
+def test_import_quantbench_first_is_enough_without_the_pth_and_is_cheap():
+    """-S skips site-packages' .pth files: `import quantbench` alone installs the hook, imports no torch."""
+    import quantbench
+
+    root = str(Path(quantbench.__file__).parents[1])
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = (f"import sys; sys.path[:0] = [{root!r}, {site!r}]\n"
+            "import quantbench; assert 'torch' not in sys.modules, 'import quantbench must stay cheap'\n"
+            "import importlib.util; assert importlib.util.find_spec('torchvision')  # a check does not spend it\n"
+            "import torch, torchvision, timm\n" + _NMS)
+    assert _fresh(code, "-S") == "[0, 2] ResNet"
+
+
 def test_noop_when_the_real_extension_loads():
     """Where torchvision's _C loads, the shim defines nothing."""
     # Load the module file alone: importing the quantbench package would apply the shim first.
@@ -69,4 +101,6 @@ def test_noop_when_the_real_extension_loads():
 
 
 def test_status_is_reported():
+    import torchvision  # noqa: F401 - the status is set when torchvision is first imported
+
     assert torchvision_ops.torchvision_ops_status() in ("native", "fallback")

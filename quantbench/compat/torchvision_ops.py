@@ -6,11 +6,12 @@ its ``_C.so`` fails to load (it needs ``libc10_cuda.so``), and then
 ``RuntimeError: operator torchvision::nms does not exist``; ``timm`` fails the
 same way because it imports torchvision.
 
-What: before torchvision is first imported we try to load its extension the
+What: before torchvision is first imported (:func:`prepare`, called by the
+import hook of :mod:`quantbench.compat.hook`, or :func:`ensure_torchvision_ops`) we try to load its extension the
 way torchvision does. If that works we do nothing. Otherwise we define the two
 op schemas that torchvision registers fake kernels for at import time
-(``nms`` and ``qnms``), give ``nms`` a CPU kernel written in PyTorch, import
-torchvision, and then let ``torchvision.extension`` report that ops are
+(``nms`` and ``qnms``) and give ``nms`` a CPU kernel written in PyTorch; once
+torchvision has been imported (:func:`finish`) we let ``torchvision.extension`` report that ops are
 present, so ``torchvision.ops.nms`` / ``batched_nms`` dispatch to our kernel.
 Ops without a kernel here (``deform_conv2d``, the image codecs) still fail
 with torch's "no kernel" error; ``roi_align`` keeps its pure-Python fallback
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ensure_torchvision_ops", "torchvision_ops_status", "nms_reference"]
+__all__ = ["ensure_torchvision_ops", "finish", "nms_reference", "prepare", "torchvision_ops_status"]
 
 _STATUS: str | None = None
 _LIBRARY: torch.library.Library | None = None  # kept alive: dropping it unregisters the ops
@@ -91,26 +92,41 @@ def torchvision_ops_status() -> str:
     return _STATUS or "not-initialised"
 
 
-def ensure_torchvision_ops() -> str:
-    """Make torchvision importable; idempotent. Returns :func:`torchvision_ops_status`."""
+def prepare() -> bool:
+    """The part before ``import torchvision``: find out whether its extension loads, else define the ops.
+
+    Returns True when :func:`finish` must run once torchvision has been
+    imported (the fallback), False when there is nothing more to do.
+    Idempotent. :mod:`quantbench.compat.hook` calls it from its import hook.
+    """
     global _STATUS
     if _STATUS is not None:
-        return _STATUS
+        return _STATUS == "fallback" and "torchvision" not in sys.modules
     if "torchvision" in sys.modules:
         # Imported before us: it either worked (native) or already failed.
         ext = sys.modules.get("torchvision.extension")
         _STATUS = "native" if ext is not None and ext._has_ops() else "fallback"
-        return _STATUS
+        return False
     loads = _extension_loads()
     if loads is None:
         _STATUS = "absent"
-        return _STATUS
-    if loads:
+    elif loads:
         _STATUS = "native"
-        return _STATUS
-    _define_fallback_ops()
-    import torchvision.extension as tv_ext  # noqa: E402 - must follow the op definitions
+    else:
+        _define_fallback_ops()
+        _STATUS = "fallback"
+    return _STATUS == "fallback"
+
+
+def finish(_torchvision: object = None) -> None:
+    """The part after ``import torchvision``: ``torchvision.ops.nms`` dispatches to our kernel."""
+    import torchvision.extension as tv_ext
 
     tv_ext._has_ops = lambda: True  # the nms kernel above now backs torchvision.ops.nms
-    _STATUS = "fallback"
-    return _STATUS
+
+
+def ensure_torchvision_ops() -> str:
+    """Make torchvision importable now; idempotent. Returns :func:`torchvision_ops_status`."""
+    if prepare():
+        finish()  # importing torchvision.extension imports torchvision, after the ops exist
+    return torchvision_ops_status()

@@ -9,13 +9,15 @@ protocol in :mod:`quantbench.training.protocol`; MLflow only through
 tracking and reports' inputs; what tasks share (training, data-parallel
 helpers, checkpoints, the baseline cache) is in :mod:`quantbench.training`,
 below it.
+
+Names load on first use: ``import quantbench.harness.<module>`` does not import torch or
+MLflow unless that module does.
 """
 
-from quantbench.errors import BadInputError, CorruptDataError, DataError, DataNotFoundError
-from quantbench.harness.run import RunResult, run
-from quantbench.harness.sweep import SweepOutcome, UsageError, sweep
-from quantbench.harness.tracking import Store
-from quantbench.training import PredictFn, TaskAdapter, TrainResult
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "BadInputError",
@@ -32,3 +34,32 @@ __all__ = [
     "run",
     "sweep",
 ]
+
+#: exported name -> the module that defines it (imported on first use: PEP 562)
+_WHERE = {
+    "BadInputError": "quantbench.errors",
+    "CorruptDataError": "quantbench.errors",
+    "DataError": "quantbench.errors",
+    "DataNotFoundError": "quantbench.errors",
+    "RunResult": "quantbench.harness.run",
+    "run": "quantbench.harness.run",
+    "SweepOutcome": "quantbench.harness.sweep",
+    "UsageError": "quantbench.harness.sweep",
+    "sweep": "quantbench.harness.sweep",
+    "Store": "quantbench.harness.tracking",
+    "PredictFn": "quantbench.training",
+    "TaskAdapter": "quantbench.training",
+    "TrainResult": "quantbench.training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

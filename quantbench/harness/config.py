@@ -8,12 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from quantbench.harness.schema import register_configs
-from quantbench.harness.tracking import project_root
+from quantbench.harness.paths import CONF_DIR
 
 __all__ = ["CONF_DIR", "compose_config", "first_job_overrides", "known_options", "sweep_grid"]
-
-CONF_DIR = project_root() / "conf"
 
 
 def known_options(group: str) -> list[str]:
@@ -23,6 +20,9 @@ def known_options(group: str) -> list[str]:
 
 def compose_config(overrides: Iterable[str] = (), *, hydra_config: bool = False) -> DictConfig:
     """The primary config with ``overrides``, validated against the schema."""
+    # The schema imports the engine's spec (torch): only when composing.
+    from quantbench.harness.schema import register_configs
+
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="quantbench"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)

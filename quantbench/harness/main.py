@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import traceback
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -39,6 +40,8 @@ def main(cfg: DictConfig) -> RunResult:
     try:
         result = run(cfg)
     except BadInputError as exc:
+        if os.environ.get("QUANTBENCH_DEBUG") == "1":
+            traceback.print_exception(exc)
         sys.stderr.write(f"quantbench: {one_line(exc)}\n")
         sys.exit(2)
     if result.status == "FAILED" and HydraConfig.get().mode == RunMode.RUN:

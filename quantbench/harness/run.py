@@ -11,7 +11,9 @@ tag and the traceback as ``error.txt``. The exceptions are bad inputs that no
 other run can get past either (missing or corrupt data, an unreachable
 server, a device that is not there, a config that names foreign code): they
 are raised as :class:`~quantbench.errors.BadInputError` for the entry
-point to turn into one line and exit status 2.
+point to turn into one line and exit status 2. The task is built and its
+data located before the run is recorded, so a missing data set, or a value
+the task refuses in a single run, leaves nothing in the store.
 
 Under ``torchrun`` every rank runs the stages (training is data-parallel,
 evaluation sums every rank's share); rank 0 alone decides whether to skip,
@@ -31,6 +33,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -91,9 +96,26 @@ def _for_task(tree: Mapping[str, Any], group: str) -> dict[str, Any]:
 
 
 def build_task(tree: Mapping[str, Any]) -> TaskAdapter:
-    """Instantiate ``task._target_`` with data, model and both recipes as plain dicts."""
-    return instantiate(_for_task(tree, "task"), data=_for_task(tree, "data"), model=_for_task(tree, "model"),
-                       train=dict(tree["train"]["baseline"]), qat=dict(tree["train"]["qat"]), _convert_="all")
+    """Instantiate ``task._target_`` with data, model and both recipes as plain dicts.
+
+    Raises:
+        BadInputError: the task refused a config value (e.g. ``data.on_corrupt``): the task's own
+            one-line error, not Hydra's InstantiationException around it.
+    """
+    try:
+        return instantiate(_for_task(tree, "task"), data=_for_task(tree, "data"), model=_for_task(tree, "model"),
+                           train=dict(tree["train"]["baseline"]), qat=dict(tree["train"]["qat"]), _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, BadInputError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _targets(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -199,14 +221,26 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
         log.info("%s x %s: already FINISHED with config %s (run %s); run.force=true reruns it",
                  names["model"], names["scheme"], chash, done[0])
         return RunResult("SKIPPED", **names, config_hash=chash, run_id=done[0], metrics=done[1])
-    recorder = _start(store, tree, names, chash) if env.is_main else NullRecorder()
     qat_recipe = _qat_recipe(tree, names, chash)
     if not env.is_main:
         settings["fp32_onnx_cache"] = None  # only rank 0 writes files
     _seed(int(settings["seed"]), settings["threads"])
     try:
+        # Before anything is recorded: a data set that is not there, or a value the task refuses, is a
+        # bad input (one line, exit 2, nothing in the store), like a device that is not there.
+        task = build_task(tree)
+        task.load_data()
+    except BadInputError as exc:
+        if isinstance(exc, DataError) or not _in_multirun():
+            raise
+        # One job of a sweep (a bad value in a sweep list): recorded FAILED, the sweep goes on.
+        recorder = _start(store, tree, names, chash) if env.is_main else NullRecorder()
+        line = recorder.fail(exc)
+        log.error("%s x %s FAILED: %s (run %s)", names["model"], names["scheme"], line, recorder.run_id)
+        return RunResult("FAILED", **names, config_hash=chash, run_id=recorder.run_id, error=line, error_kind="input")
+    recorder = _start(store, tree, names, chash) if env.is_main else NullRecorder()
+    try:
         with tempfile.TemporaryDirectory(prefix="quantbench-") as tmp:
-            task = build_task(tree)
             recorder.set_tags({"primary_metric": task.primary_metric})
             ctx = Context(task=task, scheme=tree["scheme"], qat_recipe=qat_recipe,
                           settings=settings, workdir=Path(tmp), recorder=recorder)

@@ -30,10 +30,11 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from quantbench.errors import BadInputError
+from quantbench.errors import UsageError
 from quantbench.harness.callbacks import count_jobs
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, known_options
-from quantbench.harness.run import check_config, resolve_threads
+from quantbench.harness.preflight import check_group_values, check_overrides, job_variants, parse
+from quantbench.harness.run import build_task, check_config, resolve_threads, resolve_tree
 from quantbench.harness.tracking import Store
 from quantbench.harness.warmup import longest_first, sweep_values, warm_baselines
 
@@ -44,10 +45,6 @@ LAUNCHERS = ("basic", "parallel", "slurm", "slurm_local")
 
 _SWEEP_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _CLOCK_SLACK_MS = 1000  # runs on other nodes stamp their start with their own clocks
-
-
-class UsageError(BadInputError):
-    """A bad command line; the message names the culprit and the fix."""
 
 
 @dataclass
@@ -151,6 +148,13 @@ def _collect(outcome: SweepOutcome, store: Store, since_ms: int) -> SweepOutcome
     return outcome
 
 
+def _check_tasks(overrides: Sequence[str]) -> None:
+    """Build the task of the first job and of each further swept value: a value the task refuses
+    (``data.on_corrupt=skipp``) stops the sweep with one line before anything runs or is recorded."""
+    for variant in job_variants(parse(list(overrides))):
+        build_task(resolve_tree(compose_config(variant)))
+
+
 def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: str | None = None,
           launcher: str | None = None) -> SweepOutcome:
     """Run the sweep of ``task`` with extra Hydra ``overrides`` and collect what it recorded.
@@ -166,12 +170,17 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
         raise UsageError(f"sweep id {sweep_id!r}: use letters, digits, '.', '_' and '-' only")
     base = [f"sweep={task}", f"tracking.sweep_id={sweep_id}", *overrides]
     hydra_launcher = launcher_overrides(jobs, launcher, overrides)
-    # Compose the first job up front: a typo fails here, before anything runs, and
-    # the composed tracking node says which store to ask for failures afterwards.
+    # Check every swept value and compose the first job up front: a typo fails here, before anything
+    # runs, and the composed tracking node says which store to ask for failures afterwards.
+    check_overrides(base)
     first = compose_config(first_job_overrides(base), hydra_config=True)
+    for group, values in (first.hydra.sweeper.params or {}).items():  # the sweep file's own lists
+        if (CONF_DIR / str(group)).is_dir():
+            check_group_values(str(group), [v.strip() for v in str(values).split(",")])
     tree = OmegaConf.to_container(first, resolve=False)
     tree.pop("hydra", None)
     check_config(OmegaConf.to_container(OmegaConf.create(tree), resolve=True))
+    _check_tasks(base)
     tracking = OmegaConf.to_container(first.tracking, resolve=True)
     store = Store.from_config(tracking)  # a server that is down fails here; a new sqlite store is created once
     store.experiment_id(str(tracking["experiment"]))

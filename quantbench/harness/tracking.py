@@ -41,7 +41,9 @@ from mlflow.tracking import MlflowClient
 
 from quantbench.errors import ArtifactWriteError, BadInputError, TrackingUnavailableError, one_line
 from quantbench.harness.liveness import Heartbeat, process_tags, stale_reason
+from quantbench.harness.paths import check_tracking_uri, project_root
 from quantbench.harness.schema import HASH_EXCLUDE
+from quantbench.quiet import quiet_logger, quiet_warning
 
 __all__ = [
     "NullRecorder",
@@ -58,14 +60,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# MLflow logs "Creating initial MLflow database tables..." / "Updating database tables" at INFO each
+# time a process opens a new sqlite store (the sweep, then its first job): nothing to act on.
+quiet_logger("mlflow.store.db.utils")
+quiet_logger("alembic")
+# SQLAlchemy deprecates a loader option MLflow's store still uses; only MLflow can change it.
+quiet_warning(r"The ``noload`` loader strategy is deprecated")
+
 _BATCH = 100  # MLflow's log_batch takes at most 100 params / tags per call
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 _MAX_TAG_ERROR = 500
-
-
-def project_root() -> Path:
-    """The checkout that holds ``conf/`` and ``mlruns/`` (the parent of the package)."""
-    return Path(__file__).resolve().parents[2]
 
 
 def _is_http(uri: str) -> bool:
@@ -80,6 +84,7 @@ def store_location(tracking: Mapping[str, Any]) -> tuple[str, str | None]:
     relative to the current directory. With a tracking server and no
     ``artifact_root``, the root is ``None``: the server stores artifacts.
     """
+    check_tracking_uri(tracking.get("uri"))
     mlruns = project_root() / "mlruns"
     uri = tracking.get("uri") or f"sqlite:///{mlruns / 'mlflow.db'}"
     root = tracking.get("artifact_root")

@@ -14,35 +14,16 @@ the harness imports it to build tasks and map their errors. It holds:
   (:mod:`.qat_schedule`), the weight EMA (:mod:`.ema`);
 * the one training loop, :func:`fit` (:mod:`.loop`), and the float and QAT
   recipes on top of it (:func:`train_float`, :func:`train_qat`).
+
+Names load on first use, so that importing a light module of the package (its config
+dataclasses, the task-kind registry) does not import torch: the CLI checks a config in well
+under a second.
 """
 
-from quantbench.errors import (
-    BadInputError,
-    ConfigError,
-    CorruptDataError,
-    DataError,
-    DataNotFoundError,
-    DeviceUnavailableError,
-    WeightsNotFoundError,
-)
-from quantbench.training.cache import BaselineCache, baseline_payload
-from quantbench.training.checkpoint import BestCheckpoint, TrainingCheckpoint
-from quantbench.training.config import LoopConfig, ModelConfig, QatConfig, TrainConfig, coerce
-from quantbench.training.data import (
-    CalibrationBatches,
-    calibration_subset,
-    fraction_subset,
-    make_loader,
-    start_epoch,
-)
-from quantbench.training.device import module_device, resolve_device
-from quantbench.training.ema import ModelEMA
-from quantbench.training.loop import EpochSums, Objective, Validate, fit
-from quantbench.training.optim import OPTIMIZERS, SCHEDULERS
-from quantbench.training.protocol import PredictFn, TaskAdapter, TrainResult
-from quantbench.training.qat_schedule import FloatMode, QatMode, TrainMode
-from quantbench.training.recipes import train_float, train_qat
-from quantbench.training.tasks import TASK_KINDS, TaskKind
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "OPTIMIZERS",
@@ -86,3 +67,59 @@ __all__ = [
     "train_float",
     "train_qat",
 ]
+
+#: exported name -> the module that defines it (imported on first use: PEP 562)
+_WHERE = {
+    "BadInputError": "quantbench.errors",
+    "ConfigError": "quantbench.errors",
+    "CorruptDataError": "quantbench.errors",
+    "DataError": "quantbench.errors",
+    "DataNotFoundError": "quantbench.errors",
+    "DeviceUnavailableError": "quantbench.errors",
+    "WeightsNotFoundError": "quantbench.errors",
+    "BaselineCache": "quantbench.training.cache",
+    "baseline_payload": "quantbench.training.cache",
+    "BestCheckpoint": "quantbench.training.checkpoint",
+    "TrainingCheckpoint": "quantbench.training.checkpoint",
+    "LoopConfig": "quantbench.training.config",
+    "ModelConfig": "quantbench.training.config",
+    "QatConfig": "quantbench.training.config",
+    "TrainConfig": "quantbench.training.config",
+    "coerce": "quantbench.training.config",
+    "CalibrationBatches": "quantbench.training.data",
+    "calibration_subset": "quantbench.training.data",
+    "fraction_subset": "quantbench.training.data",
+    "make_loader": "quantbench.training.data",
+    "start_epoch": "quantbench.training.data",
+    "module_device": "quantbench.training.device",
+    "resolve_device": "quantbench.training.device",
+    "ModelEMA": "quantbench.training.ema",
+    "EpochSums": "quantbench.training.loop",
+    "Objective": "quantbench.training.loop",
+    "Validate": "quantbench.training.loop",
+    "fit": "quantbench.training.loop",
+    "OPTIMIZERS": "quantbench.training.optim",
+    "SCHEDULERS": "quantbench.training.optim",
+    "PredictFn": "quantbench.training.protocol",
+    "TaskAdapter": "quantbench.training.protocol",
+    "TrainResult": "quantbench.training.protocol",
+    "FloatMode": "quantbench.training.qat_schedule",
+    "QatMode": "quantbench.training.qat_schedule",
+    "TrainMode": "quantbench.training.qat_schedule",
+    "train_float": "quantbench.training.recipes",
+    "train_qat": "quantbench.training.recipes",
+    "TASK_KINDS": "quantbench.training.tasks",
+    "TaskKind": "quantbench.training.tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

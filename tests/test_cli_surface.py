@@ -1,0 +1,136 @@
+"""The command line's surface: one line and exit status 2 for every bad input, a traceback for a bug,
+nothing recorded for an input no run can get past, and no torch import before a config is known good.
+
+In-process through :func:`quantbench.cli.main` (what the console script calls), with real stores,
+real sockets and real Hydra composition; subprocesses where the import state matters.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from quantbench.cli import main
+from quantbench.harness.config import compose_config
+from quantbench.harness.tracking import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _runs(overrides: list[str]) -> list:
+    tracking = OmegaConf.to_container(compose_config(overrides).tracking, resolve=True)
+    return Store.from_config(tracking).search("")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "model=nosuch"], ["model=nosuch", "Choices: mobilenet_v2", "model.name="]),
+    (["run", "model=efficientnet_b0"], ["model.name=efficientnet_b0", "timm:"]),
+    (["run", "model=base_model"], ["model=base_model", "Choices: mobilenet_v2"]),
+    (["run", "model=test_resnt"], ["Did you mean 'test_resnet'"]),
+    (["sweep", "digits", "model=test_resnet,nosuch"], ["model=nosuch"]),
+    (["sweep", "digits", "scheme=ptq_pow2,ptq_pow3"], ["scheme=ptq_pow3", "Did you mean 'ptq_pow2'"]),
+    (["sweep", "digitz"], ["no sweep for task 'digitz'", "did you mean digits"]),
+    (["run", "train.baseline.epoch=3"], ["train.baseline.epoch=3", "did you mean train.baseline.epochs"]),
+    (["run", "train.baseline.epochs=abc"], ["train.baseline.epochs=abc", "Integer"]),
+    (["run", "schem=ptq_pow2"], ["schem=ptq_pow2", "did you mean scheme"]),
+    (["run", "model=["], ["model=[", "not a valid override"]),
+    (["run", "+experiment=nosuch"], ["experiment=nosuch", "Choices: smoke"]),
+    (["run", "tracking.uri=foo://bar"], ["tracking.uri='foo://bar'", "sqlite:///"]),
+    (["sweep", "digits", "tracking.uri=foo://bar"], ["tracking.uri='foo://bar'"]),
+    (["run", "tracking.uri=sqlite://x.db"], ["three slashes"]),
+])
+def test_config_errors_are_one_line_naming_the_override_and_the_fix(argv, expected, capsys):
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"quantbench {argv[0]}: ")
+    for text in expected:
+        assert text in line, line
+    assert "base_model," not in line and "Config search path" not in line
+
+
+def test_help_and_typos_are_answered_before_torch_is_imported():
+    code = ("import sys; from quantbench.cli import main\n"
+            "codes = [main(a) for a in (['run', 'model=nosuch'], ['sweep', 'digits', 'model=a,b'],\n"
+            "                           ['run', 'train.baseline.epoch=3'], ['run', 'tracking.uri=foo://x'])]\n"
+            "print(codes, sorted(m for m in ('torch', 'mlflow', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2] []", out.stdout + out.stderr
+    helped = subprocess.run([sys.executable, "-m", "quantbench.cli", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert helped.returncode == 0 and "--debug" in helped.stdout and "-v" in helped.stdout
+
+
+@pytest.fixture
+def small(digits_overrides, run_overrides) -> list[str]:
+    return [*digits_overrides, *run_overrides, "scheme=float", "data.val_fraction=0.1", "data.calib_size=16",
+            "data.calib_batch_size=16", "run.latency_iters=1", "run.latency_batch=2"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["data.root=/nonexistent/digits", "data.generate=null"], ["data.root", "/nonexistent/digits"]),
+    (["task=imagenet", "data.root=/nonexistent/imagenet"], ["IMAGENET_ROOT", "/nonexistent/imagenet"]),
+    (["data.on_corrupt=skipp"], ["data.on_corrupt", "skip"]),
+])
+def test_missing_data_or_a_refused_value_is_one_line_and_nothing_recorded(small, extra, expected, capsys):
+    """Like a device that is not there: checked before the run is recorded, in a run and in a sweep."""
+    for argv in (["run", *small, *extra], ["sweep", "digits", *small, *extra]):
+        assert main(argv) == 2
+        line = _one_line("\n".join(ln for ln in capsys.readouterr().err.splitlines()
+                                   if ln.startswith("quantbench")))
+        for text in expected:
+            assert text in line, line
+    assert _runs([*small, *extra]) == []
+
+
+def test_debug_adds_the_traceback_to_the_line(capsys, monkeypatch):
+    assert main(["--debug", "run", "model=nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("quantbench run: model=nosuch")
+    monkeypatch.setenv("QUANTBENCH_DEBUG", "1")
+    assert main(["run", "model=nosuch"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_bug_is_a_traceback_not_a_line(monkeypatch):
+    import quantbench.cli as cli
+
+    def broken(_args):
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "data", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["data", "digits", "--out", "/tmp/x"])
+
+
+def test_ui_on_a_busy_port_is_one_line_before_anything_starts(tracking_overrides, free_port, capsys):
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        for command in ("ui", "server"):
+            argv = [command, "--port", str(port), *(tracking_overrides if command == "ui" else [])]
+            assert main(argv) == 2
+            line = _one_line(capsys.readouterr().err)
+            assert f"--port {port}" in line and "in use" in line and f"--port {port + 1}" in line
+
+
+def test_readme_bad_input_rows_name_tests_that_exist():
+    """Every row of the README's bad-input tables points at a test that is there."""
+    readme = (ROOT / "README.md").read_text()
+    cited = set(re.findall(r"`(test_\w+\.py)::(\w+)`", readme))
+    assert len(cited) >= 20
+    for path, name in cited:
+        source = (ROOT / "tests" / path).read_text()
+        assert re.search(rf"^(async )?def {name}\(", source, re.M), f"README cites missing test {path}::{name}"
