@@ -39,9 +39,10 @@ test-slow: $(STAMP) ## slow end-to-end tests only
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check quantbench tasks tests
 
-bench: $(STAMP) ## engine and QAT benchmarks -> reports/bench/engine.md, reports/bench/qat.md
+bench: $(STAMP) ## engine, QAT and CLI start-up benchmarks -> reports/bench/{engine,qat,cli}.md
 	$(PY) -m quantbench.bench.engine --out reports/bench/engine.md
 	$(PY) -m quantbench.bench.qat --out reports/bench/qat.md
+	$(PY) -m quantbench.bench.cli --out reports/bench/cli.md
 
 sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
 	$(QB) sweep $(TASK) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)

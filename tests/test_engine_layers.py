@@ -93,8 +93,15 @@ def test_engine_modules_are_found():
     assert f"{PACKAGE}.hardware" not in MODULES and f"{PACKAGE}.passes.hardware" not in MODULES
 
 
+#: The deliberate deferred imports, each to keep torch out of a config check (the CLI composes configs
+#: with the engine's spec in well under a second): the package facade loads its names on first use,
+#: and the spec asks the observer registry (torch) only when a spec is built.
+LAZY = {(PACKAGE, f"{PACKAGE}.capture"), (f"{PACKAGE}.spec", f"{PACKAGE}.observers")}
+
+
 def test_no_function_local_engine_imports():
-    local = [f"{m}:{line} imports {name}" for m in MODULES for name, line, top in _imports(m) if not top]
+    local = [f"{m}:{line} imports {name}" for m in MODULES for name, line, top in _imports(m)
+             if not top and (m, name) not in LAZY]
     assert local == []
 
 

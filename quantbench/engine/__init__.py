@@ -25,23 +25,18 @@ Layers, bottom to top (a module imports only modules listed before it;
     passes.freeze                 fake-quant graph -> integer Q/DQ graph
     quantizer                     ModelQuantizer, coverage
     check                         onnxruntime parity, SQNR, latency
+
+Names load on first use (PEP 562): importing a light module such as
+:mod:`quantbench.engine.spec` does not import torch, onnx or torchao, so the
+command line checks a config in well under a second.
 """
 
-from quantbench.engine import check, modes, ops, presets, qat
-from quantbench.engine.capture import capture
-from quantbench.engine.errors import (
-    CalibrationError,
-    CaptureError,
-    ExportError,
-    HardwareError,
-    NonFiniteError,
-    QuantizationError,
-    SpecError,
-)
-from quantbench.engine.export import export_onnx
-from quantbench.engine.quantizer import CoverageReport, ModelQuantizer, coverage
-from quantbench.engine.spec import Config, QuantizationConfig, QuantizationSpec
-from quantbench.engine.targets import HardwareTarget, Violation, check_hardware
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __all__ = [
     "CalibrationError",
@@ -68,3 +63,51 @@ __all__ = [
     "presets",
     "qat",
 ]
+
+
+#: exported name -> the module that defines it (a submodule itself when the name is a module)
+_WHERE = {
+    "check": None, "modes": None, "ops": None, "presets": None, "qat": None,
+    "CalibrationError": "errors", "CaptureError": "errors", "ExportError": "errors", "HardwareError": "errors",
+    "NonFiniteError": "errors", "QuantizationError": "errors", "SpecError": "errors",
+    "export_onnx": "export",
+    "CoverageReport": "quantizer", "ModelQuantizer": "quantizer", "coverage": "quantizer",
+    "Config": "spec", "QuantizationConfig": "spec", "QuantizationSpec": "spec",
+    "HardwareTarget": "targets", "Violation": "targets", "check_hardware": "targets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _WHERE[name]
+    value = importlib.import_module(f"{__name__}.{name}") if module is None else \
+        getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _EngineModule(types.ModuleType):
+    """The package's module type: ``capture`` is the function, although a submodule has that name too.
+
+    Importing the submodule :mod:`quantbench.engine.capture` sets the package attribute ``capture``
+    to the module; with lazy loading that may happen before anyone asks for the function, so the
+    name is a property whose setter ignores the import system's assignment.
+    """
+
+    @property
+    def capture(self) -> Any:
+        from quantbench.engine.capture import capture
+
+        return capture
+
+    @capture.setter
+    def capture(self, _module: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _EngineModule

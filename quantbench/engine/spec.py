@@ -19,10 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
-
 from quantbench.engine.errors import SpecError
-from quantbench.engine.observers import OBSERVERS
 
 __all__ = [
     "DTYPES",
@@ -46,22 +43,29 @@ class IntType:
     name: str
     qmin: int
     qmax: int
-    storage: torch.dtype
+    storage_name: str  # a torch dtype's name: this module does not import torch (the CLI reads it to check configs)
 
     @property
     def signed(self) -> bool:
         return self.qmin < 0
 
+    @property
+    def storage(self) -> Any:
+        """The ``torch.dtype`` that holds the integers."""
+        import torch
+
+        return getattr(torch, self.storage_name)
+
 
 DTYPES: dict[str, IntType] = {
     t.name: t
     for t in (
-        IntType("int4", -8, 7, torch.int8),
-        IntType("uint4", 0, 15, torch.uint8),
-        IntType("int8", -128, 127, torch.int8),
-        IntType("uint8", 0, 255, torch.uint8),
-        IntType("int16", -32768, 32767, torch.int16),
-        IntType("int32", -(2**31), 2**31 - 1, torch.int32),
+        IntType("int4", -8, 7, "int8"),
+        IntType("uint4", 0, 15, "uint8"),
+        IntType("int8", -128, 127, "int8"),
+        IntType("uint8", 0, 255, "uint8"),
+        IntType("int16", -32768, 32767, "int16"),
+        IntType("int32", -(2**31), 2**31 - 1, "int32"),
     )
 }
 
@@ -127,6 +131,8 @@ class QuantizationSpec:
         _choice("scale_type", self.scale_type, SCALE_TYPES)
         _choice("round_method", self.round_method, ROUND_METHODS)
         _choice("learnable", self.learnable, LEARNABLE)
+        from quantbench.engine.observers import OBSERVERS  # imports torch: not at module level
+
         _choice("observer", self.observer, tuple(OBSERVERS.list()))
         if self.is_dynamic:
             raise SpecError(
