@@ -16,7 +16,8 @@ never by class name or message text::
     ├── DataError                          the task's data set: stops every run of a sweep
     │   ├── DataNotFoundError (FileNotFoundError)
     │   └── CorruptDataError (ValueError)
-    ├── WeightsNotFoundError (FileNotFoundError)   a checkpoint or pretrained weights that are not there
+    ├── WeightsError                       weights that do not load or do not fit the model (model.checkpoint)
+    │   └── WeightsNotFoundError (FileNotFoundError)   a checkpoint or pretrained weights that are not there
     ├── DeviceUnavailableError             e.g. task.device=cuda on a machine without CUDA
     ├── TrackingUnavailableError           the MLflow server does not answer
     ├── ArtifactWriteError                 an artifact could not be written (a full disk)
@@ -40,6 +41,7 @@ __all__ = [
     "TrackingUnavailableError",
     "UnsafeConfigError",
     "UsageError",
+    "WeightsError",
     "WeightsNotFoundError",
     "one_line",
 ]
@@ -78,7 +80,12 @@ class CorruptDataError(DataError, ValueError):
     and the setting that skips such files."""
 
 
-class WeightsNotFoundError(BadInputError, FileNotFoundError):
+class WeightsError(BadInputError):
+    """Weights that are there but cannot be used: a file that is not a (safely loadable) PyTorch
+    checkpoint, or a state_dict of another architecture; the message names the key (``model.checkpoint``)."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
     """Weights could not be found or loaded; the message says which key supplies them."""
 
 

@@ -134,3 +134,13 @@ def test_readme_bad_input_rows_name_tests_that_exist():
     for path, name in cited:
         source = (ROOT / "tests" / path).read_text()
         assert re.search(rf"^(async )?def {name}\(", source, re.M), f"README cites missing test {path}::{name}"
+
+
+def test_a_checkpoint_that_is_not_one_is_one_line_and_nothing_recorded(small, tmp_path, capsys):
+    bogus = tmp_path / "weights.pt"
+    bogus.write_text("not a checkpoint")
+    for extra in ([f"model.checkpoint={bogus}"], [f"model.checkpoint={tmp_path / 'missing.pt'}"]):
+        assert main(["run", *small, *extra]) == 2
+        line = _one_line("\n".join(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quantbench")))
+        assert "model.checkpoint=" in line and "weights_only" not in line, line
+    assert _runs(small) == []

@@ -51,6 +51,7 @@ from quantbench.harness.tracking import (
     git_sha,
 )
 from quantbench.training import TaskAdapter, distributed
+from quantbench.training.checkpoint import read_state_dict
 
 __all__ = [
     "HARNESS_ONLY",
@@ -230,6 +231,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
         # bad input (one line, exit 2, nothing in the store), like a device that is not there.
         task = build_task(tree)
         task.load_data()
+        if tree["model"].get("checkpoint"):  # not there, or not a checkpoint (whether it fits: when built)
+            read_state_dict(tree["model"]["checkpoint"], key="model.checkpoint")
     except BadInputError as exc:
         if isinstance(exc, DataError) or not _in_multirun():
             raise

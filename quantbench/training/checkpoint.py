@@ -20,6 +20,12 @@ writes. They are read with ``torch.load(weights_only=True)``: a checkpoint is
 data, never code. A file that does not load, belongs to another recipe
 (``fingerprint``) or does not fit the model is reported, deleted and ignored,
 and training starts over.
+
+:func:`load_weights` loads a user's ``model.checkpoint`` (a state_dict, bare or
+under ``state_dict``/``model_state_dict``/``model``, with or without DDP's
+``module.`` prefix) with the same safe loader; a file that is missing, is not a
+checkpoint, holds pickled objects, or does not fit the model is one line
+naming the key (:class:`~quantbench.errors.WeightsError`).
 """
 
 from __future__ import annotations
@@ -28,17 +34,22 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from quantbench.errors import WeightsError, WeightsNotFoundError
 from quantbench.training.distributed import is_main
 
-__all__ = ["BestCheckpoint", "CheckpointMismatch", "TrainingCheckpoint", "fingerprint_of"]
+__all__ = ["BestCheckpoint", "CheckpointMismatch", "TrainingCheckpoint", "fingerprint_of", "load_weights",
+           "read_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +245,117 @@ class BestCheckpoint:
             torch.save(state["weights"], self.path)
         else:
             self._state = state["weights"]
+
+
+# ------------------------------------------------------------- a user's weights file
+#: Keys under which training scripts usually nest the model's state_dict.
+_WRAPPERS = ("state_dict", "model_state_dict", "model")
+#: Prefixes that wrappers add to every key: DDP (``module.``), ``torch.compile`` (``_orig_mod.``).
+_PREFIXES = ("module.", "_orig_mod.")
+_SAVE_HINT = "save one with torch.save(model.state_dict(), PATH)"
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def read_state_dict(path: str | os.PathLike, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+    """The state_dict in the file ``path``, read safely (tensors only, ``weights_only``), unwrapped.
+
+    Args:
+        path: The file (``~`` expanded).
+        key: The config key that named it, for the messages.
+
+    Raises:
+        WeightsNotFoundError: There is no such file.
+        WeightsError: The file is not a PyTorch checkpoint, holds pickled
+            Python objects (never unpickled: that would run code), or holds no
+            state_dict. One line naming ``key=path``.
+    """
+    path = Path(path).expanduser()
+    where = f"{key}={path}"
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise WeightsNotFoundError(f"{where}: {what}; point {key} at a state_dict file ({_SAVE_HINT})")
+    try:
+        with warnings.catch_warnings():  # a plain pickle's protocol: we say what is wrong with the file below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:  # a real pickle, of something more than tensors (a whole nn.Module, a custom class)
+            raise WeightsError(f"{where}: not loadable safely: it pickles the Python object {found.group(1)}, "
+                               f"and checkpoints are loaded as tensors only; {_SAVE_HINT} and point {key} "
+                               "at that file") from None
+        raise WeightsError(f"{where}: not a PyTorch checkpoint, or not loadable safely (it does not unpickle as "
+                           f"tensors only); point {key} at a state_dict file ({_SAVE_HINT})") from None
+    except OSError as exc:
+        raise WeightsError(f"{where}: cannot be read ({type(exc).__name__}: {exc.strerror or exc}); fix the file "
+                           f"or point {key} elsewhere") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load of any file: KeyError, EOFError, RuntimeError, ...
+        raise WeightsError(f"{where}: not a PyTorch checkpoint ({type(exc).__name__} while reading it); point "
+                           f"{key} at a state_dict file ({_SAVE_HINT})") from None
+    for _ in range(len(_WRAPPERS)):  # {"model": {"state_dict": ...}} too
+        if not isinstance(state, Mapping):
+            break
+        inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        if isinstance(state, Mapping):
+            held = f"a dict without tensors (keys: {_examples([str(k) for k in state], 5) or 'none'})"
+        else:
+            held = f"a {type(state).__name__}"
+        raise WeightsError(f"{where}: holds {held}, not a state_dict; point {key} at a state_dict file "
+                           f"({_SAVE_HINT})")
+    state = {str(k): v for k, v in state.items()}
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "[" + ",".join(str(d) for d in value.shape) + "]"
+    return type(value).__name__
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, key: str = "model.checkpoint",
+                 name: str | None = None) -> nn.Module:
+    """Load the state_dict file ``path`` into ``model`` (strict), safely; see :func:`read_state_dict`.
+
+    Args:
+        model: The freshly built model.
+        path: The state_dict file.
+        key: The config key that named it.
+        name: The model's name for the message (``model.name``); default: its class name.
+
+    Raises:
+        WeightsNotFoundError: No such file.
+        WeightsError: Not a loadable checkpoint, or a state_dict that does not fit ``model``: one line
+            with the counts and a few examples of missing, unexpected and mis-shaped keys.
+    """
+    state = read_state_dict(path, key)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f"{k} {_shape(own[k])} vs {_shape(state[k])}" for k in own
+                  if k in state and _shape(own[k]) != _shape(state[k])]
+        parts = [f"{len(missing)} missing keys (e.g. {_examples(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {_examples(unexpected)})" if unexpected else "",
+                 f"{len(shapes)} shape mismatches (model vs file, e.g. {_examples(shapes, 2)})" if shapes else ""]
+        diff = ", ".join(p for p in parts if p) or str(exc).strip().splitlines()[0]
+        fix = f"point {key} at weights for this model"
+        if shapes and not missing and not unexpected:
+            fix += " or change the model's config to match them (e.g. model.num_classes)"
+        where = Path(path).expanduser()
+        message = f"{key}={where}: its state_dict does not fit {name or type(model).__name__}: {diff}; {fix}"
+        raise WeightsError(message.replace("\r", " ").replace("\n", " ")) from None
+    return model

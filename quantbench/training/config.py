@@ -10,20 +10,119 @@ defaults here are neutral fallbacks for code that builds a recipe by hand.
 Code never sees a Hydra ``DictConfig``: Hydra (or a test) passes nested
 mappings, and :func:`coerce` turns them into these dataclasses at the
 boundary, where ``__post_init__`` checks the values and names the key.
+
+The value checks live in one place: a field declares what it accepts with
+:func:`checked` (``positive_int``, ``fraction``, ``one_of(...)``, ...), and
+:func:`check_fields`, called by each class's ``__post_init__``, refuses a
+value with one line that names the full dotted key, the value and what it
+accepts (``train.baseline.batch_size=-1: must be a positive integer``). The
+key is the class's ``config_key`` (``train.baseline``, ``train.qat``,
+``data``, ``model``): where the harness takes the group from. Hydra's
+structured configs check the types at compose time; the ranges are checked
+here, because that is where a test, a script or the harness builds them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from quantbench.errors import ConfigError
+from quantbench.registry import close_matches
 
-__all__ = ["LoopConfig", "ModelConfig", "QatConfig", "TrainConfig", "coerce"]
+__all__ = [
+    "Check",
+    "LoopConfig",
+    "ModelConfig",
+    "QatConfig",
+    "TrainConfig",
+    "check_fields",
+    "checked",
+    "coerce",
+    "fraction",
+    "non_negative",
+    "non_negative_int",
+    "one_of",
+    "positive",
+    "positive_int",
+    "unit_interval",
+]
 
 T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ value checks
+@dataclass(frozen=True)
+class Check:
+    """What a config field accepts: a predicate on its value and the words that say so (``a positive integer``)."""
+
+    accepts: str
+    ok: Callable[[Any], bool]
+    choices: tuple[str, ...] = ()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+positive_int = Check("a positive integer", lambda v: _is_int(v) and v >= 1)
+non_negative_int = Check("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+positive = Check("a number > 0", lambda v: _is_number(v) and v > 0)
+non_negative = Check("a number >= 0", lambda v: _is_number(v) and v >= 0)
+fraction = Check("in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1)
+unit_interval = Check("in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+
+
+def one_of(*choices: str) -> Check:
+    """A field that takes one of ``choices`` (a string); the message suggests the closest."""
+    return Check("one of " + ", ".join(choices), lambda v: v in choices, tuple(choices))
+
+
+def checked(default: Any, check: Check, *, nullable: bool = False) -> Any:
+    """A dataclass field with ``default`` whose value :func:`check_fields` checks (``None`` passes if ``nullable``)."""
+    return field(default=default, metadata={"check": check, "nullable": nullable})
+
+
+def check_fields(obj: Any, key: str | None = None) -> None:
+    """Check every :func:`checked` field of the dataclass ``obj``.
+
+    Args:
+        obj: A config dataclass instance.
+        key: Dotted prefix of its fields in the composed config; default: the
+            class's ``config_key``.
+
+    Raises:
+        ConfigError: One line: ``<key>.<field>=<value>: must be <what it accepts>``.
+    """
+    prefix = key if key is not None else getattr(obj, "config_key", "")
+    for f in dataclasses.fields(obj):
+        check: Check | None = f.metadata.get("check")
+        if check is None:
+            continue
+        value = getattr(obj, f.name)
+        nullable = bool(f.metadata.get("nullable"))
+        if value is None and nullable:
+            continue
+        if not check.ok(value):
+            raise ConfigError(_message(f"{prefix}.{f.name}" if prefix else f.name, value, check, nullable))
+
+
+def _message(key: str, value: Any, check: Check, nullable: bool) -> str:
+    """``key=value: must be ...`` on one line, with the closest choice of a :func:`one_of` field."""
+    shown = repr(value) if isinstance(value, str) else str(value)
+    hint = ""
+    if check.choices and isinstance(value, str):
+        close = close_matches(value, check.choices, n=1) or close_matches(value.lower(), check.choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    accepts = check.accepts + (" or null" if nullable else "")
+    return " ".join(f"{key}={shown}: must be {accepts}{hint}".split())
 
 
 @dataclass
@@ -40,12 +139,17 @@ class ModelConfig:
         kwargs: Extra keyword arguments for the model constructor.
     """
 
+    config_key: ClassVar[str] = "model"
+
     name: str = ""
     display_name: str = ""
-    num_classes: int | None = None
+    num_classes: int | None = checked(None, positive_int, nullable=True)
     pretrained: bool = False
     checkpoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -91,44 +195,36 @@ class LoopConfig:
         seed: Seed of initialisation, shuffling and augmentation.
     """
 
-    epochs: int = 1
-    steps: int | None = None
-    batch_size: int = 64
+    #: where the harness takes this recipe from (the float baseline's); :class:`QatConfig`: ``train.qat``
+    config_key: ClassVar[str] = "train.baseline"
+
+    epochs: int = checked(1, non_negative_int)
+    steps: int | None = checked(None, positive_int, nullable=True)
+    batch_size: int = checked(64, positive_int)
     optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
+    lr: float = checked(1e-3, positive)
+    weight_decay: float = checked(5e-4, non_negative)
     decay_norm_and_bias: bool = True
-    momentum: float = 0.9
+    momentum: float = checked(0.9, unit_interval)
     scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
-    lr_decay: float = 1.0
-    lr_decay_steps: int = 1000
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None
+    warmup_epochs: float = checked(0.0, non_negative)
+    lr_decay: float = checked(1.0, positive)
+    lr_decay_steps: int = checked(1000, positive_int)
+    label_smoothing: float = checked(0.0, unit_interval)
+    grad_clip: float | None = checked(None, positive, nullable=True)
     ema: bool = False
-    ema_decay: float = 0.9998
-    ema_tau: float = 2000.0
-    eval_every: int = 1
-    keep_best: str = "memory"
+    ema_decay: float = checked(0.9998, unit_interval)
+    ema_tau: float = checked(2000.0, positive)
+    eval_every: int = checked(1, positive_int)
+    keep_best: str = checked("memory", one_of("memory", "disk", "none"))
     checkpoint_dir: str | None = None
     resume_dir: str | None = None
-    checkpoint_steps: int | None = None
+    checkpoint_steps: int | None = checked(None, positive_int, nullable=True)
     channels_last: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.checkpoint_steps is not None and self.checkpoint_steps < 1:
-            raise ConfigError(f"train.checkpoint_steps must be >= 1 or null, got {self.checkpoint_steps}")
-        if self.steps is None and self.epochs < 0:
-            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
-        if self.keep_best not in ("memory", "disk", "none"):
-            raise ConfigError(f"train.keep_best must be memory, disk or none, got {self.keep_best!r}")
-        if self.eval_every < 1:
-            raise ConfigError(f"train.eval_every must be >= 1, got {self.eval_every}")
+        check_fields(self)
 
 
 @dataclass
@@ -143,12 +239,14 @@ class QatConfig(LoopConfig):
     Krishnamoorthi (arXiv 1806.08342).
     """
 
-    quant_lr: float = 1e-5
-    quant_weight_decay: float = 0.0
-    quant_lr_decay: float = 1.0
-    quant_lr_decay_steps: int = 1000
-    freeze_observers_after: float | None = None
-    freeze_bn_after: float | None = None
+    config_key: ClassVar[str] = "train.qat"
+
+    quant_lr: float = checked(1e-5, positive)
+    quant_weight_decay: float = checked(0.0, non_negative)
+    quant_lr_decay: float = checked(1.0, positive)
+    quant_lr_decay_steps: int = checked(1000, positive_int)
+    freeze_observers_after: float | None = checked(None, non_negative, nullable=True)
+    freeze_bn_after: float | None = checked(None, non_negative, nullable=True)
 
 
 @dataclass

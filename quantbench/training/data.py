@@ -12,6 +12,8 @@ draws in file order.
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,12 +25,15 @@ from quantbench.training.distributed import EpochSeeded, ShardSampler
 
 __all__ = [
     "CalibrationBatches",
+    "available_cpus",
     "calibration_subset",
     "fraction_subset",
     "make_loader",
     "seeded_indices",
     "start_epoch",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def seeded_indices(n: int, k: int, seed: int) -> list[int]:
@@ -51,6 +56,33 @@ def calibration_subset(dataset: Dataset, size: int, seed: int) -> Subset:
     return Subset(dataset, seeded_indices(n, min(size, n), seed))
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_CLAMPED: set[tuple[int, int]] = set()
+
+
+def _workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most one per available CPU (more only compete for them).
+
+    torch warns about more workers than CPUs on every loader; this says it
+    once, at INFO, and uses as many workers as there are CPUs.
+    """
+    cpus = available_cpus()
+    if requested <= cpus:
+        return requested
+    if (requested, cpus) not in _CLAMPED:
+        _CLAMPED.add((requested, cpus))
+        log.info("data.num_workers=%d but only %d CPUs are available: using %d DataLoader workers",
+                 requested, cpus, cpus)
+    return cpus
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -70,7 +102,10 @@ def make_loader(
     and odd-sized channels-last batches crashed torch 2.13's CPU conv
     backward. ``shard=True`` gives an unshuffled loader this rank's disjoint
     share (evaluation under torchrun, whose counts are then summed).
+    ``num_workers`` is capped at the CPUs this process may use
+    (:func:`available_cpus`); the order and augmentation do not depend on it.
     """
+    num_workers = _workers(num_workers)
     sampler = None
     if shuffle:
         sampler = ShardSampler(len(dataset), shuffle=True, seed=seed, even=True, with_epoch=True)  # type: ignore[arg-type]

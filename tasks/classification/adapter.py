@@ -46,7 +46,7 @@ from quantbench.training import (
 from tasks.classification import data as data_lib
 from tasks.classification.config import DataConfig
 from tasks.classification.metrics import CrossEntropyObjective, evaluate
-from tasks.classification.models import build_model
+from tasks.classification.models import build_model, check_name
 
 __all__ = ["ClassificationTask"]
 
@@ -95,6 +95,8 @@ class ClassificationTask:
         self.model_config = coerce(ModelConfig, model)
         self.train_config = coerce(LoopConfig, train)
         self.qat_config = coerce(QatConfig, qat)
+        if self.model_config.name:  # a typo stops here, before the harness records a run
+            check_name(self.model_config.name)
         self.cache_dir = Path(cache_dir).expanduser()
         self.device = resolve_device(device)
         distributed.init_from_env(self.device)

@@ -12,9 +12,19 @@ boundary). The values live in ``conf/*.yaml`` only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from quantbench.errors import ConfigError
-from quantbench.training.config import TrainConfig
+from quantbench.training.config import (
+    TrainConfig,
+    check_fields,
+    checked,
+    fraction,
+    non_negative_int,
+    one_of,
+    positive,
+    positive_int,
+)
 from quantbench.training.tasks import TASK_KINDS, TaskKind
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataConfig"]
@@ -56,40 +66,34 @@ class DataConfig:
             batch goes on without it).
     """
 
+    config_key: ClassVar[str] = "data"
+
     root: str | None = None
     root_env: str | None = "IMAGENET_ROOT"
     generate: str | None = None
-    resize_size: int = 256
-    image_size: int = 224
+    resize_size: int = checked(256, positive_int)
+    image_size: int = checked(224, positive_int)
     train_augment: str = "random_resized_crop"
-    pad: int = 4
+    pad: int = checked(4, non_negative_int)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    eval_batch_size: int = 256
-    calib_size: int = 256
-    calib_batch_size: int = 32
-    train_fraction: float = 1.0
-    val_fraction: float = 1.0
-    num_workers: int = 0
+    eval_batch_size: int = checked(256, positive_int)
+    calib_size: int = checked(256, positive_int)
+    calib_batch_size: int = checked(32, positive_int)
+    train_fraction: float = checked(1.0, fraction)
+    val_fraction: float = checked(1.0, fraction)
+    num_workers: int = checked(0, non_negative_int)
     seed: int = 0
-    on_corrupt: str = "fail"
+    on_corrupt: str = checked("fail", one_of("fail", "skip"))
 
     def __post_init__(self) -> None:
-        if self.on_corrupt not in ("fail", "skip"):
-            raise ConfigError(f"data.on_corrupt must be fail or skip, got {self.on_corrupt!r}")
-        for name in ("train_fraction", "val_fraction"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(f"data.{name} must be in (0, 1], got {value}")
+        check_fields(self)
         if self.image_size > self.resize_size:
-            raise ConfigError(
-                f"data.image_size ({self.image_size}) exceeds data.resize_size ({self.resize_size})"
-            )
-        for name in ("calib_size", "calib_batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError(f"data.image_size={self.image_size}: must be <= data.resize_size "
+                              f"({self.resize_size}), the crop is taken from the resized image")
+        if len(self.mean) != len(self.std) or not all(positive.ok(s) for s in self.std):
+            raise ConfigError(f"data.std={list(self.std)}: must be positive numbers, one per entry of "
+                              f"data.mean ({len(self.mean)})")
 
 
 TASK_KINDS.add("classification", TaskKind(adapter="tasks.classification.adapter.ClassificationTask",

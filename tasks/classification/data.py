@@ -10,6 +10,7 @@ exactly the loader that ImageNet uses.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import shutil
@@ -246,7 +247,7 @@ def write_digits_imagefolder(
 
     out = Path(out_dir)
     if out.exists():
-        raise FileExistsError(f"{out} exists; remove it or choose another --out")
+        raise FileExistsError(errno.EEXIST, "exists; remove it or choose another --out", str(out))
     digits = load_digits()
     index = np.arange(len(digits.target))
     train_idx, val_idx = train_test_split(
@@ -264,7 +265,8 @@ def write_digits_imagefolder(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %d train and %d val digits (%dx%d) to %s", len(train_idx), len(val_idx), size, size, out)
+    # DEBUG: `quantbench data` prints its own line, and a run logs that it is writing the set
+    log.debug("wrote %d train and %d val digits (%dx%d) to %s", len(train_idx), len(val_idx), size, size, out)
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,13 +28,15 @@ from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock
 
 from quantbench.errors import WeightsNotFoundError
-from quantbench.registry import Registry, UnknownNameError, suggest
+from quantbench.registry import Registry, UnknownNameError, close_matches
+from quantbench.training.checkpoint import load_weights
 
 __all__ = [
     "MODELS",
     "SOURCES",
     "WeightsNotFoundError",
     "build_model",
+    "check_name",
     "list_models",
     "load_checkpoint",
 ]
@@ -64,11 +67,13 @@ def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
+def _tv_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def _torchvision(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        raise UnknownNameError(suggest(name, known, "torchvision model",
-                                       hint="(local models: " + ", ".join(MODELS.list()) + "; timm: timm:<name>)"))
+    if name not in _tv_names():
+        raise _unknown(f"tv:{name}", name, _tv_names(), "a torchvision model", "tv:")
     if not pretrained:
         return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -84,7 +89,7 @@ def _timm(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
-        raise UnknownNameError(suggest(name, timm.list_models(), "timm model"))
+        raise _unknown(f"timm:{name}", name, timm.list_models(), "a timm model", "timm:")
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except Exception as exc:  # huggingface_hub raises non-OSError http errors too
@@ -109,13 +114,49 @@ SOURCES.add("timm", _timm)
 SOURCES.add("local", _registered)
 
 
+_NAME_FIX = ("use a torchvision name (e.g. resnet18), timm:<name> for any timm model, a local test_* model, "
+             "or model=<file> for conf/model/*.yaml")
+
+
+def _unknown(full: str, bare: str, known: list[str], what: str, prefix: str = "") -> UnknownNameError:
+    """``model.name='x': not a ...; did you mean 'a', 'b'? use ...``: one line, close matches only, never the list."""
+    close = close_matches(bare, known, n=3)
+    if not close:  # nothing close as a whole: names that share its leading word (resnet_foo -> resnet*)
+        stem = re.match(r"[A-Za-z]{3,}", bare)
+        close = sorted(k for k in known if stem and k.startswith(stem.group(0)))[:3]
+    mean = f"did you mean {', '.join(repr(prefix + c) for c in close)}? " if close else ""
+    return UnknownNameError(f"model.name={full!r}: not {what}; {mean}{_NAME_FIX}")
+
+
 def _split(name: str) -> tuple[str, str]:
     """``"timm:x"`` -> ``("timm", "x")``; a bare name is local if registered, else torchvision."""
     prefix, sep, rest = name.partition(":")
     if sep:
-        SOURCES.get(prefix)
+        if prefix not in SOURCES:
+            raise UnknownNameError(f"model.name={name!r}: unknown model source {prefix!r} (known: "
+                                   f"{', '.join(p + ':' for p in SOURCES.list())}); {_NAME_FIX}")
         return prefix, rest
     return ("local" if name in MODELS else "tv"), name
+
+
+def check_name(name: str) -> None:
+    """Refuse an unknown ``model.name`` with one line, without building anything (the task calls it first).
+
+    Raises:
+        UnknownNameError: Not a local, torchvision or timm model; the close matches are named, never the list.
+    """
+    source, bare = _split(name)
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(bare):
+            raise _unknown(name, bare, timm.list_models(), "a timm model", "timm:")
+    elif source == "local" and bare not in MODELS:
+        raise _unknown(name, bare, MODELS.list(), "a local model", "local:")
+    elif source == "tv" and bare not in _tv_names():
+        if ":" in name:
+            raise _unknown(name, bare, _tv_names(), "a torchvision model", "tv:")
+        raise _unknown(name, bare, sorted({*MODELS.list(), *_tv_names()}), "a torchvision or local model")
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -124,23 +165,18 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(set(MODELS.list(pattern)) | set(fnmatch.filter(tv, pattern)))
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a local ``state_dict`` into ``model`` (strict), safely (``weights_only``).
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Load a local ``state_dict`` into ``model`` (strict), safely (tensors only).
 
-    Accepts a bare state_dict or one nested under ``state_dict``/``model`` (the
-    usual training-script layouts), with or without DDP's ``module.`` prefix.
+    Accepts a bare state_dict or one nested under ``state_dict``/``model_state_dict``/``model``
+    (the usual training-script layouts), with or without DDP's ``module.`` prefix
+    (:func:`quantbench.training.load_weights`).
+
+    Raises:
+        WeightsNotFoundError: No such file.
+        WeightsError: Not a safely loadable checkpoint, or weights of another architecture.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsNotFoundError(f"model.checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    model.load_state_dict(state)
-    return model
+    return load_weights(model, path, key="model.checkpoint", name=name)
 
 
 def build_model(
@@ -162,13 +198,15 @@ def build_model(
     Raises:
         UnknownNameError: Unknown name (a ConfigError; the message lists close matches).
         WeightsNotFoundError: Weights missing; a one-line message.
+        WeightsError: ``checkpoint`` is not a loadable state_dict of this model; a one-line message.
     """
+    check_name(name)
     source, bare = _split(name)
     if checkpoint and pretrained:
         log.info("model.checkpoint given: not loading the library's pretrained weights")
     model = SOURCES.get(source)(bare, num_classes, pretrained and not checkpoint, **kwargs)
     if checkpoint:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, name)
     return model.eval()
 
 

@@ -10,9 +10,19 @@ that validation during training uses. The values live in ``conf/*.yaml`` only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from quantbench.errors import ConfigError
-from quantbench.training.config import LoopConfig, QatConfig
+from quantbench.training.config import (
+    LoopConfig,
+    QatConfig,
+    check_fields,
+    checked,
+    fraction,
+    non_negative_int,
+    positive_int,
+    unit_interval,
+)
 from quantbench.training.tasks import TASK_KINDS, TaskKind
 
 __all__ = ["DetDataConfig", "DetQatConfig", "DetTrainConfig", "DetectionTrainConfig"]
@@ -45,37 +55,31 @@ class DetDataConfig:
         n_val: Images the shapes generator writes for val.
     """
 
+    config_key: ClassVar[str] = "data"
+
     root: str | None = None
     root_env: str | None = "COCO_ROOT"
     generate: str | None = None
     train_split: str = "train2017"
     val_split: str = "val2017"
-    image_size: int = 640
-    scale_min: float = 0.6
+    image_size: int = checked(640, positive_int)
+    scale_min: float = checked(0.6, fraction)
     flip: bool = True
-    eval_batch_size: int = 32
-    calib_size: int = 500
-    calib_batch_size: int = 32
-    train_fraction: float = 1.0
-    val_fraction: float = 1.0
-    num_workers: int = 0
+    eval_batch_size: int = checked(32, positive_int)
+    calib_size: int = checked(500, positive_int)
+    calib_batch_size: int = checked(32, positive_int)
+    train_fraction: float = checked(1.0, fraction)
+    val_fraction: float = checked(1.0, fraction)
+    num_workers: int = checked(0, non_negative_int)
     seed: int = 0
-    n_train: int = 2000
-    n_val: int = 300
+    n_train: int = checked(2000, positive_int)
+    n_val: int = checked(300, positive_int)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.image_size < 32 or self.image_size % 32:
-            raise ConfigError(f"data.image_size must be a positive multiple of 32 (the detector's stride), "
-                              f"got {self.image_size}")
-        for name in ("train_fraction", "val_fraction"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(f"data.{name} must be in (0, 1], got {value}")
-        if not 0.0 < self.scale_min <= 1.0:
-            raise ConfigError(f"data.scale_min must be in (0, 1], got {self.scale_min}")
-        for name in ("calib_size", "calib_batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError(f"data.image_size={self.image_size}: must be a positive multiple of 32 (the "
+                              "detector's stride)")
 
 
 @dataclass
@@ -88,9 +92,9 @@ class _Nms:
         max_detections: Detections kept per image.
     """
 
-    score_threshold: float = 0.001
-    iou_threshold: float = 0.65
-    max_detections: int = 100
+    score_threshold: float = checked(0.001, unit_interval)
+    iou_threshold: float = checked(0.65, fraction)
+    max_detections: int = checked(100, positive_int)
 
 
 @dataclass

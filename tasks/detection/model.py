@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbench.errors import WeightsNotFoundError
-from quantbench.registry import Registry
+from quantbench.registry import Registry, UnknownNameError, close_matches
+from quantbench.training.checkpoint import load_weights
 
 __all__ = [
     "DETECTORS",
     "SIZES",
+    "check_name",
     "ConvBNReLU",
     "CSPStage",
     "DEFAULT_REG_MAX",
@@ -316,6 +317,19 @@ for _size in SIZES:
     DETECTORS.add(f"yolo_nas_{_size}", _size)
 
 
+def check_name(name: str) -> None:
+    """Refuse a ``model.name`` that is not in :data:`DETECTORS`, with one line (close matches, the fix).
+
+    Raises:
+        UnknownNameError: Not a registered detector.
+    """
+    if name not in DETECTORS:
+        close = close_matches(str(name), DETECTORS.list(), n=1)
+        mean = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        raise UnknownNameError(f"model.name={name!r}: not a detection model; {mean}use one of "
+                               f"{', '.join(DETECTORS.list())}, or model=<file> for conf/model/*.yaml")
+
+
 def build_detector(
     name: str, num_classes: int, checkpoint: str | None = None, *, reparameterize: bool = False, **kwargs
 ) -> YoloNASLike:
@@ -327,14 +341,12 @@ def build_detector(
     Raises:
         UnknownNameError: ``name`` is not a registered detector.
         WeightsNotFoundError: ``checkpoint`` does not exist.
+        WeightsError: ``checkpoint`` is not a loadable state_dict of this detector.
     """
+    check_name(name)
     model = YoloNASLike(num_classes, DETECTORS.get(name), **kwargs)
     if checkpoint:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise WeightsNotFoundError(f"model.checkpoint {checkpoint} does not exist; fix the path") from None
-        model.load_state_dict(state)
+        load_weights(model, checkpoint, key="model.checkpoint", name=name)
     if reparameterize:
         model.eval().reparameterize()
     return model

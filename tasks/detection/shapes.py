@@ -23,6 +23,7 @@ nominal parameters. Every image draws from its own generator seeded by
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -323,7 +324,7 @@ def write_shapes_coco(
                       empty_fraction=empty_fraction)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; remove it or choose another --out")
+        raise FileExistsError(errno.EEXIST, "exists and is not empty; remove it or choose another --out", str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -338,6 +339,7 @@ def write_shapes_coco(
         raise
     objects = sum(len(d["annotations"]) for d in sets.values())
     empty = sum(len(d["images"]) - len({a["image_id"] for a in d["annotations"]}) for d in sets.values())
-    log.info("wrote %d train and %d val shapes images (%d-%d px, %d objects, %d images without any) to %s",
+    # DEBUG: `quantbench data` prints its own line, and a run logs that it is writing the set
+    log.debug("wrote %d train and %d val shapes images (%d-%d px, %d objects, %d images without any) to %s",
              n_train, n_val, min_size, max_size, objects, empty, out)
     return out
