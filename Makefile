@@ -47,10 +47,12 @@ bench: $(STAMP) ## engine, QAT and CLI start-up benchmarks -> reports/bench/{eng
 sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
 	$(QB) sweep $(TASK) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)
 
-report: $(STAMP) ## reports/TASK.md + plots + README table from the MLflow runs: make report TASK=digits
-	$(QB) report $(TASK) $(ARGS)
+report: $(STAMP) ## reports/TASK.md + plots + README table from the newest complete sweep: make report TASK=digits [ARGS="--sweep ID"]
+	@# The README block is refreshed when README.md has one for TASK (digits, shapes); `--readme=` cannot
+	@# swallow an override of ARGS, and a --readme in ARGS comes later, so it wins.
+	$(QB) report $(TASK) $(if $(shell grep -l 'quantbench:table:$(TASK):start' README.md 2>/dev/null),--readme=README.md) $(ARGS)
 
-gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml) on the newest runs; fails on a regression
+gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml) on the sweep a report reads; fails on a regression
 	$(QB) gate $(TASK) $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1 against mlruns/ (prints the runs-table link)

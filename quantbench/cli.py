@@ -102,24 +102,39 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from quantbench.harness.paths import project_root
+
+    readme = args.readme
+    if readme is not None and "=" in readme and not Path(readme).exists():
+        # `report TASK --readme tracking.uri=...`: argparse gave --readme the override that followed it.
+        args.overrides, readme = [readme, *args.overrides], ""
+    if readme is not None:
+        readme = Path(readme) if readme else project_root() / "README.md"
     from quantbench.report import write_report
 
-    report = write_report(args.task, args.overrides, out_dir=args.out, readme=args.readme)
+    report = write_report(args.task, args.overrides, out_dir=args.out, readme=readme, sweep=args.sweep,
+                          partial=args.partial)
     print(report.table)
-    print(f"wrote {report.markdown} ({report.rows} rows), {', '.join(str(p) for p in report.plots)}"
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"wrote {report.markdown} ({report.rows} rows of sweep {report.sweep_id}"
+          f"{', PARTIAL' if report.partial else ''}), {', '.join(str(p) for p in report.plots)}"
           + (f"; refreshed {report.readme}" if report.readme else ""))
     return 0
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    from quantbench.report import format_results, passed, run_gate
+    from quantbench.report import check_gate, format_results
 
-    results = run_gate(args.task, args.overrides, path=args.file)
+    outcome = check_gate(args.task, args.overrides, path=args.file, sweep=args.sweep)
+    results, record = outcome.results, outcome.selection.record
     print(format_results(results))
+    for note in outcome.selection.notes():
+        print(f"note: {note}")
     failed = [r for r in results if not r.passed]
-    print(f"gate {args.task}: {'PASS' if passed(results) else 'FAIL'} "
+    print(f"gate {args.task}: {'PASS' if outcome.passed else 'FAIL'} on sweep {record.sweep_id} "
           f"({len(results) - len(failed)} passed, {len(failed)} failed)")
-    return 0 if passed(results) else 1
+    return 0 if outcome.passed else 1
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -260,13 +275,21 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--launcher", help="conf/hydra/launcher: basic, parallel, slurm, slurm_local "
                                           "(default: basic, or parallel with --jobs > 1)")
     sweep.add_argument("--id", help="sweep id (default: TASK-<time>)")
-    report = sub.add_parser("report", help="MLflow runs -> reports/TASK.md, plots, README table")
+    report = sub.add_parser("report", help="one sweep's MLflow runs -> reports/TASK.md, plots (--readme: README table)")
     report.add_argument("task")
     report.add_argument("--out", type=Path, help="output folder (default: reports/)")
-    report.add_argument("--readme", type=Path, help="README to refresh (default: README.md)")
-    gate = sub.add_parser("gate", help="check conf/gates/TASK.yaml against the runs")
+    report.add_argument("--sweep", metavar="ID", help="the sweep to report (default: the newest complete sweep "
+                                                      "of the task's config; pass the sweep's overrides too)")
+    report.add_argument("--partial", action="store_true",
+                        help="report the newest sweep (or --sweep ID) even if incomplete, labelled partial")
+    report.add_argument("--readme", nargs="?", const="", metavar="PATH",
+                        help="also refresh the task's table between its markers in PATH (default: the project's "
+                             "README.md); without --readme no README is touched")
+    gate = sub.add_parser("gate", help="check conf/gates/TASK.yaml against the runs of record (as report reads)")
     gate.add_argument("task")
     gate.add_argument("--file", type=Path, help="gate file (default: conf/gates/TASK.yaml)")
+    gate.add_argument("--sweep", metavar="ID", help="the sweep to gate (default: the newest complete sweep of the "
+                                                    "task's config, else the newest sweep)")
     data = sub.add_parser("data", help="write a generated data set (e.g. digits)")
     data.add_argument("name", choices=sorted(DATA_WRITERS))
     data.add_argument("--out", type=Path, required=True)

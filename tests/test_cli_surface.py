@@ -144,3 +144,17 @@ def test_a_checkpoint_that_is_not_one_is_one_line_and_nothing_recorded(small, tm
         line = _one_line("\n".join(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quantbench")))
         assert "model.checkpoint=" in line and "weights_only" not in line, line
     assert _runs(small) == []
+
+
+def test_detection_data_errors_exit_2_like_classification(shapes_overrides, run_overrides, tmp_path, capsys):
+    """A COCO json that does not parse: one line naming the file and the line, exit 2, nothing recorded."""
+    root = tmp_path / "coco"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text('{\n "images": [,\n')
+    overrides = [*shapes_overrides, *run_overrides, "scheme=float", f"data.root={root}", "data.generate=null"]
+    assert main(["run", *overrides]) == 2
+    line = _one_line("\n".join(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quantbench")))
+    assert "instances_" in line and "line 2" in line, line
+    assert _runs(overrides) == []

@@ -137,8 +137,8 @@ def test_sigkilled_sweep_redoes_only_what_is_missing_and_qat_resumes(digits_root
     for key in ("quant/top1", "onnx/top1", "quant/sqnr_db"):
         assert resumed.data.metrics[key] == ref.data.metrics[key], key
 
-    report = _qb("report", "digits", "--out", str(tmp_path / "reports"), "--readme", str(tmp_path / "README.md"),
-                 *_store_args(tmp_path))
+    sweep_args = cmd[cmd.index("killed") + 1:]  # a report reads the sweep of exactly these overrides
+    report = _qb("report", "digits", "--sweep", "killed", "--out", str(tmp_path / "reports"), *sweep_args)
     assert report.returncode == 0, report.stderr[-2000:]
     assert report.stdout.count("| Test-ResNet |") == 3
     exp = stores[0].experiment_id("digits", create=False)

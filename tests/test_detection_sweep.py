@@ -30,7 +30,7 @@ DET_METRICS = ("float/map50_95", "float/map50", "quant/map50_95", "quant/map50",
 def test_one_detection_run_end_to_end(shapes_overrides, run_overrides, tmp_path):
     """The float scheme through every stage: baseline training, COCOeval, capture, export, ORT, report."""
     small = [*shapes_overrides, *run_overrides]
-    result = run(compose_config([*small, "scheme=float"]))
+    result = run(compose_config([*small, "scheme=float", "tracking.sweep_id=det-0"]))  # a sweep's job: reported
     assert result.status == "FINISHED", result.error
     metrics = result.metrics
     assert {"float/map50_95", "float/map50", "onnx/map50_95", "onnx/map50", "onnx/parity_top1",
@@ -44,7 +44,7 @@ def test_one_detection_run_end_to_end(shapes_overrides, run_overrides, tmp_path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     cls, reg = session.run(None, {session.get_inputs()[0].name: torch.rand(2, 3, 64, 64).numpy()})
     assert cls.shape == (2, 5, 64 + 16 + 4) and reg.shape == (2, 36, 64 + 16 + 4)  # raw outputs: NMS is outside
-    report = write_report("shapes", small, out_dir=tmp_path / "reports", readme=tmp_path / "README.md")
+    report = write_report("shapes", [*small, "scheme=float"], out_dir=tmp_path / "reports")
     (row,) = report.table.splitlines()[2:]
     assert row.startswith("| YOLO-NAS-style Test | ") and f"{metrics['onnx/map50_95']:.4f}" in row
 
@@ -92,7 +92,7 @@ def test_onnx_artifact_has_the_two_raw_outputs_quantized_all_through(det, tmp_pa
 
 @pytest.mark.slow
 def test_report_table_shows_map(det, tmp_path):
-    report = write_report("shapes", det.small, out_dir=tmp_path / "reports", readme=tmp_path / "README.md")
+    report = write_report("shapes", [*det.small, "scheme=float,ptq_float,qat_pow2"], out_dir=tmp_path / "reports")
     lines = report.table.splitlines()
     assert lines[0].startswith("| Model | Method | mAP@0.5:0.95 |")
     m = det.runs["ptq_float"].data.metrics

@@ -115,7 +115,7 @@ def test_force_reruns_and_a_truncated_fp32_cache_entry_is_exported_again(e2e):
 
 
 def test_report_table_shows_the_runs(e2e, tmp_path):
-    report = write_report("digits", e2e.small, out_dir=tmp_path / "reports", readme=tmp_path / "README.md")
+    report = write_report("digits", e2e.args, out_dir=tmp_path / "reports")  # the runs of the sweep of e2e.args
     rows = [line for line in report.table.splitlines()[2:]]
     assert len(rows) == 2 and rows[0].startswith("| Test-ResNet | float |")
     m = e2e.runs["ptq_pow2"].data.metrics

@@ -1,7 +1,13 @@
-"""Reports and gates read what was logged: a real sqlite MLflow store filled with known metrics."""
+"""Reports and gates read what was logged: a real sqlite MLflow store filled with known metrics.
+
+Runs are logged with the tags and params the harness writes, and with the config hash the harness
+would compute for each cell (:func:`grid_of`), so the report's runs of record are found as they are
+after a real sweep (``tests/test_report_record.py`` checks that hash against the harness's own).
+"""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -9,19 +15,28 @@ import pytest
 from omegaconf import OmegaConf
 
 from quantbench.cli import main
-from quantbench.harness.config import compose_config, sweep_grid
+from quantbench.errors import BadInputError
+from quantbench.harness.config import compose_config
 from quantbench.harness.tracking import Store
 from quantbench.report import ReportError, write_report
 from quantbench.report.gate import passed, run_gate
+from quantbench.report.record import Grid, resolve_grid
 
 NAMES = {"resnet18": "ResNet-18", "mobilenet_v2": "MobileNet-V2"}
+START, END = "<!-- quantbench:table:digits:start -->", "<!-- quantbench:table:digits:end -->"
 
 
-def _store(overrides: list[str]) -> Store:
+@functools.cache
+def grid_of(*overrides: str) -> Grid:
+    """The digits grid and cell hashes of ``overrides`` (tracking overrides do not change them: computed once)."""
+    return resolve_grid("digits", overrides)
+
+
+def store_of(overrides: list[str]) -> Store:
     return Store.from_config(OmegaConf.to_container(compose_config(overrides).tracking, resolve=True))
 
 
-def _metrics(i: int, scheme: str, drop: float) -> dict[str, float]:
+def metrics_of(i: int, scheme: str, drop: float) -> dict[str, float]:
     base = 98.0 + 0.1 * i
     m = {"float/top1": base, "float/top5": 99.9, "onnx/top1": base - drop, "onnx/top5": 99.8,
          "onnx/parity_top1": 99.5, "latency/ort_fp32_ms": 12.0}
@@ -33,13 +48,16 @@ def _metrics(i: int, scheme: str, drop: float) -> dict[str, float]:
     return m
 
 
-def log_run(store: Store, model: str, scheme: str, metrics: dict[str, float], *, fail: str | None = None) -> str:
-    """One run with the tags and params that ``quantbench.harness.run`` writes."""
+def log_run(store: Store, model: str, scheme: str, metrics: dict[str, float], *, sweep: str = "test",
+            grid: Grid | None = None, chash: str | None = None, fail: str | None = None, force: bool = False) -> str:
+    """One run with the tags and params that ``quantbench.harness.run`` writes; its config hash is the
+    cell's in ``grid`` (default: the digits sweep's) unless ``chash`` says otherwise (another config)."""
     time.sleep(0.005)  # distinct start times: the newest run of a pair wins
+    grid = grid or grid_of()
     rec = store.start_run("digits", f"{model}-{scheme}", {
-        "task": "digits", "model": model, "scheme": scheme, "sweep": "test", "config_hash": f"{model}{scheme}"})
-    rec.log_params({"model.name": model, "model.display_name": NAMES[model], "scheme.name": scheme,
-                    "scheme.method": f"method of {scheme}"})
+        "task": "digits", "model": model, "scheme": scheme, "sweep": sweep,
+        "config_hash": chash or grid.hashes[(model, scheme)], "git_sha": "0123456789abcdef"})
+    rec.log_params({**grid.params[(model, scheme)], "tracking.sweep_id": sweep, "run.force": str(force)})
     rec.set_tags({"primary_metric": "top1"})
     rec.log_metrics(metrics)
     if fail:
@@ -49,42 +67,44 @@ def log_run(store: Store, model: str, scheme: str, metrics: dict[str, float], *,
     return rec.run_id
 
 
-def log_grid(store: Store, drop: float = 0.3) -> dict[tuple[str, str], dict[str, float]]:
-    models, schemes = sweep_grid("digits")
+def log_grid(store: Store, drop: float = 0.3, *, sweep: str = "test",
+             grid: Grid | None = None) -> dict[tuple[str, str], dict[str, float]]:
+    """A complete sweep: a FINISHED run of every cell of ``grid``."""
+    grid = grid or grid_of()
     logged = {}
-    for i, model in enumerate(models):
-        for scheme in schemes:
-            logged[(model, scheme)] = _metrics(i, scheme, drop)
-            log_run(store, model, scheme, logged[(model, scheme)])
+    for i, model in enumerate(grid.models):
+        for scheme in grid.schemes:
+            logged[(model, scheme)] = metrics_of(i, scheme, drop)
+            log_run(store, model, scheme, logged[(model, scheme)], sweep=sweep, grid=grid)
     return logged
 
 
-def _table_rows(markdown: str) -> list[list[str]]:
+def table_rows(markdown: str) -> list[list[str]]:
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
 
 
 def test_report_table_matches_logged_metrics(tmp_path: Path, tracking_overrides):
-    store = _store(tracking_overrides)
+    store = store_of(tracking_overrides)
     logged = log_grid(store)
     old = logged[("resnet18", "ptq_pow2")]
-    logged[("resnet18", "ptq_pow2")] = {**old, "quant/top1": 91.25}  # a rerun: the newest run wins
+    logged[("resnet18", "ptq_pow2")] = {**old, "quant/top1": 91.25}  # a rerun in the sweep: the newest run wins
     log_run(store, "resnet18", "ptq_pow2", logged[("resnet18", "ptq_pow2")])
-    log_run(store, "resnet18", "qat_tqt", {"float/top1": 1.0}, fail="boom")  # failures stay out of the table
+    log_run(store, "resnet18", "qat_tqt", {"float/top1": 1.0}, sweep="later", fail="boom")  # an incomplete sweep
     readme = tmp_path / "README.md"
-    start, end = "<!-- quantbench:table:digits:start -->", "<!-- quantbench:table:digits:end -->"
-    readme.write_text(f"# title\n\n{start}\nstale table\n{end}\n\nafter\n")
+    readme.write_text(f"# title\n\n{START}\nstale table\n{END}\n\nafter\n")
 
     report = write_report("digits", tracking_overrides, out_dir=tmp_path / "reports", readme=readme)
 
     text = report.markdown.read_text()
-    assert text.startswith("<!-- Generated by `make report TASK=digits`")
+    assert text.startswith("<!-- Generated by `make report TASK=digits`") and "sweep test" in text.splitlines()[0]
+    assert "Sweep of record: `test`" in text and "14 of 14 model x scheme cells FINISHED" in text
     header, *_ = [line for line in text.splitlines() if line.startswith("| ")]
     assert header.startswith("| Model | Method | Acc@1 / Acc@5 | ONNX Acc@1 / Acc@5 |")
-    rows = _table_rows(text)
-    models, schemes = sweep_grid("digits")
-    assert [(r[0], r[1]) for r in rows] == [(NAMES[m], f"method of {s}") for m in models for s in schemes]
-    for (model, scheme), row in zip([(m, s) for m in models for s in schemes], rows):
+    rows = table_rows(text)
+    grid = grid_of()
+    assert [(r[0], r[1]) for r in rows] == [(NAMES[m], grid.params[(m, s)]["scheme.method"]) for m, s in grid.cells]
+    for (model, scheme), row in zip(grid.cells, rows):
         m = logged[(model, scheme)]
         stage = "float" if scheme == "float" else "quant"
         assert row[2] == f"{m[f'{stage}/top1']:.2f} / {m[f'{stage}/top5']:.2f}"
@@ -93,40 +113,48 @@ def test_report_table_matches_logged_metrics(tmp_path: Path, tracking_overrides)
         assert row[5] == ("—" if scheme == "float" else f"{12.0 / 4.0:.2f}x")
         if scheme.startswith("qat"):
             assert row[6] == f"{m['time/quantize_s']:.1f} s + QAT 40.0 s"
-    assert "91.25" in rows[schemes.index("ptq_pow2")][2]
+    assert "91.25" in rows[grid.schemes.index("ptq_pow2")][2]
     for plot in report.plots:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     updated = readme.read_text()
     assert "stale table" not in updated and report.table in updated and updated.endswith("after\n")
-    assert report.readme == readme
+    assert "Sweep of record: `test`" in updated and report.readme == readme
+    # "later" skipped the 13 cells "test" had FINISHED (same config) and failed the one it ran
+    assert report.notes == ["newer sweep later not read: 13 of 14 model x scheme cells FINISHED "
+                            "(resnet18 x qat_tqt FAILED)"]
 
 
-def test_node_sqnr_plot_from_artifacts(tmp_path: Path, tracking_overrides):
-    store = _store(tracking_overrides)
-    run_id = log_run(store, "resnet18", "ptq_pow2", _metrics(0, "ptq_pow2", 0.2))
+def test_node_sqnr_plot_from_artifacts_without_progress_bars(tmp_path: Path, tracking_overrides, capsys):
+    one = ["model=resnet18", "scheme=ptq_pow2"]  # a one-cell sweep
+    store = store_of(tracking_overrides)
+    run_id = log_run(store, "resnet18", "ptq_pow2", metrics_of(0, "ptq_pow2", 0.2), grid=grid_of(*one))
     csv = tmp_path / "node_sqnr.csv"
     csv.write_text("node,op,sqnr_db\nconv1,conv2d,12.5\nfc,linear,30.0\nadd,add,inf\n")
     store.client.log_artifact(run_id, str(csv))
-    report = write_report("digits", tracking_overrides, out_dir=tmp_path / "out", readme=tmp_path / "none.md")
+    capsys.readouterr()
+    report = write_report("digits", [*tracking_overrides, *one], out_dir=tmp_path / "out")
     assert [p.name for p in report.plots] == ["digits_accuracy.png", "digits_node_sqnr.png"]
     assert report.readme is None
+    assert "Downloading artifacts" not in capsys.readouterr().err
 
 
 def test_report_without_runs_says_what_to_run(tmp_path: Path, tracking_overrides, capsys):
+    assert issubclass(ReportError, BadInputError)
     with pytest.raises(ReportError, match="make sweep TASK=digits"):
         write_report("digits", tracking_overrides, out_dir=tmp_path)
     assert main(["report", "digits", "--out", str(tmp_path), *tracking_overrides]) == 2
-    assert "make sweep TASK=digits" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "make sweep TASK=digits" in err and len(err.splitlines()) == 1
 
 
 def test_gate_passes_then_fails_on_a_planted_regression(tracking_overrides, capsys):
-    store = _store(tracking_overrides)
+    store = store_of(tracking_overrides)
     log_grid(store, drop=0.3)
     assert main(["gate", "digits", *tracking_overrides]) == 0
-    assert "gate digits: PASS" in capsys.readouterr().out
+    assert "gate digits: PASS on sweep test" in capsys.readouterr().out
 
-    bad = _metrics(0, "ptq_pow2", drop=1.5)  # PTQ allows 1.0 point
-    log_run(store, "resnet18", "ptq_pow2", bad)
+    bad = metrics_of(0, "ptq_pow2", drop=1.5)  # PTQ allows 1.0 point
+    log_run(store, "resnet18", "ptq_pow2", bad)  # rerun in the same sweep
     results = run_gate("digits", tracking_overrides)
     failed = [(r.model, r.scheme) for r in results if not r.passed]
     assert failed == [("resnet18", "ptq_pow2")] and not passed(results)
@@ -138,20 +166,21 @@ def test_gate_passes_then_fails_on_a_planted_regression(tracking_overrides, caps
 @pytest.mark.parametrize(("scheme", "drop", "ok"), [("qat_lsq", 0.45, True), ("qat_lsq", 0.6, False),
                                                     ("ptq_float", 0.95, True)])
 def test_gate_limits(tracking_overrides, scheme, drop, ok):
-    store = _store(tracking_overrides)
+    store = store_of(tracking_overrides)
     log_grid(store, drop=0.1)
-    log_run(store, "mobilenet_v2", scheme, _metrics(1, scheme, drop))
+    log_run(store, "mobilenet_v2", scheme, metrics_of(1, scheme, drop))
     assert passed(run_gate("digits", tracking_overrides)) is ok
 
 
 def test_gate_fails_on_missing_and_failed_runs(tracking_overrides):
-    store = _store(tracking_overrides)
+    store = store_of(tracking_overrides)
     log_grid(store)
     log_run(store, "mobilenet_v2", "qat_tqt", {}, fail="engine QAT missing")
-    low = _metrics(0, "float", 0.0) | {"float/top1": 96.0}  # float must reach 97
+    low = metrics_of(0, "float", 0.0) | {"float/top1": 96.0}  # float must reach 97
     log_run(store, "resnet18", "float", low)
-    results = run_gate("digits", tracking_overrides)
+    results = run_gate("digits", tracking_overrides)  # no complete sweep: the gate reads the newest one
     bad = {(r.model, r.scheme): r for r in results if not r.passed}
     assert set(bad) == {("mobilenet_v2", "qat_tqt"), ("resnet18", "float")}
     assert bad[("mobilenet_v2", "qat_tqt")].value == "FAILED"
-    assert not passed(run_gate("digits", [*tracking_overrides, "tracking.experiment=empty"]))
+    with pytest.raises(ReportError, match="no runs of task 'digits'"):  # nothing to look at: a bad input
+        run_gate("digits", [*tracking_overrides, "tracking.experiment=empty"])

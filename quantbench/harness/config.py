@@ -47,8 +47,19 @@ def _values(key: str, spec: str) -> list[str]:
 
 
 def sweep_grid(task: str, overrides: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-    """The models and schemes that ``conf/sweep/<task>.yaml`` sweeps over, in file order."""
-    cfg = compose_config([f"sweep={task}", *overrides], hydra_config=True)
+    """The models and schemes that ``quantbench sweep TASK <overrides>`` runs, in order.
+
+    The sweep file's lists, each replaced by the overrides' value(s) of the same key
+    (``model=resnet18``, ``scheme=float,ptq_pow2``), as Hydra's basic sweeper does.
+    """
+    grid = ("model", "scheme")
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    cfg = compose_config([f"sweep={task}", *(o.input_line for o in parsed if o.key_or_group not in grid)],
+                         hydra_config=True)
     params = cfg.hydra.sweeper.params or {}
-    return tuple(_values(g, str(params[g])) if g in params else [cfg[g].name]  # type: ignore[return-value]
-                 for g in ("model", "scheme"))
+    values = {g: _values(g, str(params[g])) if g in params else [str(cfg[g].name)] for g in grid}
+    for o in parsed:
+        if o.key_or_group in grid:
+            values[o.key_or_group] = ([str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                                      else [o.get_value_element_as_str()])
+    return values["model"], values["scheme"]

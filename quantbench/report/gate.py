@@ -1,31 +1,42 @@
-"""``make gate TASK=x``: accuracy gates over the newest run of every model x scheme.
+"""``make gate TASK=x``: accuracy gates over the runs of record (the sweep a report reads).
 
 ``conf/gates/<task>.yaml`` lists checks, each for the model x scheme pairs its
 patterns match: a minimum of a metric and/or a maximum drop of a metric from
-the same run's float model (``float/<name>``). Every pair the task's sweep
-grid names must have a run: a missing pair, a newest run that FAILED, or a
-missing metric fails the gate like a regression does, so a gate can never
-pass by having nothing to look at.
+the same run's float model (``float/<name>``). The gate reads one sweep's runs
+(:mod:`quantbench.report.record`): the newest complete sweep of the task's
+config, ``--sweep ID``, or, when no sweep is complete, the newest one. Every
+pair of the grid (the gate file's ``models``/``schemes``, else the sweep's)
+must have a run in it: a missing pair, a run that FAILED, or a missing metric
+fails the gate like a regression does, so a gate can never pass by having
+nothing to look at.
 
-The gate file is checked against :class:`GateFile` when loaded, so a typo
-(``max_dorp``) fails naming the key.
+A gate file is checked when loaded: YAML that does not parse, an unknown key
+(``max_dorp``) or a value of the wrong type is one line that names the file,
+the line and the key, with the close matches (a :class:`ConfigError`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from quantbench.harness.config import CONF_DIR, sweep_grid
-from quantbench.report.runs import latest, load_runs, task_store
+from quantbench.errors import ConfigError
+from quantbench.harness.config import CONF_DIR
+from quantbench.registry import suggest
+from quantbench.report.record import Selection, select
+from quantbench.report.runs import latest
 
-__all__ = ["GateCheck", "GateFile", "GateResult", "evaluate_gates", "format_results", "load_gates", "passed",
-           "run_gate"]
+__all__ = ["GateCheck", "GateFile", "GateOutcome", "GateResult", "check_gate", "evaluate_gates", "format_results",
+           "load_gates", "passed", "run_gate"]
 
 
 @dataclass
@@ -67,13 +78,105 @@ class GateResult:
     passed: bool
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it (``conf/gates/digits.yaml``)."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except (OSError, ValueError):
+        return str(path)
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """The 1-based line of every mapping key and list item of a YAML text, by its path (``("checks", 0, "min")``)."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: Any, where: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[(*where, key.value)] = key.start_mark.line + 1
+                walk(value, (*where, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*where, i)] = item.start_mark.line + 1
+                walk(item, (*where, i))
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:  # the lines are a courtesy; the data was loaded already
+        pass
+    return lines
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
 def load_gates(path: Path) -> GateFile:
-    """Load and validate a gate file."""
+    """Load and validate a gate file.
+
+    Raises:
+        ConfigError: the file is not there, is not YAML, has an unknown key or a value of the wrong type;
+            one line with the file, the line and the key.
+    """
+    path = Path(path)
+    shown = _shown(path)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in (CONF_DIR / "gates").glob("*.yaml")))
-        raise FileNotFoundError(f"no gate file {path}; known gates: {known}")
-    merged = OmegaConf.merge(OmegaConf.structured(GateFile), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        raise ConfigError(f"{shown}: no such gate file; pass an existing --file PATH (conf/gates/ holds {known})")
+    text = path.read_text()
+    try:  # OmegaConf's own YAML loader (1e-3 is a float), as OmegaConf.load reads a file
+        data = OmegaConf.to_container(OmegaConf.create(text)) if text.strip() else {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        context = exc.context or ""
+        if exc.context and exc.context_mark and mark and exc.context_mark.line != mark.line:
+            context += f" from line {exc.context_mark.line + 1}"
+        problem = ": ".join(str(p) for p in (context, exc.problem) if p)
+        raise ConfigError(f"{shown}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({problem}); "
+                          "fix that line of the gate file") from None
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{shown}: not a gate file ({first}); it is a YAML mapping with a checks: list") from None
+    lines = _key_lines(text)
+
+    def fail(where: tuple, message: str) -> ConfigError:
+        line = next((lines[where[:n]] for n in range(len(where), 0, -1) if where[:n] in lines), None)
+        key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in where).lstrip(".")
+        return ConfigError(f"{shown}{f':{line}' if line else ''}: {key + ': ' if key else ''}{message}")
+
+    def check_value(where: tuple, value: Any) -> Any:
+        key = where[-1]
+        if key in ("min", "max", "max_drop"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise fail(where, f"{value!r} is not a number; give a number, e.g. {key}: 1.0")
+            return None if value is None else float(value)
+        if key == "metric" and not (isinstance(value, str) and value):
+            raise fail(where, f"{value!r}: name a logged metric, e.g. quant/top1")
+        if key in ("models", "schemes") and value is not None and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise fail(where, f"{value!r} is not a list of names; write e.g. [{'resnet18' if key == 'models' else 'ptq_*'}]")
+        return value
+
+    if not isinstance(data, dict):
+        raise fail((), "a gate file is a mapping with a checks: list (and optional models:, schemes:)")
+    for key in data:
+        if key not in _fields(GateFile):
+            raise fail((key,), suggest(str(key), _fields(GateFile), "gate file key"))
+    checks = data.get("checks")
+    if not isinstance(checks, list) or not checks:
+        raise fail(("checks",), "needs a list of checks (- metric: quant/top1 ... max_drop: 1.0)")
+    parsed = []
+    for i, check in enumerate(checks):
+        if not isinstance(check, dict):
+            raise fail(("checks", i), "a check is a mapping (metric:, and min:, max: or max_drop:)")
+        for key in check:
+            if key not in _fields(GateCheck):
+                raise fail(("checks", i, key), suggest(str(key), _fields(GateCheck), "gate check key"))
+        if all(check.get(k) is None for k in ("min", "max", "max_drop")):
+            raise fail(("checks", i), "checks nothing; give it min:, max: or max_drop:")
+        parsed.append(GateCheck(**{k: check_value(("checks", i, k), v) for k, v in check.items()}))
+    return GateFile(models=check_value(("models",), data.get("models")),
+                    schemes=check_value(("schemes",), data.get("schemes")), checks=parsed)
 
 
 def _value(row: pd.Series, key: str) -> float | None:
@@ -106,7 +209,7 @@ def _check(row: pd.Series, check: GateCheck, model: str, scheme: str) -> list[Ga
 
 
 def evaluate_gates(gates: GateFile, runs: pd.DataFrame, models: list[str], schemes: list[str]) -> list[GateResult]:
-    """Apply ``gates`` to the newest run (any status) of every model x scheme."""
+    """Apply ``gates`` to the newest run (any status) in ``runs`` of every model x scheme."""
     newest = latest(runs, finished_only=False).set_index(["model", "scheme"]) if len(runs) else None
     results = []
     for model in models:
@@ -130,14 +233,41 @@ def format_results(results: Iterable[GateResult]) -> str:
     return frame.to_string(index=False) if len(frame) else "(no checks)"
 
 
-def run_gate(task: str, overrides: Iterable[str] = (), *, path: Path | None = None) -> list[GateResult]:
-    """Load ``conf/gates/<task>.yaml`` and evaluate it against the task's runs."""
+@dataclass
+class GateOutcome:
+    """The results of a gate, and the runs of record it read."""
+
+    results: list[GateResult]
+    selection: Selection
+
+    @property
+    def passed(self) -> bool:
+        return passed(self.results)
+
+
+def check_gate(task: str, overrides: Iterable[str] = (), *, path: Path | None = None,
+               sweep: str | None = None) -> GateOutcome:
+    """Load ``conf/gates/<task>.yaml`` (or ``path``) and evaluate it against the runs of record.
+
+    ``overrides``: the ones the sweep was given (they name the store, the grid and the config).
+
+    Raises:
+        ConfigError: a malformed gate file (before anything else is read).
+        ReportError: no sweep of the config; an unknown or other-config ``sweep``.
+    """
     overrides = list(overrides)
     gates = load_gates(path or CONF_DIR / "gates" / f"{task}.yaml")
-    grid_models, grid_schemes = sweep_grid(task, overrides)
-    store, experiment = task_store(task, overrides)
-    runs = load_runs(store, experiment)
-    return evaluate_gates(gates, runs, gates.models or grid_models, gates.schemes or grid_schemes)
+    selection = select(task, overrides, sweep=sweep, partial=sweep is not None, models=gates.models,
+                       schemes=gates.schemes, newest_if_none_complete=True)
+    grid = selection.record.grid
+    runs = selection.record.frame(finished_only=False)
+    return GateOutcome(evaluate_gates(gates, runs, list(grid.models), list(grid.schemes)), selection)
+
+
+def run_gate(task: str, overrides: Iterable[str] = (), *, path: Path | None = None,
+             sweep: str | None = None) -> list[GateResult]:
+    """The results of :func:`check_gate`."""
+    return check_gate(task, overrides, path=path, sweep=sweep).results
 
 
 def passed(results: list[GateResult]) -> bool:

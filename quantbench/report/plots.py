@@ -6,10 +6,13 @@ global backend state and no display is needed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -53,11 +56,30 @@ def accuracy_plot(runs: pd.DataFrame, path: Path, metric: str = "top1") -> None:
     fig.savefig(path, dpi=100)
 
 
+#: MLflow's switch for the tqdm bars it draws around artifact downloads and uploads.
+_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+@contextlib.contextmanager
+def _no_download_bars() -> Iterator[None]:
+    """MLflow draws a tqdm "Downloading artifacts" bar for each artifact it downloads, a dozen per report:
+    noise around a few-kB CSV that buries the table the report prints. MLflow reads its switch at each
+    download, so it is turned off here, around ours only (and left alone when the user has set it)."""
+    if _PROGRESS_BAR_ENV in os.environ:
+        yield
+        return
+    os.environ[_PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(_PROGRESS_BAR_ENV, None)
+
+
 def _node_rows(store: Store, run_id: str, tmp: Path) -> list[dict]:
     try:
         local = store.client.download_artifacts(run_id, "node_sqnr.csv", str(tmp))
     except Exception as exc:  # MLflow raises several types for a missing artifact
-        log.info("run %s has no node_sqnr.csv (%s)", run_id, type(exc).__name__)
+        log.debug("run %s has no node_sqnr.csv (%s)", run_id, type(exc).__name__)  # a float run has none
         return []
     with open(local, newline="") as f:
         return [{"node": r["node"], "op": r["op"], "sqnr_db": float(r["sqnr_db"])} for r in csv.DictReader(f)]
@@ -72,7 +94,7 @@ def node_sqnr_plot(store: Store, runs: pd.DataFrame, path: Path, layers: int = 1
     per-node table.
     """
     panels = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
         for _, group in runs.groupby("model", sort=False):
             curves = []
             for _, row in group.iterrows():

@@ -1,11 +1,12 @@
 """MLflow runs of one task -> a pandas DataFrame, one row per run.
 
 Columns: ``run_id``, ``start_time``, ``status``, ``model``, ``scheme``,
-``model_name`` (the display name), ``method``, ``primary_metric`` and one
-column per logged metric under its own key (``float/top1``, ``onnx/top1``,
-...). :func:`latest` keeps the newest run of each model x scheme: a rerun
-replaces an older result in every table, and a newer failure shows as a
-failure instead of hiding behind an old success.
+``model_name`` (the display name), ``method``, ``primary_metric``, the tags
+``sweep``, ``config_hash`` and ``git_sha``, ``force`` (``run.force``), ``params``
+(the logged params, a dict) and one column per logged metric under its own key
+(``float/top1``, ``onnx/top1``, ...). Which runs a report or gate reads is
+decided in :mod:`quantbench.report.record` (one sweep's); :func:`latest` keeps
+the newest run of each model x scheme of a frame.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from typing import Iterable, Sequence
 import pandas as pd
 from omegaconf import OmegaConf
 
-from quantbench.harness.config import compose_config
+from quantbench.harness.config import compose_config, first_job_overrides
 from quantbench.harness.tracking import Store
 
 __all__ = ["BASE_COLUMNS", "latest", "load_runs", "order_rows", "task_store"]
 
 BASE_COLUMNS = ("run_id", "start_time", "status", "error", "model", "scheme", "model_name", "method",
-                "primary_metric", "sweep")
+                "primary_metric", "sweep", "config_hash", "git_sha", "force", "params")
 
 
 def task_store(task: str, overrides: Iterable[str] = ()) -> tuple[Store, str]:
-    """The store and experiment name of ``task``, as its sweep config resolves them."""
-    cfg = compose_config([f"sweep={task}", *overrides])
+    """The store and experiment name of ``task``, as its sweep config resolves them (sweep overrides such
+    as ``scheme=a,b`` are fine: the first job's config names the store)."""
+    cfg = compose_config(first_job_overrides([f"sweep={task}", *overrides]))
     tracking = OmegaConf.to_container(cfg.tracking, resolve=True)
     return Store.from_config(tracking), str(tracking["experiment"])
 
@@ -47,6 +49,10 @@ def load_runs(store: Store, experiment: str) -> pd.DataFrame:
             "method": params.get("scheme.method") or tags.get("scheme", ""),
             "primary_metric": tags.get("primary_metric", "top1"),
             "sweep": tags.get("sweep", ""),
+            "config_hash": tags.get("config_hash", ""),
+            "git_sha": tags.get("git_sha", ""),
+            "force": params.get("run.force") == "True",
+            "params": dict(params),
             **run.data.metrics,
         })
     return pd.DataFrame(rows, columns=None if rows else list(BASE_COLUMNS))
