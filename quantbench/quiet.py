@@ -8,11 +8,13 @@ module: it imports only the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from typing import Iterator
 
-__all__ = ["quiet_logger", "quiet_warning", "verbose"]
+__all__ = ["quiet_logger", "quiet_loggers", "quiet_warning", "verbose"]
 
 
 def verbose() -> bool:
@@ -30,3 +32,20 @@ def quiet_warning(message: str, category: type[Warning] = Warning, module: str =
     """Ignore one warning (``message`` is a regex matched at its start), unless verbose."""
     if not verbose():
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise loggers ``names`` to ``level`` for the duration of a block (e.g. one import), unless verbose."""
+    if verbose():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved):
+            lg.setLevel(old)

@@ -158,3 +158,20 @@ def test_detection_data_errors_exit_2_like_classification(shapes_overrides, run_
     line = _one_line("\n".join(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quantbench")))
     assert "instances_" in line and "line 2" in line, line
     assert _runs(overrides) == []
+
+
+def test_a_sweep_and_its_report_print_no_warning_a_user_cannot_act_on(digits_overrides, run_overrides, tmp_path):
+    """What a user sees of `make sweep` and `make report`: progress, results, no library noise."""
+    args = [*digits_overrides, *run_overrides, "scheme=float,ptq_pow2", "data.val_fraction=0.1",
+            "data.calib_size=16", "data.calib_batch_size=16", "run.latency_iters=1", "run.latency_batch=2"]
+    qb = str(Path(sys.executable).with_name("quantbench"))
+    env = {**__import__("os").environ, "CI": "true"}
+    env.pop("QUANTBENCH_VERBOSE", None)
+    out = ""
+    for argv in (["sweep", "digits", "--id", "quiet", *args], ["report", "digits", "--out", str(tmp_path), *args]):
+        done = subprocess.run([qb, *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out += done.stdout + done.stderr
+    noise = [line for line in out.splitlines() if re.search(r"warn|deprecat|Failed to load|^W\d{4} ", line, re.I)]
+    assert noise == [], "\n".join(noise)
+    assert "2 FINISHED" in out and "2 rows of sweep quiet" in out

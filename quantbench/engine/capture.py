@@ -8,10 +8,17 @@ ReLU module called twice is two nodes).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import sys
+from typing import Iterator
+
 import torch
 from torch import fx
 
 from quantbench.engine.errors import CaptureError
+from quantbench.quiet import verbose
 
 __all__ = ["capture", "CaptureError"]
 
@@ -38,6 +45,11 @@ def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise CaptureError("capture needs example_inputs as a tuple of tensors, got "
+                           f"({', '.join(type(t).__name__ for t in example_inputs)})")
     if dynamic_batch and any(t.dim() > 0 and t.shape[0] < 2 for t in example_inputs):
         raise CaptureError("capture needs an example batch of size >= 2 (torch.export specialises a batch "
                            "of 1 to a constant); repeat the sample along dim 0")
@@ -46,13 +58,45 @@ def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
         batch = torch.export.Dim("batch", min=1, max=65536)
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
     model = model.eval()
-    try:
-        exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    except Exception as exc:  # torch.export raises many types; we name the construct once
-        raise CaptureError(_describe(exc)) from exc
+    with _quiet_failure() as dump:
+        try:
+            exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+        except Exception as exc:  # torch.export raises many types; we name the construct once
+            error = CaptureError(_describe(exc))
+            error.graph_dump = dump.getvalue()  # what torch printed: the partial graph (shown by --debug / -v)
+            raise error from exc
     gm = exported.module()
     gm.meta["qb_example_shapes"] = [tuple(t.shape) for t in example_inputs]
     return gm
+
+
+@contextlib.contextmanager
+def _quiet_failure() -> Iterator[io.StringIO]:
+    """Hold back what torch.export writes to stderr while it runs.
+
+    On a failure torch prints the partial FX graph (tens of lines) straight to
+    stderr and logs "Unable to find user code" warnings; the CaptureError already
+    names the construct in one line. Whatever was held back is written out after
+    a successful capture, and always under ``QUANTBENCH_VERBOSE=1``.
+    """
+    held = io.StringIO()
+    if verbose():
+        yield held
+        return
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    failed = False
+    try:
+        with contextlib.redirect_stderr(held):
+            yield held
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        shapes_log.setLevel(level)
+        if not failed and held.getvalue():
+            sys.stderr.write(held.getvalue())
 
 
 def _describe(exc: Exception) -> str:

@@ -20,7 +20,7 @@ Unknown registry names raise :class:`quantbench.registry.UnknownNameError`
 
 from __future__ import annotations
 
-from quantbench.errors import ConfigError
+from quantbench.errors import BadInputError, ConfigError
 
 __all__ = [
     "CalibrationError",
@@ -37,16 +37,20 @@ class QuantizationError(RuntimeError):
     """The model cannot be quantized as asked; the message says why and what to do."""
 
 
-class CalibrationError(QuantizationError):
-    """A calibration batch does not fit the captured model."""
+class CalibrationError(QuantizationError, BadInputError):
+    """A calibration batch does not fit the captured model (a bad input: one line, exit 2)."""
 
 
 class HardwareError(QuantizationError):
     """A graph cannot be aligned to a hardware target; the message names the quantizer and the fix."""
 
 
-class CaptureError(RuntimeError):
-    """The model could not be captured by torch.export; the message names the construct."""
+class CaptureError(BadInputError):
+    """The model could not be captured by torch.export, or an API that needs a captured graph got
+    something else; the message names the construct (a bad input: one line, exit 2). A failed
+    capture keeps what torch printed in ``graph_dump``."""
+
+    graph_dump: str = ""
 
 
 class ExportError(RuntimeError):

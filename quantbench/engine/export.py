@@ -24,6 +24,7 @@ from quantbench.engine.errors import ExportError
 from quantbench.engine.passes.integer import expand_integer_kernels, int_clamp
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
+from quantbench.quiet import quiet_loggers
 
 __all__ = ["export_onnx", "ExportError", "ONNX_ACTIVATION_DTYPES"]
 
@@ -35,8 +36,11 @@ ONNX_ACTIVATION_DTYPES = {("int8", -128, 127), ("uint8", 0, 255)}
 
 def _decomposed_ops():
     # torchao's public pt2e package registers the quantized_decomposed op library on import
-    # (torch 2.13 moved it out of torch.ao); this is its one use in the engine.
-    import torchao.quantization.pt2e  # noqa: F401
+    # (torch 2.13 moved it out of torch.ao); this is its one use in the engine. Importing it logs
+    # warnings nobody here can act on: its CUDA/cutlass kernels do not load on a CPU build, there is
+    # no Triton, and torch notes that an Enum it registers needs no registration: quiet, unless -v.
+    with quiet_loggers("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+        import torchao.quantization.pt2e  # noqa: F401
 
     return torch.ops.quantized_decomposed
 

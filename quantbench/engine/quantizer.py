@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from quantbench.engine.annotate import Plan, annotate
-from quantbench.engine.errors import CalibrationError, QuantizationError
+from quantbench.engine.errors import CalibrationError, CaptureError, QuantizationError
 from quantbench.engine.fake_quant import (
     DerivedBiasFakeQuantize,
     FakeQuantizeBase,
@@ -53,11 +53,16 @@ from quantbench.engine.qat import enable_train_eval, eval_mode
 from quantbench.engine.spec import Config
 from quantbench.engine.targets import HardwareTarget
 from quantbench.progress import progress
+from quantbench.quiet import quiet_warning
 
 __all__ = ["ModelQuantizer", "CoverageReport", "QuantizationError", "CalibrationError", "coverage",
            "batch_inputs"]
 
 log = logging.getLogger(__name__)
+
+# Copying a captured graph (quantize_model works on a copy) rebuilds its pytree specs through a
+# deprecated LeafSpec path inside torch; the warning is torch's own business, repeated per copy.
+quiet_warning(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
 
 
 def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -203,6 +208,15 @@ def _mark_nodes(gm: fx.GraphModule, plan: Plan) -> None:
         node.meta["qb_float_reason"] = reason
 
 
+def _check_graph(gm: Any, api: str) -> None:
+    """The engine works on the GraphModule :func:`quantbench.engine.capture` returns: say so in one line."""
+    if isinstance(gm, fx.GraphModule):
+        return
+    what = f"a {type(gm).__name__}" + (" (an nn.Module that is not captured)" if isinstance(gm, torch.nn.Module) else "")
+    raise CaptureError(f"{api} needs the GraphModule that quantbench.engine.capture returns, got {what}; "
+                       "capture it first: gm = capture(model, (example_batch,)), then quantize gm")
+
+
 def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False) -> fx.GraphModule:
     """Pre-quant passes, annotation and quantizer insertion (no calibration).
 
@@ -313,6 +327,7 @@ def _float_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 def coverage(qmodel: fx.GraphModule) -> CoverageReport:
     """Every compute node of a quantized graph, and whether it computes on the integer grid."""
+    _check_graph(qmodel, "coverage")
     float_nodes = []
     total = 0
     for node in qmodel.graph.nodes:
@@ -357,6 +372,10 @@ class ModelQuantizer:
         Returns:
             The fake-quant GraphModule, ready for evaluation (or for QAT).
         """
+        _check_graph(gm, "quantize_model")
+        if calib_loader is not None and not isinstance(calib_loader, Iterable):
+            raise CalibrationError(f"quantize_model: calib_loader must be an iterable of batches (a DataLoader, a list "
+                                   f"of tensors or of (inputs, target) pairs), got {type(calib_loader).__name__}")
         qat = self.config.for_training if qat is None else qat
         start = time.perf_counter()
         qmodel = prepare(copy.deepcopy(gm), self.config, qat=qat)
@@ -401,4 +420,5 @@ class ModelQuantizer:
         A QAT graph is frozen as it computes in eval mode: BatchNorm folded
         with its running statistics, dropout removed.
         """
+        _check_graph(qmodel, "freeze")
         return freeze_graph(qmodel, target=target)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from quantbench.engine.errors import SpecError
+from quantbench.registry import close_matches
 
 __all__ = [
     "DTYPES",
@@ -75,9 +76,25 @@ ROUND_METHODS = ("half_even", "half_up", "floor")
 LEARNABLE = ("none", "lsq", "tqt")
 
 
+def _check_type(name: str, value: Any, expected: type) -> None:
+    """bool fields take bools, int fields ints (not bools), float fields any real number, str fields strings."""
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        article = "an" if expected.__name__[0] in "aeiou" else "a"
+        raise SpecError(f"QuantizationSpec.{name}={value!r} must be {article} {expected.__name__}, "
+                        f"not {type(value).__name__}")
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise SpecError(f"QuantizationSpec.{name}={value!r} is not one of {list(allowed)}")
+        close = close_matches(str(value), [str(a) for a in allowed])
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise SpecError(f"QuantizationSpec.{name}={value!r} is not one of {list(allowed)}{hint}")
 
 
 @dataclass(frozen=True)
@@ -125,8 +142,13 @@ class QuantizationSpec:
     averaging_constant: float = 0.01
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # the type first: a typo such as ch_axis='x' is refused here
+            _check_type(f.name, getattr(self, f.name), type(f.default))
+        if self.ch_axis < 0:
+            raise SpecError(f"QuantizationSpec.ch_axis={self.ch_axis} must be >= 0 (the channel dimension: 0 for "
+                            "conv and linear weights, 1 for NCHW activations)")
         if self.dtype not in DTYPES:
-            raise SpecError(f"QuantizationSpec.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+            _choice("dtype", self.dtype, tuple(sorted(DTYPES)))
         _choice("qscheme", self.qscheme, QSCHEMES)
         _choice("scale_type", self.scale_type, SCALE_TYPES)
         _choice("round_method", self.round_method, ROUND_METHODS)
