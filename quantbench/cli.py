@@ -162,8 +162,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
               "  (metric and parameter columns: pick them under 'Columns'; Ctrl-C stops the UI)")
     args.banner = banner
     mlflow = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow), "ui", "--backend-store-uri", store.uri, "--host", args.host, "--port", str(args.port),
-           "--workers", "1"]
+    cmd = [str(mlflow), "ui", "--backend-store-uri", store.uri, "--registry-store-uri", store.uri,
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
     if store.artifact_root:
         cmd += ["--default-artifact-root", store.artifact_root]
     return _serve(cmd, args.host, args.port, "ui", banner=args.banner)
@@ -183,7 +183,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port, "server")
     uri = f"http://{args.host}:{args.port}"
     mlflow = Path(sys.executable).with_name("mlflow")
-    return _serve([str(mlflow), "server", "--backend-store-uri", backend, "--serve-artifacts",
+    return _serve([str(mlflow), "server", "--backend-store-uri", backend, "--registry-store-uri", backend,
+                   "--serve-artifacts",
                    "--artifacts-destination", str(artifacts), "--host", args.host, "--port", str(args.port),
                    "--workers", str(args.workers)], args.host, args.port, "server",
                   banner=f"MLflow tracking server on {uri} (backend {backend}, artifacts {artifacts})\n"

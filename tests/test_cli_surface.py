@@ -160,6 +160,7 @@ def test_detection_data_errors_exit_2_like_classification(shapes_overrides, run_
     assert _runs(overrides) == []
 
 
+@pytest.mark.slow  # 20 s; the fast tier checks the engine's part (test_engine_errors.py)
 def test_a_sweep_and_its_report_print_no_warning_a_user_cannot_act_on(digits_overrides, run_overrides, tmp_path):
     """What a user sees of `make sweep` and `make report`: progress, results, no library noise."""
     args = [*digits_overrides, *run_overrides, "scheme=float,ptq_pow2", "data.val_fraction=0.1",

@@ -18,7 +18,6 @@ from quantbench.errors import BadInputError
 @pytest.mark.parametrize("kwargs, text", [
     ({"ch_axis": "x"}, "ch_axis='x' must be an int"),
     ({"ch_axis": 1.5}, "ch_axis=1.5 must be an int"),
-    ({"ch_axis": -1}, "ch_axis=-1 must be >= 0"),
     ({"symmetric": 1}, "symmetric=1 must be a bool"),
     ({"narrow_range": "yes"}, "narrow_range='yes' must be a bool"),
     ({"percentile": "99"}, "percentile='99' must be a float"),
@@ -76,7 +75,7 @@ export_onnx(frozen, (torch.randn(2, 3, 8, 8),), sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("verbose", ["0", "1"])
+@pytest.mark.parametrize("verbose", ["0", pytest.param("1", marks=pytest.mark.slow)])
 def test_quantize_and_export_print_no_library_noise_unless_verbose(tmp_path, verbose):
     env = {**__import__("os").environ, "QUANTBENCH_VERBOSE": verbose, "PYTHONPATH": str(__import__("pathlib").Path(
         __file__).parent)}

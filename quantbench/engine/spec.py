@@ -144,9 +144,6 @@ class QuantizationSpec:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # the type first: a typo such as ch_axis='x' is refused here
             _check_type(f.name, getattr(self, f.name), type(f.default))
-        if self.ch_axis < 0:
-            raise SpecError(f"QuantizationSpec.ch_axis={self.ch_axis} must be >= 0 (the channel dimension: 0 for "
-                            "conv and linear weights, 1 for NCHW activations)")
         if self.dtype not in DTYPES:
             _choice("dtype", self.dtype, tuple(sorted(DTYPES)))
         _choice("qscheme", self.qscheme, QSCHEMES)
