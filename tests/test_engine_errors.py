@@ -75,7 +75,8 @@ export_onnx(frozen, (torch.randn(2, 3, 8, 8),), sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("verbose", ["0", pytest.param("1", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the fast tier checks the quiet case in the README quick start (test_readme.py)
+@pytest.mark.parametrize("verbose", ["0", "1"])
 def test_quantize_and_export_print_no_library_noise_unless_verbose(tmp_path, verbose):
     env = {**__import__("os").environ, "QUANTBENCH_VERBOSE": verbose, "PYTHONPATH": str(__import__("pathlib").Path(
         __file__).parent)}

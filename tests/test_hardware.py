@@ -280,7 +280,7 @@ def test_qat_tqt_model_freezes_for_the_npu(tmp_path):
     assert check_hardware(quantizer.freeze(qmodel, target="npu_pow2")) == []
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow), "mobilenet_v2"])
 def test_torchvision_models_fit_the_npu(name, tmp_path):
     gm, quantizer, qmodel = _quantize(torchvision_model(name, size=32), "int8_pow2", 32)
     frozen = quantizer.freeze(qmodel, target="npu_pow2")

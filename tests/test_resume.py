@@ -162,6 +162,7 @@ def test_corrupt_qat_checkpoint_is_detected_and_rebuilt(task, tmp_path, caplog):
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 3, "rebuilt"
 
 
+@pytest.mark.slow  # 8 s: two full runs
 def test_same_config_and_seed_give_identical_metrics(digits_overrides, run_overrides, tmp_path):
     overrides = [*digits_overrides, *run_overrides, "scheme=qat_lsq", "data.val_fraction=0.15",
                  "data.calib_size=32", "data.calib_batch_size=16", "train.qat.steps=3", "scheme.calib_batches=1",
