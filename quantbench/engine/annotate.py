@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from quantbench.engine.graph import op_name
-from quantbench.engine.ops import op_kind, ops_tagged
+from quantbench.engine.errors import SpecError
+from quantbench.engine.graph import get_attr_tensor, op_name
+from quantbench.engine.ops import OP_TYPES, op_kind, ops_tagged
 from quantbench.engine.spec import Config, QuantizationSpec
+from quantbench.registry import suggest
 
-__all__ = ["FUSABLE_PRODUCERS", "Group", "Plan", "annotate"]
+__all__ = ["FUSABLE_PRODUCERS", "Group", "Plan", "annotate", "check_config_names"]
 
 FUSABLE_PRODUCERS = {"weighted", "norm"}
 """Kinds whose output stays inside a fused pattern when a relu-like op follows them."""
@@ -134,6 +136,50 @@ def _is_const(node: fx.Node) -> bool:
     return node.op == "get_attr"
 
 
+def _rank(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The number of dimensions of a weight node, when it is known before anything runs."""
+    val = node.meta.get("val")
+    if hasattr(val, "dim"):
+        return val.dim()
+    if _is_const(node):
+        return get_attr_tensor(gm, node.target).dim()
+    if _is_folded_weight(node) and isinstance(node.args[0], fx.Node):
+        return _rank(gm, node.args[0])
+    return None
+
+
+def _check_ch_axis(spec: QuantizationSpec, rank: int | None, node: fx.Node) -> None:
+    """A per-channel axis the weight has (the spec cannot know the rank; an observer would wrap it silently)."""
+    if rank is not None and rank > 0 and not -rank <= spec.ch_axis < rank:
+        raise SpecError(f"QuantizationSpec.ch_axis={spec.ch_axis} is out of range for the {rank}-d weight of node "
+                        f"'{node.name}' ({op_name(node)}); use an axis in [{-rank}, {rank - 1}], e.g. 0 "
+                        "(output channels)")
+
+
+def check_config_names(gm: fx.GraphModule, config: Config) -> None:
+    """Refuse, in one line with close matches, a name in ``config`` that can never apply to ``gm``.
+
+    An op type that no annotator knows, a node name the captured graph does not have, or an exclude
+    entry that is neither a node name nor a module path (or prefix) of the model would be ignored
+    silently: the layer the user meant would be quantized as the global config says.
+    """
+    for key in config.op_type_quant_config:
+        if key not in OP_TYPES:
+            raise SpecError("Config.op_type_quant_config: " + suggest(
+                key, list(OP_TYPES), "op type", hint="(quantbench.engine.ops.OP_TYPES names them)"))
+    nodes = [n.name for n in gm.graph.nodes if n.op == "call_function"]  # what Config.for_node is asked about
+    for key in config.node_name_quant_config:
+        if key not in nodes:
+            raise SpecError("Config.node_name_quant_config: " + suggest(
+                key, nodes, "node name", hint="(the names of the captured graph's nodes: print(gm.graph))"))
+    paths = {path for n in gm.graph.nodes for path, _ in (n.meta.get("nn_module_stack") or {}).values() if path}
+    for ex in config.exclude:
+        if ex and ex not in nodes and not any(p == ex or p.startswith(ex + ".") for p in paths):
+            raise SpecError("Config.exclude: " + suggest(
+                ex, sorted({*nodes, *paths}), "node name or module path",
+                hint="(a node of print(gm.graph) or a module path of model.named_modules())"))
+
+
 class _Annotator:
     def __init__(self, gm: fx.GraphModule, config: Config) -> None:
         self.gm = gm
@@ -201,6 +247,8 @@ class _Annotator:
             spec = qc.weight
             if spec.per_channel and op_name(node).startswith("conv_transpose"):
                 spec = spec.replace(ch_axis=1)
+            if spec.per_channel:
+                _check_ch_axis(spec, _rank(self.gm, w), node)
             if _is_const(w) or _is_folded_weight(w):
                 self.plan.weight_group[(node, 1)] = Group(spec, role="weight", members=[w])
             else:

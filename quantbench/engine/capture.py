@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import fx
 
-from quantbench.engine.errors import CaptureError
+from quantbench.engine.errors import CaptureError, example_tuple
 from quantbench.quiet import verbose
 
 __all__ = ["capture", "CaptureError"]
@@ -36,20 +36,18 @@ def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
     Args:
         model: the float model; it is put in eval mode.
         example_inputs: a tuple of example tensors with batch size >= 2 (a
-            batch of 1 is specialised to a constant by torch.export).
+            batch of 1 is specialised to a constant by torch.export); a single
+            tensor or a list of tensors is taken as that tuple.
         dynamic_batch: export the batch dimension as dynamic.
 
     Raises:
-        CaptureError: one message naming the failing construct and the usual fixes.
+        CaptureError: (a BadInputError) one line: ``model`` is not an nn.Module, ``example_inputs``
+            are not tensors, or torch.export failed (the model class, torch's first line, the
+            usual fixes; torch's exception is the ``__cause__``, what it printed is ``graph_dump``).
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
-    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise CaptureError("capture needs example_inputs as a tuple of tensors, got "
-                           f"({', '.join(type(t).__name__ for t in example_inputs)})")
+    example_inputs = example_tuple(example_inputs, "capture")  # a single tensor or a list is fine too
     if dynamic_batch and any(t.dim() > 0 and t.shape[0] < 2 for t in example_inputs):
         raise CaptureError("capture needs an example batch of size >= 2 (torch.export specialises a batch "
                            "of 1 to a constant); repeat the sample along dim 0")
@@ -62,7 +60,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
         try:
             exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
         except Exception as exc:  # torch.export raises many types; we name the construct once
-            error = CaptureError(_describe(exc))
+            error = CaptureError(_describe(exc, type(model).__name__))
             error.graph_dump = dump.getvalue()  # what torch printed: the partial graph (shown by --debug / -v)
             raise error from exc
     gm = exported.module()
@@ -99,10 +97,12 @@ def _quiet_failure() -> Iterator[io.StringIO]:
             sys.stderr.write(held.getvalue())
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: Exception, model_class: str) -> str:
+    """One line: torch's first line, where in ``forward`` it failed, the usual fixes, where the rest is."""
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     head = lines[0] if lines else type(exc).__name__
     where = next((ln for ln in lines if ln.startswith("File ") or " line " in ln), "")
     where = f" at {where}" if where else ""
-    return f"torch.export could not capture the model ({type(exc).__name__}: {head}){where}; {_FIXES}"
+    return (f"torch.export could not capture the model {model_class} ({type(exc).__name__}: {head}){where}; "
+            f"{_FIXES}; --debug or QUANTBENCH_VERBOSE=1 shows torch's full report")

@@ -11,7 +11,6 @@ exports as plain fp32 ONNX (the latency baseline).
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from pathlib import Path
@@ -20,7 +19,8 @@ import onnx
 import torch
 from torch import fx
 
-from quantbench.engine.errors import ExportError
+from quantbench.engine.errors import CaptureError, ExportError, example_tuple
+from quantbench.engine.graph import copy_graph, quiet_pytree_copies
 from quantbench.engine.passes.integer import expand_integer_kernels, int_clamp
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
@@ -129,12 +129,16 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
     Returns:
         The path written.
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"export_onnx needs the frozen GraphModule of ModelQuantizer.freeze (or a float "
+                           f"nn.Module), got {type(model).__name__}")
+    example_inputs = example_tuple(example_inputs, "export_onnx")  # a single tensor or a list is fine too
+    if not isinstance(path, (str, os.PathLike)):
+        raise CaptureError(f"export_onnx: path={path!r} must be a file path (str or pathlib.Path) of the .onnx to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(model, fx.GraphModule):
-        model = _swap_to_decomposed(expand_integer_kernels(copy.deepcopy(model)), unsigned_activations)
+        model = _swap_to_decomposed(expand_integer_kernels(copy_graph(model)), unsigned_activations)
         model.training = False  # exported graphs refuse .eval(); the flag is what the exporter reads
     dynamic_shapes = None
     if dynamic_batch:
@@ -142,8 +146,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
     kwargs = {"opset_version": opset} if opset is not None else {}
     try:
-        program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    external_data=False, verbose=False, **kwargs)
+        with quiet_pytree_copies():  # the exporter copies the program's pytree specs (see there)
+            program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        external_data=False, verbose=False, **kwargs)
     except ExportError:
         raise
     except Exception as exc:

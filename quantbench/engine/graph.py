@@ -6,17 +6,25 @@ the passes, the targets and the quantizer all read graphs the same way.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import operator
+import warnings
+from typing import Iterator
 
 import torch
 from torch import fx
 
+from quantbench.quiet import verbose
+
 __all__ = [
     "constant_value",
     "conv_groups",
+    "copy_graph",
     "finish_graph",
     "get_attr_tensor",
     "op_name",
+    "quiet_pytree_copies",
     "set_attr_tensor",
     "target_name",
 ]
@@ -42,6 +50,33 @@ def conv_groups(conv: fx.Node) -> int:
     if len(conv.args) > idx:
         return int(conv.args[idx])
     return int(conv.kwargs.get("groups", 1))
+
+
+@contextlib.contextmanager
+def quiet_pytree_copies() -> Iterator[None]:
+    """Hold back torch's LeafSpec deprecation warning for a block (unless ``QUANTBENCH_VERBOSE=1``).
+
+    A captured graph holds pytree specs; copying one (copy.deepcopy, and torch.onnx.export, which
+    copies the module call graph of the program it decomposes) rebuilds their leaves through
+    copyreg.__newobj__ -> LeafSpec.__new__, which torch 2.13 marks deprecated: a FutureWarning
+    attributed to copyreg, once per copy. It is torch's own business and nothing a user can change.
+    The filter is scoped to the block, so it holds even where the global filters were reset after
+    import (pytest, a caller's ``catch_warnings``), and matches only that message from copyreg: a
+    LeafSpec made by the user's own code still warns.
+    """
+    if verbose():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning, module=r"copyreg$")
+        yield
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """``copy.deepcopy(gm)`` without torch's LeafSpec deprecation warning (:func:`quiet_pytree_copies`)."""
+    with quiet_pytree_copies():
+        return copy.deepcopy(gm)
 
 
 def get_attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from quantbench.engine.errors import NonFiniteError
+from quantbench.engine.errors import NonFiniteError, SpecError
 from quantbench.registry import Registry
 
 if TYPE_CHECKING:  # annotations only: the spec module validates observer names against this registry
@@ -250,7 +250,12 @@ class ObserverBase(torch.nn.Module):
         with torch.no_grad():
             data = x.detach().to(torch.float32)
             if self.spec.per_channel:
-                axis = self.spec.ch_axis % max(data.dim(), 1)
+                rank = max(data.dim(), 1)
+                if not -rank <= self.spec.ch_axis < rank:  # ``%`` alone would wrap ch_axis=5 silently to 1
+                    raise SpecError(f"QuantizationSpec.ch_axis={self.spec.ch_axis} is out of range for the "
+                                    f"{rank}-d tensor at {self.name or '<unnamed>'!r}; use an axis in "
+                                    f"[{-rank}, {rank - 1}]")
+                axis = self.spec.ch_axis % rank
                 data = data.transpose(0, axis).reshape(data.shape[axis], -1)
                 mn, mx = torch.aminmax(data, dim=1)
             else:

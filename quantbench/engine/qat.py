@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from quantbench.engine.errors import require_graph
 from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
 from quantbench.engine.graph import op_name
 from quantbench.engine.modes import disable_fake_quant, fake_quantizers
@@ -73,6 +74,7 @@ def _state(qmodel: fx.GraphModule) -> dict[str, bool]:
 
 def is_training(qmodel: fx.GraphModule) -> bool:
     """True between :func:`train_mode` and :func:`eval_mode`."""
+    require_graph(qmodel, "qat.is_training", quantized=True)
     return _state(qmodel)["training"]
 
 
@@ -114,12 +116,14 @@ def _apply(qmodel: fx.GraphModule) -> fx.GraphModule:
 
 def train_mode(qmodel: fx.GraphModule) -> fx.GraphModule:
     """Training mode: batch-statistics BN (unless frozen), active dropout, static observers on (unless frozen)."""
+    require_graph(qmodel, "qat.train_mode", quantized=True)
     _state(qmodel)["training"] = True
     return _apply(qmodel)
 
 
 def eval_mode(qmodel: fx.GraphModule) -> fx.GraphModule:
     """Evaluation mode: running-statistics BN, identity dropout, no observer runs."""
+    require_graph(qmodel, "qat.eval_mode", quantized=True)
     _state(qmodel)["training"] = False
     return _apply(qmodel)
 
@@ -135,6 +139,7 @@ def set_observers_frozen(qmodel: fx.GraphModule, frozen: bool = True) -> None:
     after initialisation, frozen or not. For a block that restores the
     previous state on exit, use :func:`freeze_observers`.
     """
+    require_graph(qmodel, "qat.set_observers_frozen", quantized=True)
     _state(qmodel)["observers_frozen"] = bool(frozen)
     _apply_observers(qmodel)
 
@@ -146,6 +151,7 @@ def set_bn_frozen(qmodel: fx.GraphModule, frozen: bool = True) -> None:
     last epochs train the weights the integer kernel will run
     (Krishnamoorthi, arXiv 1806.08342, sec. 3.2).
     """
+    require_graph(qmodel, "qat.set_bn_frozen", quantized=True)
     _state(qmodel)["bn_frozen"] = bool(frozen)
     _apply(qmodel)
 

@@ -21,7 +21,6 @@ vocabulary (specs, shared and derived specs) follows PT2E's.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import time
@@ -31,14 +30,14 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
-from quantbench.engine.annotate import Plan, annotate
-from quantbench.engine.errors import CalibrationError, CaptureError, QuantizationError
+from quantbench.engine.annotate import Plan, annotate, check_config_names
+from quantbench.engine.errors import CalibrationError, QuantizationError, SpecError, require_graph
 from quantbench.engine.fake_quant import (
     DerivedBiasFakeQuantize,
     FakeQuantizeBase,
     build_fake_quantize,
 )
-from quantbench.engine.graph import constant_value, op_name
+from quantbench.engine.graph import constant_value, copy_graph, op_name
 from quantbench.engine.modes import calibration_mode, fake_quantizers
 from quantbench.engine.ops import HELPER_KINDS, op_kind
 from quantbench.engine.passes.freeze import freeze_graph
@@ -60,9 +59,11 @@ __all__ = ["ModelQuantizer", "CoverageReport", "QuantizationError", "Calibration
 
 log = logging.getLogger(__name__)
 
-# Copying a captured graph (quantize_model works on a copy) rebuilds its pytree specs through a
-# deprecated LeafSpec path inside torch; the warning is torch's own business, repeated per copy.
-quiet_warning(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+# The engine's own copies of a graph go through graph.copy_graph, which holds back torch's LeafSpec
+# deprecation (see there). A copy made elsewhere (the training loop's EMA model, DDP) goes the same
+# copy.deepcopy -> copyreg.__newobj__ -> LeafSpec.__new__ path: this process-wide filter is as narrow
+# (that message, attributed to copyreg), so a LeafSpec made by the user's own code still warns.
+quiet_warning(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, module=r"copyreg$")
 
 
 def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -77,7 +78,8 @@ def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
         return tuple(batch)
     if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
         return tuple(batch[0])
-    raise CalibrationError(f"cannot read inputs from a calibration batch of type {type(batch).__name__}")
+    raise CalibrationError(f"cannot read inputs from a calibration batch of type {type(batch).__name__}; a batch "
+                           "is a tensor, a tuple of tensors or an (inputs, target) pair")
 
 
 def _module_name(node: fx.Node, role: str, taken: set[str]) -> str:
@@ -208,21 +210,13 @@ def _mark_nodes(gm: fx.GraphModule, plan: Plan) -> None:
         node.meta["qb_float_reason"] = reason
 
 
-def _check_graph(gm: Any, api: str) -> None:
-    """The engine works on the GraphModule :func:`quantbench.engine.capture` returns: say so in one line."""
-    if isinstance(gm, fx.GraphModule):
-        return
-    what = f"a {type(gm).__name__}" + (" (an nn.Module that is not captured)" if isinstance(gm, torch.nn.Module) else "")
-    raise CaptureError(f"{api} needs the GraphModule that quantbench.engine.capture returns, got {what}; "
-                       "capture it first: gm = capture(model, (example_batch,)), then quantize gm")
-
-
 def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False) -> fx.GraphModule:
     """Pre-quant passes, annotation and quantizer insertion (no calibration).
 
     ``qat=True`` keeps BatchNorm (with simulated folding) and dropout in the
     graph; otherwise BN is folded (``config.fold_bn``) and dropout removed.
     """
+    check_config_names(gm, config)  # before the passes: names are the captured graph's
     if qat:
         passes = (*PREQUANT_QAT, simulate_bn_folding)
     else:
@@ -327,7 +321,7 @@ def _float_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 def coverage(qmodel: fx.GraphModule) -> CoverageReport:
     """Every compute node of a quantized graph, and whether it computes on the integer grid."""
-    _check_graph(qmodel, "coverage")
+    require_graph(qmodel, "coverage", quantized=True)
     float_nodes = []
     total = 0
     for node in qmodel.graph.nodes:
@@ -342,6 +336,19 @@ def coverage(qmodel: fx.GraphModule) -> CoverageReport:
     return CoverageReport(total - len(float_nodes), total, float_nodes)
 
 
+def _check_calib_loader(calib_loader: Any) -> None:
+    """An iterable of batches; a lone tensor, a string or a mapping is refused in one line."""
+    if calib_loader is None:
+        return
+    what = "a DataLoader, a list of tensors or of (inputs, target) pairs"
+    if isinstance(calib_loader, torch.Tensor):
+        raise CalibrationError(f"quantize_model: calib_loader is a single tensor; pass an iterable of batches "
+                               f"such as [x] ({what})")
+    if isinstance(calib_loader, (str, bytes, dict)) or not isinstance(calib_loader, Iterable):
+        raise CalibrationError(f"quantize_model: calib_loader must be an iterable of batches ({what}), got "
+                               f"{type(calib_loader).__name__}")
+
+
 class ModelQuantizer:
     """Quantizes a captured graph per a :class:`Config` (Quark FX-mode shaped API).
 
@@ -351,7 +358,9 @@ class ModelQuantizer:
 
     def __init__(self, config: Config) -> None:
         if not isinstance(config, Config):
-            raise TypeError(f"ModelQuantizer needs a quantbench Config, got {type(config).__name__}")
+            hint = (f"; for a preset use ModelQuantizer(presets.get({config!r}))" if isinstance(config, str)
+                    else "; start from a preset: ModelQuantizer(presets.get('int8_pow2')), presets.list() names them")
+            raise SpecError(f"ModelQuantizer needs a quantbench.engine Config, got {type(config).__name__}{hint}")
         self.config = config
 
     def quantize_model(self, gm: fx.GraphModule, calib_loader: Iterable[Any] | None = None, *,
@@ -372,13 +381,16 @@ class ModelQuantizer:
         Returns:
             The fake-quant GraphModule, ready for evaluation (or for QAT).
         """
-        _check_graph(gm, "quantize_model")
-        if calib_loader is not None and not isinstance(calib_loader, Iterable):
-            raise CalibrationError(f"quantize_model: calib_loader must be an iterable of batches (a DataLoader, a list "
-                                   f"of tensors or of (inputs, target) pairs), got {type(calib_loader).__name__}")
+        require_graph(gm, "quantize_model")
+        _check_calib_loader(calib_loader)
+        if qat is not None and not isinstance(qat, bool):
+            raise SpecError(f"quantize_model: qat={qat!r} must be True, False or None (None: the config decides)")
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                        or max_batches < 1):
+            raise SpecError(f"quantize_model: max_batches={max_batches!r} must be a positive int or None (all)")
         qat = self.config.for_training if qat is None else qat
         start = time.perf_counter()
-        qmodel = prepare(copy.deepcopy(gm), self.config, qat=qat)
+        qmodel = prepare(copy_graph(gm), self.config, qat=qat)
         batches = 0
         if calib_loader is not None:
             batches = calibrate(qmodel, calib_loader, max_batches=max_batches)
@@ -420,5 +432,5 @@ class ModelQuantizer:
         A QAT graph is frozen as it computes in eval mode: BatchNorm folded
         with its running statistics, dropout removed.
         """
-        _check_graph(qmodel, "freeze")
+        require_graph(qmodel, "freeze", quantized=True)
         return freeze_graph(qmodel, target=target)

@@ -76,7 +76,21 @@ ROUND_METHODS = ("half_even", "half_up", "floor")
 LEARNABLE = ("none", "lsq", "tqt")
 
 
-def _check_type(name: str, value: Any, expected: type) -> None:
+#: What each QuantizationSpec field accepts, appended to a refusal of its type (choices come from the tuples above).
+_ACCEPTS = {
+    "dtype": f"one of {sorted(DTYPES)}",
+    "qscheme": f"one of {list(QSCHEMES)}",
+    "ch_axis": "an axis of the weight, e.g. 0 (output channels) or -1 (the last)",
+    "observer": "a name of quantbench.engine.observers.list_observers()",
+    "scale_type": f"one of {list(SCALE_TYPES)}",
+    "round_method": f"one of {list(ROUND_METHODS)}",
+    "learnable": f"one of {list(LEARNABLE)}",
+    "percentile": "in (50, 100]",
+    "averaging_constant": "in (0, 1]",
+}
+
+
+def _check_type(name: str, value: Any, expected: type, owner: str = "QuantizationSpec") -> None:
     """bool fields take bools, int fields ints (not bools), float fields any real number, str fields strings."""
     if expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -86,13 +100,15 @@ def _check_type(name: str, value: Any, expected: type) -> None:
         ok = isinstance(value, expected)
     if not ok:
         article = "an" if expected.__name__[0] in "aeiou" else "a"
-        raise SpecError(f"QuantizationSpec.{name}={value!r} must be {article} {expected.__name__}, "
-                        f"not {type(value).__name__}")
+        accepts = f" ({_ACCEPTS[name]})" if owner == "QuantizationSpec" and name in _ACCEPTS else ""
+        raise SpecError(f"{owner}.{name}={value!r} must be {article} {expected.__name__}, "
+                        f"not {type(value).__name__}{accepts}")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        close = close_matches(str(value), [str(a) for a in allowed])
+        names = [str(a) for a in allowed]
+        close = [a for a in names if a.lower() == str(value).lower()] or close_matches(str(value), names)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise SpecError(f"QuantizationSpec.{name}={value!r} is not one of {list(allowed)}{hint}")
 
@@ -223,6 +239,11 @@ class QuantizationConfig:
     output_tensors: QuantizationSpec | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a dict or a dtype name where a spec belongs is refused here
+            spec = getattr(self, f.name)
+            if spec is not None and not isinstance(spec, QuantizationSpec):
+                raise SpecError(f"QuantizationConfig.{f.name}={spec!r:.60} must be a QuantizationSpec or None, not "
+                                f"{type(spec).__name__}; build it with QuantizationSpec(dtype=..., ...)")
         for name in ("input_tensors", "output_tensors"):
             spec = getattr(self, name)
             if spec is None:
@@ -278,15 +299,35 @@ class Config:
 
     def __post_init__(self) -> None:
         if not isinstance(self.global_quant_config, QuantizationConfig):
-            raise SpecError("Config.global_quant_config must be a QuantizationConfig")
+            raise SpecError(f"Config.global_quant_config must be a QuantizationConfig, not "
+                            f"{type(self.global_quant_config).__name__}; start from a preset: "
+                            "quantbench.engine.presets.get(name)")
         for label, mapping in (("op_type_quant_config", self.op_type_quant_config),
                                ("node_name_quant_config", self.node_name_quant_config)):
+            if not isinstance(mapping, Mapping):
+                raise SpecError(f"Config.{label} must be a mapping of names to QuantizationConfig, not "
+                                f"{type(mapping).__name__}")
             for key, value in mapping.items():
+                if not isinstance(key, str):
+                    raise SpecError(f"Config.{label} key {key!r} must be a str ("
+                                    f"{'an op type such as conv2d' if label.startswith('op') else 'a node name'})")
                 if not isinstance(value, QuantizationConfig):
-                    raise SpecError(f"Config.{label}[{key!r}] must be a QuantizationConfig")
+                    raise SpecError(f"Config.{label}[{key!r}] must be a QuantizationConfig, not "
+                                    f"{type(value).__name__}")
         if isinstance(self.exclude, str):
             raise SpecError("Config.exclude must be a list of node names or module prefixes, not a string")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        try:
+            exclude = tuple(self.exclude)
+        except TypeError:
+            raise SpecError(f"Config.exclude must be a list of node names or module prefixes, not "
+                            f"{type(self.exclude).__name__}") from None
+        for entry in exclude:
+            if not isinstance(entry, str):
+                raise SpecError(f"Config.exclude entry {entry!r} must be a str (a node name or a module prefix "
+                                "such as 'features.0')")
+        for name in ("fold_bn", "qat", "name"):
+            _check_type(name, getattr(self, name), type(getattr(Config, name)), owner="Config")
+        object.__setattr__(self, "exclude", exclude)
 
     def for_node(self, node_name: str, op_type: str) -> QuantizationConfig:
         """The QuantizationConfig that applies to one node."""

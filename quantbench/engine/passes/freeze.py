@@ -20,13 +20,11 @@ bakes it the same way.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx
 
 from quantbench.engine.fake_quant import FakeQuantizeBase
-from quantbench.engine.graph import get_attr_tensor, set_attr_tensor
+from quantbench.engine.graph import copy_graph, get_attr_tensor, set_attr_tensor
 from quantbench.engine.passes.align import align_to_target
 from quantbench.engine.passes.integer import fuse_integer_kernels
 from quantbench.engine.passes.qat_bn import fold_qat_batchnorm
@@ -118,7 +116,7 @@ def freeze_graph(qmodel: fx.GraphModule, target: str | HardwareTarget = "ort") -
     """
     if not isinstance(target, HardwareTarget) and target not in freeze_targets():
         raise UnknownNameError(suggest(str(target), freeze_targets(), "freeze target"))
-    frozen = copy.deepcopy(qmodel)
+    frozen = copy_graph(qmodel)
     frozen = fold_qat_batchnorm(frozen)
     if target != "ort":
         frozen = align_to_target(frozen, get_target(target))
