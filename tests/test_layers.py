@@ -8,7 +8,7 @@ in a fresh interpreter (what importing a layer actually loads):
 * tasks import the engine and the training layer, never the harness, and
   never another task;
 * the harness never imports a task (it reaches them through ``_target_``);
-* the leaf modules (errors, registry, progress, quiet, compat) import no other layer.
+* the leaf modules (errors, registry, progress, quiet, lazy, compat) import no other layer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Leaf modules every layer may import: they import nothing else of the project.
-LEAVES = ("quantbench.errors", "quantbench.registry", "quantbench.progress", "quantbench.quiet", "quantbench.compat")
+LEAVES = ("quantbench.errors", "quantbench.registry", "quantbench.progress", "quantbench.quiet", "quantbench.lazy", "quantbench.compat")
 
 #: layer -> what its modules may import (besides themselves, the leaves and the ``quantbench`` root package).
 ALLOWED = {

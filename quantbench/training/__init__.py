@@ -22,8 +22,7 @@ under a second.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from quantbench.lazy import lazy_exports
 
 __all__ = [
     "OPTIMIZERS",
@@ -117,13 +116,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)
