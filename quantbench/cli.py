@@ -267,16 +267,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", default=os.environ.get("QUANTBENCH_VERBOSE") == "1",
                         help="show the library warnings and logs quantbench filters by default (or QUANTBENCH_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="one run; the rest goes to Hydra (e.g. model=resnet18 scheme=ptq_pow2)")
+    # The same two flags after the command too (quantbench run --debug ...); unset there, the top level's stand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    run = sub.add_parser("run", parents=[common], help="one run; the rest goes to Hydra (e.g. model=resnet18 scheme=ptq_pow2)")
     run.add_argument("--nproc", type=int, default=1,
                      help="data-parallel processes under torchrun (DDP: gloo on CPU, nccl on CUDA)")
-    sweep = sub.add_parser("sweep", help="a Hydra multirun over conf/sweep/TASK.yaml")
+    sweep = sub.add_parser("sweep", parents=[common], help="a Hydra multirun over conf/sweep/TASK.yaml")
     sweep.add_argument("task")
     sweep.add_argument("--jobs", type=int, default=1, help="parallel jobs on this machine (joblib launcher)")
     sweep.add_argument("--launcher", help="conf/hydra/launcher: basic, parallel, slurm, slurm_local "
                                           "(default: basic, or parallel with --jobs > 1)")
     sweep.add_argument("--id", help="sweep id (default: TASK-<time>)")
-    report = sub.add_parser("report", help="one sweep's MLflow runs -> reports/TASK.md, plots (--readme: README table)")
+    report = sub.add_parser("report", parents=[common], help="one sweep's MLflow runs -> reports/TASK.md, plots (--readme: README table)")
     report.add_argument("task")
     report.add_argument("--out", type=Path, help="output folder (default: reports/)")
     report.add_argument("--sweep", metavar="ID", help="the sweep to report (default: the newest complete sweep "
@@ -286,21 +290,21 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--readme", nargs="?", const="", metavar="PATH",
                         help="also refresh the task's table between its markers in PATH (default: the project's "
                              "README.md); without --readme no README is touched")
-    gate = sub.add_parser("gate", help="check conf/gates/TASK.yaml against the runs of record (as report reads)")
+    gate = sub.add_parser("gate", parents=[common], help="check conf/gates/TASK.yaml against the runs of record (as report reads)")
     gate.add_argument("task")
     gate.add_argument("--file", type=Path, help="gate file (default: conf/gates/TASK.yaml)")
     gate.add_argument("--sweep", metavar="ID", help="the sweep to gate (default: the newest complete sweep of the "
                                                     "task's config, else the newest sweep)")
-    data = sub.add_parser("data", help="write a generated data set (e.g. digits)")
+    data = sub.add_parser("data", parents=[common], help="write a generated data set (e.g. digits)")
     data.add_argument("name", choices=sorted(DATA_WRITERS))
     data.add_argument("--out", type=Path, required=True)
     data.add_argument("--size", type=int, help="image size (default: the writer's)")
     data.add_argument("--seed", type=int, default=0)
-    ui = sub.add_parser("ui", help="the MLflow UI on the store, with the runs-table link")
+    ui = sub.add_parser("ui", parents=[common], help="the MLflow UI on the store, with the runs-table link")
     ui.add_argument("--task", default="digits", help="whose runs table to link (default: digits)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
-    server = sub.add_parser("server", help="a shared MLflow tracking server (sqlite or PostgreSQL backend)")
+    server = sub.add_parser("server", parents=[common], help="a shared MLflow tracking server (sqlite or PostgreSQL backend)")
     server.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     server.add_argument("--port", type=int, default=5001)
     server.add_argument("--backend-store-uri", help="default: sqlite:///mlruns/server/mlflow.db; or postgresql://...")

@@ -100,9 +100,14 @@ def test_debug_adds_the_traceback_to_the_line(capsys, monkeypatch):
     assert main(["--debug", "run", "model=nosuch"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("quantbench run: model=nosuch")
+    assert main(["run", "--debug", "model=nosuch"]) == 2  # after the command too
+    assert "Traceback" in capsys.readouterr().err
     monkeypatch.setenv("QUANTBENCH_DEBUG", "1")
     assert main(["run", "model=nosuch"]) == 2
     assert "Traceback" in capsys.readouterr().err
+    monkeypatch.delenv("QUANTBENCH_DEBUG")
+    assert main(["sweep", "digits", "model=nosuch"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_bug_is_a_traceback_not_a_line(monkeypatch):
