@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from quantbench.errors import BadInputError, UsageError
+from quantbench.quiet import verbose
 
 __all__ = ["DATA_WRITERS", "main"]
 
@@ -69,16 +70,9 @@ def _interrupt(*_: object) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from quantbench.harness.paths import CONF_DIR
-    from quantbench.harness.preflight import check_overrides, group_choices
+    from quantbench.harness.preflight import check_overrides, check_task
 
-    if not (CONF_DIR / "sweep" / f"{args.task}.yaml").is_file():  # before importing torch and MLflow
-        from quantbench.registry import close_matches
-
-        close = close_matches(args.task, group_choices("sweep"))
-        raise UsageError(f"no sweep for task {args.task!r} (conf/sweep/{args.task}.yaml)"
-                         + (f"; did you mean {' or '.join(close)}?" if close else "")
-                         + f" Tasks: {', '.join(group_choices('sweep'))}")
+    check_task(args.task)  # both before torch and MLflow are imported
     check_overrides([f"sweep={args.task}", *args.overrides])
     from quantbench.harness.sweep import sweep
 
@@ -210,7 +204,7 @@ def _quiet_env() -> dict[str, str]:
     """MLflow's server without its start-up INFO lines, access log and Starlette deprecation warning
     (nothing a user can act on); ``-v`` shows them."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    if os.environ.get("QUANTBENCH_VERBOSE") != "1":
+    if not verbose():
         env.update(MLFLOW_LOGGING_LEVEL="WARNING",
                    PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated")
     return env
@@ -231,7 +225,7 @@ def _serve(cmd: list[str], host: str, port: int, command: str, *, banner: str | 
     The banner (the link) is printed once the server answers its health check;
     a server that exits before that is an error, with its exit status.
     """
-    if os.environ.get("QUANTBENCH_VERBOSE") != "1":
+    if not verbose():
         cmd = [*cmd, "--uvicorn-opts", "--log-level warning"]
     proc = subprocess.Popen(cmd, env=_quiet_env())
     # SIGTERM to the mlflow parent stops its server children; pass ours on to it.

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from quantbench.harness.paths import CONF_DIR
+from quantbench.harness.paths import CONF_DIR, known_options
 
-__all__ = ["CONF_DIR", "compose_config", "first_job_overrides", "known_options", "sweep_grid"]
-
-
-def known_options(group: str) -> list[str]:
-    """The YAML options of a config group (``conf/<group>/*.yaml``)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+__all__ = ["CONF_DIR", "compose_config", "first_job_overrides", "known_options", "resolve_tree", "sweep_grid"]
 
 
 def compose_config(overrides: Iterable[str] = (), *, hydra_config: bool = False) -> DictConfig:
@@ -26,6 +21,14 @@ def compose_config(overrides: Iterable[str] = (), *, hydra_config: bool = False)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="quantbench"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def resolve_tree(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as plain, resolved containers, without Hydra's own node."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    tree = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    tree.pop("hydra", None)
+    return tree
 
 
 def first_job_overrides(overrides: Iterable[str]) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from quantbench.errors import ConfigError
 
-__all__ = ["CONF_DIR", "TRACKING_SCHEMES", "check_tracking_uri", "project_root"]
+__all__ = ["CONF_DIR", "TRACKING_SCHEMES", "check_tracking_uri", "known_options", "project_root"]
 
 #: URI schemes MLflow can track to (database stores name their dialect, optionally ``+driver``).
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -22,6 +22,12 @@ def project_root() -> Path:
 
 
 CONF_DIR = project_root() / "conf"
+
+
+def known_options(group: str) -> list[str]:
+    """The options a user may pick for config group ``group``: its YAML files (never an internal
+    ``base_*`` schema of the ConfigStore)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def check_tracking_uri(uri: str | None, key: str = "tracking.uri") -> None:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Sequence
 
-from quantbench.errors import ConfigError
-from quantbench.harness.paths import CONF_DIR, check_tracking_uri
+from quantbench.errors import ConfigError, UsageError
+from quantbench.harness.paths import CONF_DIR, check_tracking_uri, known_options
 from quantbench.registry import close_matches
 
-__all__ = ["MODEL_NAME_HINT", "check_group_values", "check_overrides", "explain", "group_choices", "job_variants",
+__all__ = ["MODEL_NAME_HINT", "check_group_values", "check_overrides", "explain", "check_task", "job_variants",
            "parse"]
 
 #: How to use a model that has no file in conf/model: the README says the same.
@@ -42,11 +42,6 @@ _NOISE = re.compile(r"^\s*(full_key:|reference_type=|object_type=|Config search 
 
 def _groups() -> set[str]:
     return {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
-
-
-def group_choices(group: str) -> list[str]:
-    """The options a user may pick for ``group``: its YAML files (no internal ``base_*`` schema)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def parse(overrides: Sequence[str]) -> list[Any]:
@@ -72,13 +67,26 @@ def _values(override: Any) -> list[str]:
     return [] if value is None else [str(value)]
 
 
+def check_task(task: str) -> None:
+    """``quantbench sweep TASK`` needs ``conf/sweep/TASK.yaml``.
+
+    Raises:
+        UsageError: one line with close matches and the tasks there are.
+    """
+    tasks = known_options("sweep")
+    if task not in tasks:
+        close = close_matches(task, tasks)
+        raise UsageError(f"no sweep for task {task!r} (conf/sweep/{task}.yaml)"
+                         + (f"; did you mean {' or '.join(close)}?" if close else "") + f" Tasks: {', '.join(tasks)}")
+
+
 def check_group_values(key: str, values: Iterable[str]) -> None:
     """Each value of config group ``key`` must be a file in ``conf/<key>/``.
 
     Raises:
         ConfigError: one line with close matches, the choices and (for ``model``) the ``model.name`` hint.
     """
-    choices = group_choices(key)
+    choices = known_options(key)
     for value in values:
         if value in choices:
             continue
@@ -102,7 +110,9 @@ def _check_groups(parsed: Sequence[Any]) -> None:
 
 def job_variants(parsed: Sequence[Any]) -> list[list[str]]:
     """The first job, then one job per further value of each swept key (the others at their first value)."""
-    first = [f"{o.get_key_element()}={_values(o)[0]}" if o.is_sweep_override() else o.input_line for o in parsed]
+    from quantbench.harness.config import first_job_overrides
+
+    first = first_job_overrides([o.input_line for o in parsed])
     variants = [first]
     for i, override in enumerate(parsed):
         if override.is_sweep_override():
@@ -111,8 +121,9 @@ def job_variants(parsed: Sequence[Any]) -> list[list[str]]:
     return variants
 
 
-def check_overrides(overrides: Sequence[str], *, compose: bool = True) -> Any:
-    """Check a run's or a sweep's overrides; returns the first job's composed config (or None).
+def check_overrides(overrides: Sequence[str], *, compose: bool = True) -> list[Any]:
+    """Check a run's or a sweep's overrides; returns the composed configs of :func:`job_variants`
+    (the first job first), or ``[]`` without ``compose``.
 
     Raises:
         ConfigError: the first bad override, as one line.
@@ -124,8 +135,8 @@ def check_overrides(overrides: Sequence[str], *, compose: bool = True) -> Any:
     parsed = parse(list(overrides))
     _check_groups(parsed)
     if not compose:
-        return None
-    first = None
+        return []
+    jobs = []
     for variant in job_variants(parsed):
         try:
             cfg = compose_config(variant)
@@ -135,8 +146,8 @@ def check_overrides(overrides: Sequence[str], *, compose: bool = True) -> Any:
                 raise
             raise ConfigError(explain(exc, variant)) from exc
         check_tracking_uri(tracking.get("uri"))
-        first = cfg if first is None else first
-    return first
+        jobs.append(cfg)
+    return jobs
 
 
 def _is_config_error(exc: BaseException) -> bool:

@@ -40,15 +40,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench.errors import BadInputError, DataError, DeviceUnavailableError, UnsafeConfigError
+from quantbench.harness.config import resolve_tree
 from quantbench.harness.pipeline import Context, execute
 from quantbench.harness.schema import TARGET_PACKAGES
 from quantbench.harness.tracking import (
     NullRecorder,
     RunRecorder,
     Store,
-    config_hash,
     flatten,
     git_sha,
+    run_hash,
 )
 from quantbench.training import TaskAdapter, distributed
 from quantbench.training.checkpoint import read_state_dict
@@ -154,14 +155,6 @@ def check_config(tree: Mapping[str, Any]) -> None:
                                      f"{torch.__version__}): use task.device=cpu or task.device=auto")
 
 
-def resolve_tree(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The config as plain, resolved containers, without Hydra's own node."""
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    tree = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    tree.pop("hydra", None)
-    return tree
-
-
 def resolve_threads(threads: int) -> int:
     """``run.threads``, where 0 means every CPU this process may run on (a SLURM allocation, a cgroup)."""
     if threads > 0:
@@ -211,7 +204,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
     tree = resolve_tree(cfg)
     check_config(tree)
     names = {"task": tree["task"]["name"], "model": tree["model"]["name"], "scheme": tree["scheme"]["name"]}
-    chash = config_hash(tree, () if tree["scheme"]["qat"] else ("train.qat",))  # PTQ ignores the QAT recipe
+    chash = run_hash(tree)
     track, settings = tree["tracking"], dict(tree["run"])
     settings["threads"] = resolve_threads(int(settings["threads"]))
     env = distributed.init_from_env(tree["task"].get("device"))

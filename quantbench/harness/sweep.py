@@ -32,9 +32,9 @@ from omegaconf import OmegaConf
 
 from quantbench.errors import UsageError
 from quantbench.harness.callbacks import count_jobs
-from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, known_options
-from quantbench.harness.preflight import check_group_values, check_overrides, job_variants, parse
-from quantbench.harness.run import build_task, check_config, resolve_threads, resolve_tree
+from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, resolve_tree
+from quantbench.harness.preflight import check_group_values, check_overrides, check_task
+from quantbench.harness.run import build_task, check_config, resolve_threads
 from quantbench.harness.tracking import Store
 from quantbench.harness.warmup import longest_first, sweep_values, warm_baselines
 
@@ -118,12 +118,6 @@ def launcher_overrides(jobs: int, launcher: str | None = None, overrides: Sequen
     return out
 
 
-def _check_task(task: str) -> None:
-    if not (CONF_DIR / "sweep" / f"{task}.yaml").is_file():
-        raise UsageError(f"no sweep for task {task!r} (conf/sweep/{task}.yaml); known: "
-                         f"{', '.join(known_options('sweep'))}")
-
-
 def _collect(outcome: SweepOutcome, store: Store, since_ms: int) -> SweepOutcome:
     """What this invocation recorded under its sweep id (runs started since ``since_ms``), newest per config.
 
@@ -148,13 +142,6 @@ def _collect(outcome: SweepOutcome, store: Store, since_ms: int) -> SweepOutcome
     return outcome
 
 
-def _check_tasks(overrides: Sequence[str]) -> None:
-    """Build the task of the first job and of each further swept value: a value the task refuses
-    (``data.on_corrupt=skipp``) stops the sweep with one line before anything runs or is recorded."""
-    for variant in job_variants(parse(list(overrides))):
-        build_task(resolve_tree(compose_config(variant)))
-
-
 def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: str | None = None,
           launcher: str | None = None) -> SweepOutcome:
     """Run the sweep of ``task`` with extra Hydra ``overrides`` and collect what it recorded.
@@ -164,7 +151,7 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
         BadInputError: the first job's config asks for a missing device or
             foreign code, or its tracking server does not answer.
     """
-    _check_task(task)
+    check_task(task)
     sweep_id = sweep_id or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _SWEEP_ID.match(sweep_id):
         raise UsageError(f"sweep id {sweep_id!r}: use letters, digits, '.', '_' and '-' only")
@@ -172,15 +159,16 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
     hydra_launcher = launcher_overrides(jobs, launcher, overrides)
     # Check every swept value and compose the first job up front: a typo fails here, before anything
     # runs, and the composed tracking node says which store to ask for failures afterwards.
-    check_overrides(base)
+    jobs = check_overrides(base)
     first = compose_config(first_job_overrides(base), hydra_config=True)
     for group, values in (first.hydra.sweeper.params or {}).items():  # the sweep file's own lists
         if (CONF_DIR / str(group)).is_dir():
             check_group_values(str(group), [v.strip() for v in str(values).split(",")])
-    tree = OmegaConf.to_container(first, resolve=False)
-    tree.pop("hydra", None)
-    check_config(OmegaConf.to_container(OmegaConf.create(tree), resolve=True))
-    _check_tasks(base)
+    check_config(resolve_tree(jobs[0]))
+    # Build the task of each checked job: a value the task refuses (data.on_corrupt=skipp) stops the
+    # sweep with one line before anything runs or is recorded.
+    for job in jobs:
+        build_task(resolve_tree(job))
     tracking = OmegaConf.to_container(first.tracking, resolve=True)
     store = Store.from_config(tracking)  # a server that is down fails here; a new sqlite store is created once
     store.experiment_id(str(tracking["experiment"]))

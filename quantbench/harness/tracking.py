@@ -53,7 +53,10 @@ __all__ = [
     "error_line",
     "flatten",
     "git_sha",
+    "hashed",
     "project_root",
+    "run_exclude",
+    "run_hash",
     "safe_artifact_path",
     "store_location",
 ]
@@ -116,9 +119,23 @@ def config_hash(tree: Mapping[str, Any], exclude: tuple[str, ...] = ()) -> str:
     Two runs with the same hash measure the same thing, so resume may skip the
     second one.
     """
-    skip = (*HASH_EXCLUDE, *exclude)
-    kept = {k: v for k, v in flatten(tree).items() if not any(k == e or k.startswith(f"{e}.") for e in skip)}
+    kept = {k: v for k, v in flatten(tree).items() if hashed(k, exclude)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hashed(key: str, exclude: tuple[str, ...] = ()) -> bool:
+    """Whether the dotted ``key`` counts in :func:`config_hash` (not under ``HASH_EXCLUDE`` or ``exclude``)."""
+    return not any(key == e or key.startswith(f"{e}.") for e in (*HASH_EXCLUDE, *exclude))
+
+
+def run_exclude(tree: Mapping[str, Any]) -> tuple[str, ...]:
+    """What a run of ``tree`` leaves out of its hash besides ``HASH_EXCLUDE``: a PTQ scheme ignores the QAT recipe."""
+    return () if tree["scheme"]["qat"] else ("train.qat",)
+
+
+def run_hash(tree: Mapping[str, Any]) -> str:
+    """The ``config_hash`` tag of a run of the resolved ``tree``: the harness skips, resumes and reports by it."""
+    return config_hash(tree, run_exclude(tree))
 
 
 def git_sha() -> str:

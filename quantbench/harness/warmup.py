@@ -29,9 +29,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from joblib import Parallel, delayed
 
 from quantbench.errors import DataError
-from quantbench.harness.config import compose_config
-from quantbench.harness.run import build_task, check_config, resolve_threads, resolve_tree
-from quantbench.harness.tracking import Store, config_hash, error_line
+from quantbench.harness.config import compose_config, resolve_tree
+from quantbench.harness.run import build_task, check_config, resolve_threads
+from quantbench.harness.tracking import Store, error_line, run_hash
 
 __all__ = ["longest_first", "sweep_values", "warm_baselines"]
 
@@ -112,7 +112,7 @@ def warm_baselines(base: Sequence[str], values: Mapping[str, list[str]], store: 
         model = tree["model"]
         if model.get("pretrained") or model.get("checkpoint"):
             continue
-        chash = config_hash(tree, () if tree["scheme"]["qat"] else ("train.qat",))
+        chash = run_hash(tree)
         if tree["run"]["force"] or store.find_finished(tree["tracking"]["experiment"], chash) is None:
             todo.setdefault(_baseline_identity(tree), tree)
     if not todo:

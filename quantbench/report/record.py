@@ -11,7 +11,7 @@ Reports and gates therefore read *the runs of record*:
   sweep was given (CI: ``model=resnet18 scheme=float,ptq_pow2 task.cache_dir=...``).
 * **The config**: each cell's config hash is computed from the config that
   cell's job composes (``sweep=TASK``, the overrides, ``model=M scheme=S``), as
-  the harness computes the ``config_hash`` tag (:mod:`quantbench.harness.run`).
+  the harness computes the ``config_hash`` tag (:func:`quantbench.harness.tracking.run_hash`).
   A run counts for a cell only when its tag equals that hash, so a run of
   another config (a smoke run, other epochs, another data root) never counts.
   The hash is the harness's own definition of "the same measurement" (resume
@@ -43,18 +43,16 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from quantbench.errors import BadInputError
-from quantbench.harness.config import CONF_DIR, compose_config, sweep_grid
+from quantbench.harness.config import CONF_DIR, compose_config, resolve_tree, sweep_grid
 from quantbench.harness.paths import project_root
-from quantbench.harness.schema import HASH_EXCLUDE
-from quantbench.harness.tracking import Store, config_hash, flatten
+from quantbench.harness.preflight import parse
+from quantbench.harness.tracking import Store, flatten, hashed, run_exclude, run_hash
 from quantbench.report.runs import load_runs, task_store
 
 __all__ = ["ADHOC_PREFIX", "Grid", "ReportError", "Selection", "SweepRecord", "is_sweep_id", "resolve_grid",
-           "run_hash", "select", "sweep_records"]
+           "select", "sweep_records"]
 
 #: The ``sweep`` tag of a run that ``quantbench run`` made outside a sweep (``tracking.sweep_id``'s default).
 ADHOC_PREFIX = "adhoc-"
@@ -74,17 +72,6 @@ def is_sweep_id(tag: object) -> bool:
     return isinstance(tag, str) and bool(tag) and not tag.startswith(ADHOC_PREFIX)
 
 
-def run_hash(tree: Mapping) -> str:
-    """The ``config_hash`` tag the harness gives a run of the resolved ``tree`` (a PTQ scheme ignores the
-    QAT recipe), as :func:`quantbench.harness.run.run` computes it."""
-    return config_hash(tree, () if tree["scheme"]["qat"] else ("train.qat",))
-
-
-def _hash_relevant(key: str, qat: bool) -> bool:
-    skip = (*HASH_EXCLUDE, *(() if qat else ("train.qat",)))
-    return not any(key == e or key.startswith(f"{e}.") for e in skip)
-
-
 def _shorten(items: Sequence[str], n: int = _SHOWN) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
@@ -102,16 +89,12 @@ class Grid:
     schemes: tuple[str, ...]
     hashes: Mapping[Cell, str]
     params: Mapping[Cell, Mapping[str, str]] = field(repr=False)  # each cell's logged params, for messages
-    qat: Mapping[Cell, bool] = field(repr=False)
+    excluded: Mapping[Cell, tuple[str, ...]] = field(repr=False)  # what each cell's hash leaves out
 
     @property
     def cells(self) -> list[Cell]:
         """Model-major, in the sweep file's (or the overrides') order: the table's row order."""
         return [(m, s) for m in self.models for s in self.schemes]
-
-
-def _parse(overrides: Iterable[str]):
-    return OverridesParser.create().parse_overrides(list(overrides))
 
 
 def resolve_grid(task: str, overrides: Iterable[str] = (), *, models: Sequence[str] | None = None,
@@ -121,7 +104,7 @@ def resolve_grid(task: str, overrides: Iterable[str] = (), *, models: Sequence[s
     Raises:
         ReportError: the overrides sweep over another key (several runs per model x scheme).
     """
-    parsed = _parse(overrides)
+    parsed = parse(list(overrides))
     swept = [o.get_key_element() for o in parsed if o.is_sweep_override() and o.key_or_group not in GRID_KEYS]
     if swept:
         raise ReportError(f"{swept[0]}: a report or gate reads one run per model x scheme, and this sweeps "
@@ -132,9 +115,9 @@ def resolve_grid(task: str, overrides: Iterable[str] = (), *, models: Sequence[s
     schemes = tuple(schemes or swept_schemes)
     # The tracking node is left out of every hash (HASH_EXCLUDE) and of the differences messages name,
     # so the cells are composed without its overrides, and once per process for the same conf/ files.
-    untracked = tuple(o.input_line for o in _parse(base[1:]) if o.key_or_group.split(".")[0] != "tracking")
-    hashes, params, qat = _cells(task, untracked, tuple((m, s) for m in models for s in schemes), _conf_stamp())
-    return Grid(task, models, schemes, hashes, params, qat)
+    untracked = tuple(o.input_line for o in parse(list(base[1:])) if o.key_or_group.split(".")[0] != "tracking")
+    hashes, params, excluded = _cells(task, untracked, tuple((m, s) for m in models for s in schemes), _conf_stamp())
+    return Grid(task, models, schemes, hashes, params, excluded)
 
 
 def _conf_stamp() -> int:
@@ -144,16 +127,14 @@ def _conf_stamp() -> int:
 
 @functools.lru_cache(maxsize=16)
 def _cells(task: str, overrides: tuple[str, ...], cells: tuple[Cell, ...],
-           stamp: int) -> tuple[dict[Cell, str], dict[Cell, dict[str, str]], dict[Cell, bool]]:
-    """Each cell's hash, logged params and QAT flag: one compose per cell (about 0.1 s each)."""
-    hashes, params, qat = {}, {}, {}
+           stamp: int) -> tuple[dict[Cell, str], dict[Cell, dict[str, str]], dict[Cell, tuple[str, ...]]]:
+    """Each cell's hash, logged params and what its hash leaves out: one compose per cell (about 0.1 s each)."""
+    hashes, params, excluded = {}, {}, {}
     for cell in cells:
         job = compose_config([f"sweep={task}", *overrides, f"model={cell[0]}", f"scheme={cell[1]}"])
-        # What harness.run.resolve_tree makes of a job's config (without importing torch with it).
-        tree = OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
-        tree.pop("hydra", None)
-        hashes[cell], params[cell], qat[cell] = run_hash(tree), flatten(tree), bool(tree["scheme"]["qat"])
-    return hashes, params, qat
+        tree = resolve_tree(job)
+        hashes[cell], params[cell], excluded[cell] = run_hash(tree), flatten(tree), run_exclude(tree)
+    return hashes, params, excluded
 
 
 @dataclass
@@ -270,7 +251,7 @@ def _config_difference(sweep_id: str, runs: pd.DataFrame, grid: Grid) -> str:
     cell = (row["model"], row["scheme"])
     expected, logged = grid.params[cell], row["params"]
     keys = sorted(k for k in set(expected) | set(logged)
-                  if expected.get(k) != logged.get(k) and _hash_relevant(k, grid.qat[cell]))
+                  if expected.get(k) != logged.get(k) and hashed(k, grid.excluded[cell]))
     if not keys:
         return "its config hash differs (the code that hashes configs changed?)"
     shown = [f"{k}={str(logged.get(k, '(unset)'))[:60]} (here {str(expected.get(k, '(unset)'))[:60]})"
