@@ -159,16 +159,16 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
     hydra_launcher = launcher_overrides(jobs, launcher, overrides)
     # Check every swept value and compose the first job up front: a typo fails here, before anything
     # runs, and the composed tracking node says which store to ask for failures afterwards.
-    jobs = check_overrides(base)
+    configs = check_overrides(base)
     first = compose_config(first_job_overrides(base), hydra_config=True)
     for group, values in (first.hydra.sweeper.params or {}).items():  # the sweep file's own lists
         if (CONF_DIR / str(group)).is_dir():
             check_group_values(str(group), [v.strip() for v in str(values).split(",")])
-    check_config(resolve_tree(jobs[0]))
+    check_config(resolve_tree(configs[0]))
     # Build the task of each checked job: a value the task refuses (data.on_corrupt=skipp) stops the
     # sweep with one line before anything runs or is recorded.
-    for job in jobs:
-        build_task(resolve_tree(job))
+    for config in configs:
+        build_task(resolve_tree(config))
     tracking = OmegaConf.to_container(first.tracking, resolve=True)
     store = Store.from_config(tracking)  # a server that is down fails here; a new sqlite store is created once
     store.experiment_id(str(tracking["experiment"]))
