@@ -43,6 +43,7 @@ bench: $(STAMP) ## engine, QAT and CLI start-up benchmarks -> reports/bench/{eng
 	$(PY) -m quantbench.bench.engine --out reports/bench/engine.md
 	$(PY) -m quantbench.bench.qat --out reports/bench/qat.md
 	$(PY) -m quantbench.bench.cli --out reports/bench/cli.md
+	$(PY) -m quantbench.bench.zoo --out reports/bench/zoo.md
 
 sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
 	$(QB) sweep $(TASK) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)

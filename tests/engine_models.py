@@ -60,3 +60,61 @@ def batches(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g) for _ in range(n)]
 
+
+
+class TinyViT(nn.Module):
+    """ViT/DeiT patterns: patch-embed conv, class-token concat, position-embedding add, LayerNorm,
+    attention written out (q*scale, q @ k^T, softmax, attn @ v), GELU MLP, layer scale, class-token head."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, num_classes: int = 5, patch: int = 4, size: int = 16) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        tokens = (size // patch) ** 2 + 1
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.5)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.gamma * self.proj(y)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+class TinyEfficientNet(nn.Module):
+    """EfficientNet/MobileNetV3 patterns: conv-BN-SiLU, depthwise conv, squeeze-excitation
+    (mean, 1x1 convs, SiLU, sigmoid gate times the activation), a residual, a GroupNorm."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.se_reduce = nn.Conv2d(16, 4, 1)
+        self.se_expand = nn.Conv2d(4, 16, 1)
+        self.pw = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.gn = nn.GroupNorm(4, 16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dw(x)
+        s = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        y = self.pw(y * s) + x
+        y = F.hardswish(self.gn(y))
+        return self.head(y.mean((2, 3)))

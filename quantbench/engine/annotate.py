@@ -267,8 +267,10 @@ class _Annotator:
     _annotate_pool = _annotate_matmul
 
     def _annotate_norm(self, node, qc):
-        # BatchNorm parameters are folded into the conv at freeze, never quantized on their own.
-        skip = {(k, -1) for k in range(1, 5)} if op_name(node) == "batch_norm" else set()
+        # BatchNorm parameters are folded into the conv at freeze; LayerNorm / GroupNorm's affine
+        # parameters enter their kernel's normalization step (passes/nonlinear.qnorm) exactly, as the
+        # BatchNorm folding does: neither is quantized on its own.
+        skip = {(k, -1) for k in range(1, 5)}
         self._activation_inputs(node, qc, skip=skip)
         self._output(node, qc)
 
@@ -307,6 +309,9 @@ class _Annotator:
             g.members.append(node)
 
     _annotate_tuple_passthrough = _annotate_passthrough
+
+    def _annotate_shape(self, node, qc):
+        """Shape arithmetic computes no tensor: nothing to quantize."""
     _annotate_dropout = _annotate_passthrough  # the insertion pass adds no quantizer after it
 
     def _annotate_qat_bn(self, node, qc):

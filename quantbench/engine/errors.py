@@ -64,8 +64,11 @@ class ExportError(RuntimeError):
     """The graph cannot be exported to ONNX exactly; the message names the node and the fix."""
 
 
-class NonFiniteError(ValueError):
-    """Calibration data contained NaN or inf; the message names the observer's node."""
+class NonFiniteError(BadInputError, ValueError):
+    """A NaN or inf where a finite number must be: in calibration data (the message names the
+    observer's node), in a quantizer's scale after a QAT step (it names the quantizer and the
+    hyper-parameters to lower), or in a scale that freeze / export would bake. A bad input: the
+    data or the training recipe, not the engine."""
 
 
 class SpecError(ConfigError):

@@ -20,8 +20,11 @@ import torch
 from torch import fx
 
 from quantbench.engine.errors import CaptureError, ExportError, example_tuple
-from quantbench.engine.graph import copy_graph, quiet_pytree_copies
+from quantbench.engine.finite import check_finite_qdq
+from quantbench.engine.graph import copy_graph, get_attr_tensor, quiet_pytree_copies, set_attr_tensor
+from quantbench.engine.ops import op_kind
 from quantbench.engine.passes.integer import expand_integer_kernels, int_clamp
+from quantbench.engine.passes.nonlinear import EXPORT_TRANSLATIONS, NONLINEAR_KERNELS, export_offsets
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 from quantbench.quiet import quiet_loggers
@@ -59,6 +62,16 @@ def _check_exportable(node: fx.Node, is_quantize: bool) -> None:
             "rounds half to even); use round_method='half_even'")
 
 
+_BINARY_TARGETS = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)
+
+
+def _const_as_activation(node: fx.Node) -> bool:
+    """A per-tensor constant read only by add / mul: onnxruntime's QLinearAdd / QLinearMul take both
+    operands in one type, so the constant is stored like the activation it meets (uint8 + 128)."""
+    return (node.args[3] is None and bool(node.users)
+            and all(u.op == "call_function" and u.target in _BINARY_TARGETS for u in node.users))
+
+
 def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: bool):
     """Storage dtype and zero point of one Q/DQ node in the ONNX graph.
 
@@ -69,11 +82,32 @@ def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: boo
     a QuantizeLinear has a single DequantizeLinear reader, and leaves every
     other conv in float. Weights and biases (constants) keep their type.
     """
-    is_activation = not (isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr")
+    is_const = isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+    is_activation = not is_const or (node.target is dequantize and _const_as_activation(node))
     if unsigned_activations and is_activation and dtype == "int8" and not isinstance(zp, fx.Node):
         return torch.uint8, int(zp) + 128, 0, 255
     itype = DTYPES[dtype]
     return itype.storage, zp, None, None
+
+
+def _shift_constant(gm: fx.GraphModule, x: fx.Node) -> fx.Node:
+    """A constant (or a reshape / expand of one: a class token) stored like an activation: its
+    integers move to uint8 + 128 too. Returns the node to read instead of ``x``."""
+    chain, root = [], x
+    while root.op == "call_function" and root.args and isinstance(root.args[0], fx.Node) \
+            and op_kind(root) == "passthrough" and len(root.users) == 1:
+        chain.append(root)
+        root = root.args[0]
+    if root.op != "get_attr":
+        return x
+    const = get_attr_tensor(gm, root.target)
+    with gm.graph.inserting_after(root):
+        shifted = gm.graph.get_attr(set_attr_tensor(
+            gm, f"{root.target}_u8", (const.to(torch.int16) + 128).to(torch.uint8), param=False))
+    if not chain:
+        return shifted
+    chain[-1].replace_input_with(root, shifted)
+    return x
 
 
 def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -> fx.GraphModule:
@@ -88,6 +122,14 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
             if offset:
                 shifted.add(node)
             continue
+        if node.op == "call_function" and op_kind(node) in ("passthrough", "shared") and node.args \
+                and node.args[0] in shifted:
+            shifted.add(node)  # moves shifted integers (a token-wise linear's reshape back)
+            continue
+        if node.op == "call_function" and node.target in NONLINEAR_KERNELS:
+            if export_offsets(node, node.args[0] in shifted, unsigned_activations):
+                shifted.add(node)
+            continue
         if node.op != "call_function" or node.target not in (quantize, dequantize):
             continue
         is_q = node.target is quantize
@@ -97,6 +139,7 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
         if new_min is not None:
             qmin, qmax = new_min, new_max
             shifted.add(node)
+            x = _shift_constant(gm, x)
         if axis is None:
             target = ops.quantize_per_tensor.default if is_q else ops.dequantize_per_tensor.default
             node.args = (x, scale, zp, qmin, qmax, storage)
@@ -135,6 +178,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
     example_inputs = example_tuple(example_inputs, "export_onnx")  # a single tensor or a list is fine too
     if not isinstance(path, (str, os.PathLike)):
         raise CaptureError(f"export_onnx: path={path!r} must be a file path (str or pathlib.Path) of the .onnx to write")
+    check_finite_qdq(model, "export_onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(model, fx.GraphModule):
@@ -148,7 +192,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
     try:
         with quiet_pytree_copies():  # the exporter copies the program's pytree specs (see there)
             program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        external_data=False, verbose=False, **kwargs)
+                                        external_data=False, verbose=False,
+                                        custom_translation_table=EXPORT_TRANSLATIONS, **kwargs)
     except ExportError:
         raise
     except Exception as exc:

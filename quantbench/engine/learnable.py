@@ -38,6 +38,7 @@ __all__ = [
     "lsq_fake_quantize",
     "lsq_grad_scale",
     "lsq_init_scale",
+    "lsq_min_step",
     "tqt_fake_quantize",
     "tqt_scale",
     "tqt_init_log2t_weight",
@@ -260,6 +261,15 @@ def lsq_grad_scale(numel_per_scale: int, qmax: int) -> float:
     (``x[0].numel()``), not of the whole batch.
     """
     return 1.0 / math.sqrt(max(int(numel_per_scale), 1) * qmax)
+
+
+def lsq_min_step(dtype: torch.dtype = torch.float32) -> float:
+    """The floor of LSQ's step (1e-8 in float32): :func:`lsq_fake_quantize` never quantizes with less.
+
+    The quantizer module projects its parameter onto ``[lsq_min_step(), inf)``
+    and freezes with the same floor, so training, freeze and export use one step.
+    """
+    return _eps(dtype)
 
 
 def lsq_init_scale(x: Tensor, qmax: int, ch_axis: int | None = None) -> Tensor:

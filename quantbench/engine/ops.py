@@ -19,6 +19,7 @@ op is declared once::
     shared             max pools, nearest upsampling, padding, shuffles (output in the input's group)
     passthrough        reshapes, permutes, slices, ... (output in the input's group, no quantizer)
     tuple_passthrough  split, chunk, unbind (their getitem users carry the groups)
+    shape              sym_size and shape assertions (no tensor values)
     dropout            dropout variants (QAT only: PTQ removes them; identity at inference)
     qat_bn             the simulated BN-folding ops of :mod:`quantbench.engine.passes.qat_bn`
 
@@ -32,6 +33,13 @@ op is declared once::
                        sum * multiplier / 2^shift
     sigmoid_like       sigmoid, hardsigmoid: a pow2 NPU computes its hardsigmoid
     swish_like         silu, hardswish: a pow2 NPU computes x * hardsigmoid(x)
+    softmax            softmax, _softmax: an integer softmax once frozen (passes/nonlinear.qsoftmax)
+    not_elementwise    softmax, log_softmax, prelu: activations that are no function of one value (no table)
+    ort_qlinear        avg_pool2d, adaptive_avg_pool2d: onnxruntime fuses DQ -> op -> Q into its own integer
+                       kernel (QLinearAveragePool / QLinearGlobalAveragePool); a global one is the engine's
+                       integer mean once frozen
+    shape_query        sym_size, sym_numel, ...: a dimension (a plain number when the shape is static)
+    stat_norm          layer_norm, group_norm: normalized by the tensor's own statistics (passes/nonlinear.qnorm)
 
 The registry is a :class:`quantbench.registry.Registry`: a name registered
 twice raises, and :func:`ops_of_kind` / :func:`ops_tagged` of an unknown kind
@@ -123,12 +131,18 @@ register_op_kind("cat", "cat", "concat")
 register_op_kind("activation", "relu", "hardtanh", "relu6", tags=("relu_like",))
 register_op_kind("activation", "sigmoid", "hardsigmoid", tags=("sigmoid_like",))
 register_op_kind("activation", "silu", "hardswish", tags=("swish_like",))
-register_op_kind("activation", "clamp", "gelu", "leaky_relu", "softmax", "_softmax", "log_softmax", "tanh", "elu",
-                 "mish", "prelu")
-register_op_kind("pool", "avg_pool2d", "adaptive_avg_pool2d", "mean", tags=("avg_pool",))
+register_op_kind("activation", "clamp", "gelu", "leaky_relu", "tanh", "elu", "mish")
+register_op_kind("activation", "softmax", "_softmax", tags=("softmax", "not_elementwise"))
+register_op_kind("activation", "log_softmax", "prelu", tags=("not_elementwise",))
+# Elementwise functions of one tensor: a table once frozen (passes/nonlinear.qlut).
+register_op_kind("activation", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "erf", "reciprocal", "softplus", "pow",
+                 "hardshrink", "selu", "celu", "logit")
+register_op_kind("pool", "avg_pool2d", "adaptive_avg_pool2d", tags=("avg_pool", "ort_qlinear"))
+register_op_kind("pool", "mean", tags=("avg_pool",))
 register_op_kind("pool", "avg_pool1d", "avg_pool3d", "adaptive_avg_pool1d", "sum", "upsample_bilinear2d",
                  "upsample_bicubic2d", "_upsample_bilinear2d_aa", "upsample_linear1d")
-register_op_kind("norm", "layer_norm", "group_norm", "batch_norm")
+register_op_kind("norm", "layer_norm", "group_norm", tags=("stat_norm",))
+register_op_kind("norm", "batch_norm")
 # Value-preserving: output values are a subset / rearrangement of input values.
 register_op_kind("shared", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d",
                  "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "constant_pad_nd",
@@ -136,6 +150,9 @@ register_op_kind("shared", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_m
 register_op_kind("passthrough", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
                  "transpose", "t", "squeeze", "unsqueeze", "slice", "select", "narrow", "contiguous",
                  "clone", "expand", "alias", "detach", "getitem", "identity")
+# Shape arithmetic (a dynamic batch size): no tensor values, nothing to quantize.
+register_op_kind("shape", "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", tags=("shape_query",))
+register_op_kind("shape", "_assert_scalar", "_assert_tensor_metadata")
 register_op_kind("tuple_passthrough", "split", "split_with_sizes", "chunk", "unbind", "tensor_split")
 # QAT only (PTQ removes dropout and folds BN before annotation).
 register_op_kind("dropout", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
@@ -144,5 +161,5 @@ register_op_kind("qat_bn", "bn_fold_weight", "bn_fold_bias", "bn_qat_output")
 
 OP_TYPES = tuple(OP_KINDS.list())
 """Every registered op name, sorted: the keys ``Config.op_type_quant_config`` understands."""
-HELPER_KINDS = ("passthrough", "tuple_passthrough", "dropout", "qat_bn")
+HELPER_KINDS = ("passthrough", "tuple_passthrough", "dropout", "qat_bn", "shape")
 """Kinds that compute nothing on the integer grid of their own (coverage does not count them)."""

@@ -39,8 +39,9 @@ from quantbench.engine.fake_quant import (
 )
 from quantbench.engine.graph import constant_value, copy_graph, op_name
 from quantbench.engine.modes import calibration_mode, fake_quantizers
-from quantbench.engine.ops import HELPER_KINDS, op_kind
+from quantbench.engine.ops import HELPER_KINDS, op_kind, ops_tagged
 from quantbench.engine.passes.freeze import freeze_graph
+from quantbench.engine.passes.nonlinear import qnorm
 from quantbench.engine.passes.prequant import (
     PREQUANT_PTQ,
     PREQUANT_PTQ_KEEP_BN,
@@ -51,6 +52,7 @@ from quantbench.engine.passes.qat_bn import simulate_bn_folding
 from quantbench.engine.qat import enable_train_eval, eval_mode
 from quantbench.engine.spec import Config
 from quantbench.engine.targets import HardwareTarget
+from quantbench.errors import BadInputError
 from quantbench.progress import progress
 from quantbench.quiet import quiet_warning
 
@@ -249,6 +251,8 @@ def calibrate(qmodel: fx.GraphModule, loader: Iterable[Any], *, max_batches: int
             _check_shapes(inputs, expected, n)
             try:
                 qmodel(*inputs)
+            except BadInputError:
+                raise  # already one line naming the culprit (a NaN at an observer)
             except (RuntimeError, AssertionError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 shapes = [tuple(t.shape) for t in inputs]
@@ -308,7 +312,7 @@ def _float_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
             continue
         if op_kind(a) == "dropout" and _is_fq_node(gm, a.args[0]):
             continue
-        if a.op == "get_attr" and op_name(node) == "batch_norm":
+        if a.op == "get_attr" and op_kind(node) == "norm":
             continue
         return f"input '{a.name}' is not quantized"
     if node.meta.get("qb_fused"):
@@ -319,18 +323,56 @@ def _float_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def coverage(qmodel: fx.GraphModule) -> CoverageReport:
-    """Every compute node of a quantized graph, and whether it computes on the integer grid."""
+_COMPUTE_KINDS = ("weighted", "matmul", "binary", "activation", "pool", "norm")
+
+
+def _frozen_float_nodes(qmodel: fx.GraphModule, target) -> dict[str, str]:
+    """Compute nodes that still run in float once frozen (and so in the exported ONNX graph), and why.
+
+    Keyed by the fake-quant graph's node name (a fused kernel names its source op). A node is float
+    when freeze found no integer kernel for it: the export writes ``DQ -> op -> Q`` and onnxruntime
+    runs the op on floats. LayerNorm / GroupNorm are the documented exception: integer statistics,
+    then a double-precision normalization (:mod:`quantbench.engine.passes.nonlinear`).
+    """
+    frozen = freeze_graph(qmodel, target=target)
+    out: dict[str, str] = {}
+    for node in frozen.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is qnorm:
+            out[node.meta.get("qb_source_node", node.name)] = (
+                f"{node.meta.get('qb_source_op', 'norm')}: integer statistics, the normalization in double "
+                "precision (ONNX has no integer square root); bit-exact, not integer")
+            continue
+        if op_kind(node) not in _COMPUTE_KINDS or op_name(node) in ops_tagged("ort_qlinear") or node.name in out:
+            continue
+        ins = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if not ins or not all(getattr(a.target, "__name__", "") == "dequantize" for a in ins):
+            continue  # a float input: the annotation already says why
+        out[node.name] = (f"'{op_name(node)}' has no integer kernel for these operands: exported as DQ -> "
+                          f"{op_name(node)} -> Q, onnxruntime computes it in float")
+    return out
+
+
+def coverage(qmodel: fx.GraphModule, *, target: str | HardwareTarget = "ort") -> CoverageReport:
+    """Every compute node of a quantized graph, and whether it runs on the integer grid in the export.
+
+    A node counts as quantized only when the frozen graph computes it with an integer kernel
+    (:mod:`quantbench.engine.passes.integer`, :mod:`~quantbench.engine.passes.nonlinear`): what
+    the exported ONNX graph runs, not what was annotated. ``quantbench.engine.onnx_coverage``
+    checks the same on the ONNX side.
+    """
     require_graph(qmodel, "coverage", quantized=True)
     float_nodes = []
     total = 0
+    frozen_float = _frozen_float_nodes(qmodel, target)
     for node in qmodel.graph.nodes:
         if node.op != "call_function" or op_kind(node) in HELPER_KINDS:
             continue
         if node.target.__module__ == "quantbench.engine.qdq":
             continue
         total += 1
-        reason = _float_reason(qmodel, node)
+        reason = _float_reason(qmodel, node) or frozen_float.get(node.name)
         if reason is not None:
             float_nodes.append((node.name, op_name(node), reason))
     return CoverageReport(total - len(float_nodes), total, float_nodes)
@@ -406,9 +448,9 @@ class ModelQuantizer:
         qmodel.meta["qb_quantize_seconds"] = time.perf_counter() - start
         return qmodel
 
-    def coverage(self, qmodel: fx.GraphModule) -> CoverageReport:
+    def coverage(self, qmodel: fx.GraphModule, *, target: str | HardwareTarget = "ort") -> CoverageReport:
         """See :func:`coverage`."""
-        return coverage(qmodel)
+        return coverage(qmodel, target=target)
 
     def freeze(self, qmodel: fx.GraphModule, target: str | HardwareTarget = "ort") -> fx.GraphModule:
         """Bake scales into a plain GraphModule of integer weights and Q/DQ calls.

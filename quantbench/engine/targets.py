@@ -38,8 +38,9 @@ from torch import fx
 from quantbench.engine.errors import HardwareError
 from quantbench.engine.fake_quant import FakeQuantize, FakeQuantizeBase
 from quantbench.engine.graph import get_attr_tensor, op_name, target_name
-from quantbench.engine.ops import op_kind, ops_tagged
-from quantbench.engine.passes.integer import qadd, qlinear
+from quantbench.engine.ops import op_kind, ops_of_kind, ops_tagged
+from quantbench.engine.passes.integer import qadd, qlinear, qmatmul, qmul
+from quantbench.engine.passes.nonlinear import NONLINEAR_KERNELS
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 from quantbench.registry import Registry
@@ -54,6 +55,12 @@ __all__ = [
 SHARED_KINDS = {"shared", "passthrough"}
 """Op kinds whose output must keep the input's position (plus ``cat`` and the NPU pools)."""
 BINARY_RULES = {"add": ("shift_read", "shift_write"), "sub": ("shift_read",), "mul": ("shift_write",)}
+NPU_OPS_WITHOUT_KERNEL = (ops_of_kind("matmul") | ops_tagged("stat_norm")
+                          | (ops_of_kind("activation") - ops_tagged("relu_like") - ops_tagged("sigmoid_like")
+                             - ops_tagged("swish_like") - {"clamp"}))
+"""Ops the pow2 NPU (XINT8) has no kernel for: ``check_hardware`` flags each (``npu_op``); its compiler
+would leave them to the CPU. The NPU computes conv / linear, add, mul, concat, pools, ReLU-likes and the
+hardsigmoid / hardswish forms (sigmoid and SiLU are rewritten to those by ``freeze(target='npu_pow2')``)."""
 """The NPU's shift constraints of each elementwise op (``div`` has none: it stays a float op)."""
 HARDSIGMOID_MULTIPLIER, HARDSIGMOID_SHIFT = 2731, 14
 
@@ -259,10 +266,16 @@ def operands(gm: fx.GraphModule, node: fx.Node) -> Operands | None:
     """The :class:`Operands` of a compute node; fused integer kernels are read from their arguments."""
     if node.op != "call_function" or node.target in (quantize, dequantize):
         return None
-    if node.target is qadd:
+    if node.target in (qadd, qmul, qmatmul):
         a = node.args
-        return Operands(node, "add", [_from_qp(gm, a[1], node.name), _from_qp(gm, a[3], node.name)],
+        op = {qadd: "add", qmul: "mul", qmatmul: "matmul"}[node.target]
+        return Operands(node, op, [_from_qp(gm, a[1], node.name), _from_qp(gm, a[3], node.name)],
                         _from_qp(gm, a[4], node.name))
+    if node.target in NONLINEAR_KERNELS:
+        x_qp, y_qp = node.meta.get("qb_qparams", (None, None))
+        out = _from_qp(gm, y_qp, node.name) if y_qp is not None else output_quant(gm, node)
+        return Operands(node, node.meta.get("qb_source_op", target_name(node.target)),
+                        [_from_qp(gm, x_qp, node.name) if x_qp is not None else None], out)
     if node.target is qlinear:
         a = node.args
         bias = _from_qp(gm, a[9], node.name) if a[8] is not None else None
@@ -360,6 +373,8 @@ def _op_rows(ops: Operands, target: HardwareTarget) -> Iterator[Violation]:
     elif ops.op in ops_tagged("sigmoid_like") | ops_tagged("swish_like") and quantized_input \
             and target.hard_activations:
         yield from _row(ops, "npu_activation", 1, 0, 0, "the NPU computes hardsigmoid / hardswish forms only")
+    elif ops.op in NPU_OPS_WITHOUT_KERNEL and target.hard_activations:
+        yield from _row(ops, "npu_op", 1, 0, 0, f"the NPU has no {ops.op} kernel (its compiler leaves it to the CPU)")
 
 
 def _scale_rows(gm: fx.GraphModule) -> Iterator[Violation]:
@@ -375,7 +390,7 @@ def _scale_rows(gm: fx.GraphModule) -> Iterator[Violation]:
         elif node.op == "call_function" and (node.target is quantize or (
                 node.target is dequantize and node.args[0].op == "get_attr")):
             quants.append(quant_of(gm, node))
-        elif node.op == "call_function" and node.target in (qlinear, qadd):
+        elif node.op == "call_function" and node.target in (qlinear, qadd, qmul, qmatmul, *NONLINEAR_KERNELS):
             ops = operands(gm, node)
             quants.extend([*ops.inputs[1:], ops.output] if node.target is qlinear else [ops.output])
         for q in quants:

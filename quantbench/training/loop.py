@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from quantbench.engine.finite import QuantizerGuard
 from quantbench.progress import progress
 from quantbench.training import distributed
 from quantbench.training.checkpoint import BestCheckpoint, TrainingCheckpoint
@@ -50,6 +51,10 @@ from quantbench.training.qat_schedule import TrainMode
 __all__ = ["EpochSums", "Objective", "Validate", "fit", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
+
+#: What to do when a quantizer parameter (LSQ step, TQT log2 threshold) turns NaN / inf in training.
+_DIVERGED = ("the quantizer parameters diverged: lower the recipe's quantizer and weight learning rates "
+             "(train.qat.quant_lr, train.qat.lr) or set train.qat.grad_clip")
 
 #: model (in eval mode) -> validation metrics, keys without prefix ("top1", "map50_95").
 Validate = Callable[[nn.Module], Mapping[str, float]]
@@ -147,15 +152,24 @@ class _Stepper:
     device: torch.device
     desc: str
     params: list[nn.Parameter] = field(init=False, repr=False)
+    guard: QuantizerGuard = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.guard = QuantizerGuard(self.model)
 
     def step(self, batch: Any, step: int) -> dict[str, float]:
-        """Optimizer step ``step`` (0-based, global) on one batch; the batch's sums."""
+        """Optimizer step ``step`` (0-based, global) on one batch; the batch's sums.
+
+        The loss and every quantizer parameter (as the previous update left it, and as this
+        forward initialised it) are checked for NaN / inf in one host sync, before the backward.
+        """
         self.mode.on_step(self.model, step)
         loss, sums = self.objective(self.net, batch, self.device)
-        if not torch.isfinite(loss.detach()):
+        finite = torch.isfinite(loss.detach()).all()
+        quantizers = self.guard.finite()
+        if not bool(finite if quantizers is None else finite & quantizers):
+            self.guard.check(f"{self.desc} step {step}", hint=_DIVERGED, scales=True)  # names the quantizer
             raise FloatingPointError(f"{self.desc}: the loss became {float(loss)} at step {step}; "
                                      "lower the recipe's lr (train.*.lr) or set train.*.grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
@@ -191,6 +205,7 @@ class _Stepper:
                 break
         if hasattr(bar, "close"):
             bar.close()
+        self.guard.check(f"{self.desc} after step {step - 1}", hint=_DIVERGED)  # the epoch's last update
         return sums
 
     def validate(self, validate: Validate, best: BestCheckpoint, monitor: str) -> tuple[dict[str, float], bool]:

@@ -24,9 +24,12 @@ import torch
 from torch import fx
 
 from quantbench.engine.fake_quant import FakeQuantizeBase
+from quantbench.engine.finite import check_finite_quantizers
 from quantbench.engine.graph import copy_graph, get_attr_tensor, set_attr_tensor
+from quantbench.engine.ops import op_kind
 from quantbench.engine.passes.align import align_to_target
 from quantbench.engine.passes.integer import fuse_integer_kernels
+from quantbench.engine.passes.nonlinear import fuse_nonlinear_kernels
 from quantbench.engine.passes.qat_bn import fold_qat_batchnorm
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.targets import TARGETS, HardwareTarget, get_target
@@ -52,6 +55,17 @@ def _qdq_args(gm: fx.GraphModule, mod: FakeQuantizeBase, base: str) -> tuple:
     return s_arg, z_arg, axis, spec.qmin, spec.qmax, spec.dtype, spec.round_method
 
 
+def _movement_chain(node: fx.Node) -> list[fx.Node] | None:
+    """The value-preserving ops (reshape, expand, ...) from ``node`` up to a constant, or None."""
+    chain = []
+    while node.op == "call_function" and op_kind(node) == "passthrough" and node.args \
+            and isinstance(node.args[0], fx.Node) \
+            and not any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        chain.append(node)
+        node = node.args[0]
+    return chain if chain and node.op == "get_attr" else None
+
+
 def bake_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace every quantizer call by baked integers / Q-DQ calls (in place)."""
     graph = gm.graph
@@ -63,9 +77,19 @@ def bake_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         src = node.args[0]
         base = f"{node.name}"
+        chain = _movement_chain(src) if mod.spec.qscheme == "per_tensor" else None
         with graph.inserting_before(node):
             args = _qdq_args(gm, mod, base)
-            if src.op == "get_attr":
+            if chain:
+                # A constant behind reshapes / expands (a class token): quantize the constant, move integers.
+                root = chain[-1].args[0]
+                tensor = get_attr_tensor(gm, root.target).detach().float()
+                q = quantize(tensor, *args)
+                moved = graph.get_attr(set_attr_tensor(gm, f"{base}_int", q, param=False))
+                for step in reversed(chain):
+                    moved = graph.call_function(step.target, (moved, *step.args[1:]), dict(step.kwargs))
+                out = graph.call_function(dequantize, (moved, *args))
+            elif src.op == "get_attr":
                 # Constant: quantize now, keep only the integer tensor.
                 tensor = get_attr_tensor(gm, src.target).detach().float()
                 s, z, axis = args[0], args[1], args[2]
@@ -116,11 +140,13 @@ def freeze_graph(qmodel: fx.GraphModule, target: str | HardwareTarget = "ort") -
     """
     if not isinstance(target, HardwareTarget) and target not in freeze_targets():
         raise UnknownNameError(suggest(str(target), freeze_targets(), "freeze target"))
+    check_finite_quantizers(qmodel, "freeze")
     frozen = copy_graph(qmodel)
     frozen = fold_qat_batchnorm(frozen)
     if target != "ort":
         frozen = align_to_target(frozen, get_target(target))
     frozen = bake_quantizers(frozen)
     frozen = fuse_integer_kernels(frozen)
+    frozen = fuse_nonlinear_kernels(frozen)
     frozen.meta["qb_frozen_target"] = get_target(target).name if target != "ort" else target
     return frozen

@@ -24,12 +24,13 @@ import math
 import torch
 from torch import fx
 
-from quantbench.engine.graph import op_name, target_name
-from quantbench.engine.ops import ops_tagged
+from quantbench.engine.graph import get_attr_tensor, op_name, target_name
+from quantbench.engine.ops import ops_of_kind, ops_tagged
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
-__all__ = ["qlinear", "qadd", "fuse_integer_kernels", "expand_integer_kernels", "int_clamp"]
+__all__ = ["qlinear", "qadd", "qmul", "qmatmul", "fuse_integer_kernels", "expand_integer_kernels", "int_clamp",
+           "INTEGER_KERNELS"]
 
 
 def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
@@ -111,6 +112,47 @@ def qadd(qa: torch.Tensor, a_qp: tuple, qb: torch.Tensor, b_qp: tuple, c_qp: tup
     return q.to(DTYPES[c_qp[5]].storage)
 
 
+def qmul(qa: torch.Tensor, a_qp: tuple, qb: torch.Tensor, b_qp: tuple, c_qp: tuple) -> torch.Tensor:
+    """Integer multiply of two quantized tensors, as onnxruntime's x86 QLinearMul computes it.
+
+    MLAS (SSE2) multiplies ``(a - za) * (b - zb)`` exactly in int32, converts it to float32,
+    multiplies by ``R = f32(f32(sa * sb) / sc)``, adds ``zc`` (two separately rounded float32
+    operations, no FMA), rounds half to even and saturates. Verified on every (a, b) pair for
+    random scales (tests/test_integer_kernels.py).
+    """
+    za, off_a = _export_zero_point(a_qp)
+    zb, off_b = _export_zero_point(b_qp)
+    zc, off_c = _export_zero_point(c_qp)
+    a = qa.to(torch.int32) + (off_a - za)
+    b = qb.to(torch.int32) + (off_b - zb)
+    f32 = torch.float32
+    ratio = (torch.tensor(float(a_qp[0]), dtype=f32) * torch.tensor(float(b_qp[0]), dtype=f32)
+             / torch.tensor(float(c_qp[0]), dtype=f32)).to(qa.device)
+    v = (a * b).to(f32) * ratio + torch.tensor(float(zc), dtype=f32, device=qa.device)
+    lo, hi = int(c_qp[3]) + off_c, int(c_qp[4]) + off_c
+    q = torch.clamp(torch.round(v), lo, hi) - off_c
+    return q.to(DTYPES[c_qp[5]].storage)
+
+
+def qmatmul(qa: torch.Tensor, a_qp: tuple, qb: torch.Tensor, b_qp: tuple, y_qp: tuple) -> torch.Tensor:
+    """Integer matmul of two per-tensor quantized tensors, as onnxruntime's QLinearMatMul.
+
+    An exact integer accumulation of ``(a - za) @ (b - zb)`` (float64 holds it exactly), then
+    the requantization of QLinearConv / QGemm: ``acc * f32(f32(sa * sb) / sy)`` in float32,
+    rounded half to even, plus ``zy``, saturated.
+    """
+    a = qa.to(torch.float64) - float(a_qp[1])
+    b = qb.to(torch.float64) - float(b_qp[1])
+    acc = torch.matmul(a, b)
+    f32 = torch.float32
+    multiplier = (torch.tensor(float(a_qp[0]), dtype=f32) * torch.tensor(float(b_qp[0]), dtype=f32)
+                  / torch.tensor(float(y_qp[0]), dtype=f32)).to(qa.device)
+    v = acc.to(f32) * multiplier
+    y_z = int(y_qp[1])
+    q = torch.clamp(torch.round(v), int(y_qp[3]) - y_z, int(y_qp[4]) - y_z) + y_z
+    return q.to(DTYPES[y_qp[5]].storage)
+
+
 def int_clamp(q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Clamp on the integer grid (an activation applied to quantized values)."""
     return torch.clamp(q, lo, hi)
@@ -178,29 +220,70 @@ def _is_act_dq(node) -> bool:
             and not (isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"))
 
 
-def _match_add(node: fx.Node):
+def _is_const_dq(gm: fx.GraphModule, node) -> bool:
+    """A per-tensor dequantized constant tensor of more than one element (a scalar is a table)."""
+    return (_is(node, dequantize) and node.args[3] is None and isinstance(node.args[0], fx.Node)
+            and node.args[0].op == "get_attr" and not isinstance(node.args[1], fx.Node)
+            and get_attr_tensor(gm, node.args[0].target).numel() > 1)
+
+
+def _binary_operands(gm: fx.GraphModule, node: fx.Node) -> bool:
+    dqa, dqb = node.args
+    acts = [_is_act_dq(dqa), _is_act_dq(dqb)]
+    consts = [_is_const_dq(gm, dqa), _is_const_dq(gm, dqb)]
+    return all(a or c for a, c in zip(acts, consts)) and any(acts) and dqa.args[6] == dqb.args[6]
+
+
+def _match_add(gm: fx.GraphModule, node: fx.Node):
     if node.op != "call_function" or op_name(node) != "add" or len(node.args) != 2 or node.kwargs:
         return None
     dqa, dqb = node.args
-    if not (_is_act_dq(dqa) and _is_act_dq(dqb)) or dqa.args[6] != dqb.args[6] or len(node.users) != 1:
+    if not _binary_operands(gm, node) or len(node.users) != 1:
         return None
     qc = next(iter(node.users))
     relu = None
     if qc.op == "call_function" and op_name(qc) == "relu" and len(qc.users) == 1:
-        # With the output zero point at the grid minimum, relu is the saturation itself
-        # (onnxruntime then drops it and fuses the add): Q(relu(v)) == Q(v).
+        # Q(relu(v)) == max(Q(v), zp) (rounding is monotone): with the output zero point at the
+        # grid minimum that is the saturation itself (onnxruntime drops the relu and fuses the add);
+        # otherwise an integer clamp after the add, which onnxruntime runs on integers too.
         relu, qc = qc, next(iter(qc.users))
-        if not _is(qc, quantize) or int(qc.args[2]) != int(qc.args[4]):
-            return None
     if not _is(qc, quantize) or qc.args[3] is not None or qc.args[6] != dqa.args[6]:
         return None
     return dqa, dqb, relu, qc
 
 
+def _match_two_operand(gm: fx.GraphModule, node: fx.Node, names: tuple[str, ...]):
+    """``DQ(a), DQ(b) -> mul / matmul -> Q``, all per-tensor: (dqa, dqb, q)."""
+    if node.op != "call_function" or op_name(node) not in names or len(node.args) != 2 or node.kwargs:
+        return None
+    if not _binary_operands(gm, node) or len(node.users) != 1:
+        return None
+    q = next(iter(node.users))
+    if not _is(q, quantize) or q.args[3] is not None or isinstance(q.args[1], fx.Node):
+        return None
+    return node.args[0], node.args[1], q
+
+
+def _fuse_two_operand(gm: fx.GraphModule, names: tuple[str, ...], kernel) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        m = _match_two_operand(gm, node, names)
+        if m is None:
+            continue
+        dqa, dqb, q = m
+        with graph.inserting_before(q):
+            fused = graph.call_function(kernel, (dqa.args[0], tuple(dqa.args[1:]), dqb.args[0],
+                                                 tuple(dqb.args[1:]), tuple(q.args[1:])))
+        fused.meta["val"] = q.meta.get("val")
+        q.replace_all_uses_with(fused)
+        graph.erase_node(q)
+        graph.erase_node(node)
+
+
 def _fuse_adds(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        m = _match_add(node)
+        m = _match_add(gm, node)
         if m is None:
             continue
         dqa, dqb, relu, qc = m
@@ -208,6 +291,10 @@ def _fuse_adds(gm: fx.GraphModule) -> None:
             fused = graph.call_function(qadd, (dqa.args[0], tuple(dqa.args[1:]), dqb.args[0],
                                                tuple(dqb.args[1:]), tuple(qc.args[1:])))
         fused.meta["val"] = qc.meta.get("val")
+        if relu is not None and int(qc.args[2]) != int(qc.args[4]):
+            with graph.inserting_before(qc):
+                fused = graph.call_function(int_clamp, (fused, int(qc.args[2]), int(qc.args[5])))
+            fused.meta["val"] = qc.meta.get("val")
         qc.replace_all_uses_with(fused)
         for dead in (qc, relu, node):
             if dead is not None:
@@ -238,15 +325,27 @@ def fuse_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
                 dqb.args[0] if dqb is not None else None,
                 tuple(dqb.args[1:]) if dqb is not None else None, tuple(qy.args[1:])))
         fused.meta["val"] = qy.meta.get("val")
+        fused.meta["qb_input_val"] = dqx.meta.get("val")
         qy.replace_all_uses_with(fused)
         for dead in (qy, act, node):
             if dead is not None and not dead.users:
                 graph.erase_node(dead)
     _fuse_adds(gm)
+    _fuse_two_operand(gm, ("mul",), qmul)
+    _fuse_two_operand(gm, tuple(ops_of_kind("matmul")), qmatmul)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return gm
+
+
+_TWO_OPERAND = {qadd: torch.ops.aten.add.Tensor, qmul: torch.ops.aten.mul.Tensor, qmatmul: torch.ops.aten.matmul.default}
+INTEGER_KERNELS = (qlinear, qadd, qmul, qmatmul)
+
+
+def qw_features(gm: fx.GraphModule, qw: fx.Node) -> int:
+    """The output features of a linear's integer weight (a get_attr, ``[out, in]``)."""
+    return int(get_attr_tensor(gm, qw.target).shape[0])
 
 
 def expand_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
@@ -257,18 +356,26 @@ def expand_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
     """
     graph = gm.graph
     for node in list(graph.nodes):
-        if _is(node, qadd):
+        if node.op == "call_function" and node.target in _TWO_OPERAND:
             qa, a_qp, qb, b_qp, c_qp = node.args
             with graph.inserting_before(node):
                 a = graph.call_function(dequantize, (qa, *a_qp))
                 b = graph.call_function(dequantize, (qb, *b_qp))
-                out = graph.call_function(quantize, (graph.call_function(torch.ops.aten.add.Tensor, (a, b)), *c_qp))
+                out = graph.call_function(quantize, (graph.call_function(_TWO_OPERAND[node.target], (a, b)), *c_qp))
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             continue
         if not _is(node, qlinear):
             continue
         op, op_args, act, act_args, qx, x_qp, qw, w_qp, qb, b_qp, y_qp = node.args
+        val = node.meta.get("qb_input_val")
+        lead = None
+        if target_name(op) == "linear" and isinstance(val, torch.Tensor) and val.dim() > 2:
+            # A token-wise linear (transformers): as a 2-D Gemm onnxruntime runs it as one integer
+            # QGemm; a 3-D MatMul would become MatMulIntegerToFloat and a float bias Add.
+            lead = [-1, *(int(d) for d in val.shape[1:-1])]
+            with graph.inserting_before(node):
+                qx = graph.call_function(torch.ops.aten.reshape.default, (qx, [-1, int(val.shape[-1])]))
         with graph.inserting_before(node):
             x = graph.call_function(dequantize, (qx, *x_qp))
             w = graph.call_function(dequantize, (qw, *w_qp))
@@ -278,6 +385,8 @@ def expand_integer_kernels(gm: fx.GraphModule) -> fx.GraphModule:
             if act is not None:
                 # On the integer grid: an integer Clip, cheap for onnxruntime, exact by construction.
                 out = graph.call_function(int_clamp, (out, *grid_bounds(act, act_args, y_qp)))
+            if lead is not None:
+                out = graph.call_function(torch.ops.aten.reshape.default, (out, [*lead, int(qw_features(gm, qw))]))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     graph.lint()

@@ -13,6 +13,7 @@ from torch import fx
 
 from quantbench.engine.graph import conv_groups, finish_graph, get_attr_tensor, op_name, set_attr_tensor
 from quantbench.engine.ops import ops_of_kind, ops_tagged
+from quantbench.engine.passes.fold import decompose_sdpa, fold_layer_scale, fold_shape_constants
 
 __all__ = [
     "functionalize_inplace",
@@ -20,6 +21,7 @@ __all__ = [
     "fold_bn",
     "bn_to_affine",
     "lift_scalar_constants",
+    "sub_to_add",
     "PREQUANT_PTQ",
     "PREQUANT_PTQ_KEEP_BN",
     "PREQUANT_QAT",
@@ -162,7 +164,8 @@ def lift_scalar_constants(gm: fx.GraphModule) -> fx.GraphModule:
     ``rsub(x, c)`` becomes ``sub(c, x)``. Idempotent (no scalars remain).
     """
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or op_name(node) not in ops_of_kind("binary") | {"rsub"}:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
+                or op_name(node) not in ops_of_kind("binary") | {"rsub"}:  # operator.mul: shape arithmetic
             continue
         args = list(node.args[:2])
         if not any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
@@ -184,11 +187,53 @@ def lift_scalar_constants(gm: fx.GraphModule) -> fx.GraphModule:
     return finish_graph(gm)
 
 
-PREQUANT_PTQ = (functionalize_inplace, remove_dropout, fold_bn, bn_to_affine, lift_scalar_constants)
-PREQUANT_PTQ_KEEP_BN = (functionalize_inplace, remove_dropout, lift_scalar_constants)
-# QAT keeps dropout (switched by quantbench.engine.qat) and BatchNorm; the quantizer appends
-# passes.qat_bn.simulate_bn_folding to this list.
-PREQUANT_QAT = (functionalize_inplace, lift_scalar_constants)
+def _numel(gm: fx.GraphModule, node) -> int | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return get_attr_tensor(gm, node.target).numel()
+    return None
+
+
+def sub_to_add(gm: fx.GraphModule) -> fx.GraphModule:
+    """Write a subtraction of tensors as an addition: ``a - b`` -> ``a + (-b)``.
+
+    Integer runtimes add quantized tensors (onnxruntime's QLinearAdd) but have no
+    quantized subtraction, so ``DQ -> Sub -> Q`` would run in float. Before: ``sub``
+    nodes (a scalar constant operand excepted: that is a table once frozen). After:
+    a constant ``b`` is negated in place of the constant (exact); an activation ``b``
+    goes through ``neg``, an elementwise op that gets its own quantizer and becomes a
+    table (an exact integer negation for a symmetric grid). Idempotent (no such sub is left).
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or op_name(node) != "sub" or len(node.args) != 2:
+            continue
+        a, b = node.args
+        alpha = node.kwargs.get("alpha", 1)
+        if alpha != 1 or not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        if _numel(gm, a) == 1 or _numel(gm, b) == 1:
+            continue
+        with gm.graph.inserting_before(node):
+            if b.op == "get_attr":
+                neg = gm.graph.get_attr(set_attr_tensor(gm, f"{node.name}_neg", -get_attr_tensor(gm, b.target).detach(),
+                                                        param=False))
+            else:
+                neg = gm.graph.call_function(aten.neg.default, (b,))
+                neg.meta["val"] = b.meta.get("val")
+                neg.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            add = gm.graph.call_function(aten.add.Tensor, (a, neg))
+        add.meta.update(node.meta)
+        node.replace_all_uses_with(add)
+        gm.graph.erase_node(node)
+    return finish_graph(gm)
+
+
+PREQUANT_PTQ = (functionalize_inplace, remove_dropout, fold_shape_constants, decompose_sdpa, fold_bn,
+                fold_layer_scale, bn_to_affine, lift_scalar_constants, sub_to_add)
+PREQUANT_PTQ_KEEP_BN = (functionalize_inplace, remove_dropout, fold_shape_constants, decompose_sdpa,
+                        fold_layer_scale, lift_scalar_constants, sub_to_add)
+# QAT keeps dropout (switched by quantbench.engine.qat), BatchNorm and layer scale (gamma is trained); the
+# quantizer appends passes.qat_bn.simulate_bn_folding to this list.
+PREQUANT_QAT = (functionalize_inplace, fold_shape_constants, decompose_sdpa, lift_scalar_constants, sub_to_add)
 
 
 def run_passes(gm: fx.GraphModule, passes) -> fx.GraphModule:

@@ -1,0 +1,440 @@
+"""Integer kernels for the non-linear ops of modern architectures, exact against onnxruntime.
+
+A frozen graph computes ``DQ -> f -> Q`` for a non-linear ``f`` in float32, and
+onnxruntime computes it with its own float kernels (or its own integer
+approximation, e.g. QLinearSigmoid, QLinearSoftmax): the two round differently,
+and one flipped integer grows through the network. Each kernel here replaces
+such a pattern with arithmetic that the ONNX export writes as integer ops (or,
+for the normalizations, IEEE-exact double ops), so the frozen torch graph and
+onnxruntime run the *same* arithmetic and agree to the bit:
+
+* :func:`qlut`: any elementwise function of one per-tensor quantized tensor
+  (SiLU, GELU in both forms, sigmoid, tanh, hardswish, ELU, an add / mul / div
+  by a scalar constant, ...) is a table of ``qmax - qmin + 1`` output integers,
+  indexed by the input integer: ``Gather`` in ONNX, on integers. This is how
+  integer NPUs compute activations too.
+* :func:`qsoftmax`: integer softmax. ``exp(x - max)`` comes from an integer
+  table (``round(exp(-k * s_x) * 2^16)``), the row sum is an exact integer sum,
+  and the output integer is ``round_half_even(e / (sum * s_y)) + z_y``, computed
+  as an exact rational in int64 (``s_y = m * 2^E``): no float op at all.
+* :func:`qmean`: a mean (global pooling, token pooling) as an exact integer sum and an exact
+  rational requantization, ``round_half_even(sum * s_x / (N * s_y))``.
+* :func:`qnorm`: LayerNorm and GroupNorm from exact integer statistics
+  (``S1 = sum(x)``, ``V = N * sum(x^2) - S1^2`` in int64). ONNX has no integer
+  square root, so the normalization ``D / sqrt(V + c) * gamma + beta`` runs in
+  double precision: every step is one correctly rounded IEEE operation, the
+  same bits in torch and onnxruntime. This is the engine's one documented
+  float step (the coverage reports name it).
+
+Every kernel takes the input's export offset ``in_off`` and writes with
+``out_off`` (int8 activations are exported as uint8 with zero point + 128,
+see :mod:`quantbench.engine.export`); the frozen graph uses 0 for both, the
+export sets them, so the same function is what the exporter traces.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import fx
+
+from quantbench.engine.graph import get_attr_tensor, op_name, set_attr_tensor
+from quantbench.engine.ops import ops_of_kind, ops_tagged
+from quantbench.engine.qdq import dequantize, quantize
+from quantbench.engine.spec import DTYPES
+
+__all__ = ["qlut", "qsoftmax", "qmean", "qnorm", "fuse_nonlinear_kernels", "SOFTMAX_EXP_BITS",
+           "NONLINEAR_KERNELS", "export_offsets", "EXPORT_TRANSLATIONS", "floor_div"]
+
+SOFTMAX_EXP_BITS = 16
+"""Fixed-point bits of the softmax exp table: entries ``round(exp(-k s_x) 2^16)``."""
+
+
+def _storage(dtype: str, off: int) -> torch.dtype:
+    return torch.uint8 if off else DTYPES[dtype].storage
+
+
+def qlut(q: torch.Tensor, table: torch.Tensor, in_base: int, out_off: int, out_dtype: str) -> torch.Tensor:
+    """Look up ``table[q - in_base]`` (int32 table) and store it, shifted by ``out_off``."""
+    idx = q.to(torch.int64) - in_base
+    y = torch.index_select(table, 0, idx.reshape(-1)).reshape(q.shape)
+    return (y + out_off).to(_storage(out_dtype, out_off))
+
+
+@torch.library.custom_op("quantbench::floor_div", mutates_args=())
+def floor_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Integer division of int64 ``num >= 0`` by ``den > 0``.
+
+    An op of its own so that the ONNX export writes one integer ``Div`` (truncating, which is the
+    floor here; :data:`EXPORT_TRANSLATIONS`): the exporter's own translation of a floor division
+    goes through float ``Div`` and ``Floor``, inexact beyond 2^24.
+    """
+    return torch.div(num, den, rounding_mode="floor")
+
+
+@floor_div.register_fake
+def _(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.empty(torch.broadcast_shapes(num.shape, den.shape), dtype=num.dtype, device=num.device)
+
+
+def _floor_div_onnx(num, den):
+    from onnxscript import opset18 as op
+
+    return op.Div(num, den)
+
+
+EXPORT_TRANSLATIONS = {torch.ops.quantbench.floor_div.default: _floor_div_onnx}
+"""ONNX translations of this module's own ops, for ``torch.onnx.export(custom_translation_table=...)``."""
+
+
+def _div_half_even(num: torch.Tensor, den) -> torch.Tensor:
+    """``round_half_even(num / den)`` for int64 ``num >= 0``, ``den > 0``: exact integer arithmetic."""
+    den = torch.as_tensor(den, dtype=torch.int64, device=num.device) if not isinstance(den, torch.Tensor) else den
+    quot = torch.ops.quantbench.floor_div(num, den)
+    twice_rem = (num - quot * den) * 2
+    up = (twice_rem > den) | ((twice_rem == den) & (torch.remainder(quot, 2) == 1))
+    return quot + up.to(torch.int64)
+
+
+def qsoftmax(q: torch.Tensor, table: torch.Tensor, dim: int, num_shift: int, den_mult: int, y_zp: int,
+             y_min: int, y_max: int, out_off: int, out_dtype: str) -> torch.Tensor:
+    """Integer softmax along ``dim`` (see the module docstring); ``table[k] = exp(-k s_x) * 2^16``.
+
+    ``s_y = den_mult * 2^-num_shift``: ``e / (sum * s_y) = (e * 2^num_shift) / (sum * den_mult)``.
+    """
+    i = q.to(torch.int64)
+    d = i.amax(dim, keepdim=True) - i  # >= 0: independent of the zero point and the export offset
+    e = torch.index_select(table, 0, d.reshape(-1)).reshape(q.shape)
+    total = e.sum(dim, keepdim=True)
+    y = _div_half_even(e * (2 ** num_shift), total * den_mult)
+    y = torch.clamp(y + y_zp, y_min, y_max)
+    return (y + out_off).to(_storage(out_dtype, out_off))
+
+
+def qmean(q: torch.Tensor, in_zp: int, dims: list[int], keepdim: bool, num_mult: int, den_mult: int, y_zp: int,
+          y_min: int, y_max: int, out_off: int, out_dtype: str) -> torch.Tensor:
+    """Integer mean: ``round_half_even(sum(x - z_x) * s_x / (N * s_y)) + z_y`` as an exact rational,
+    ``num_mult / den_mult == s_x / (N * s_y)`` (both scales are dyadic rationals); rounding is
+    symmetric around zero, as half-to-even is."""
+    total = (q.to(torch.int64) - in_zp).sum(dims, keepdim=keepdim)
+    y = _div_half_even(total.abs() * num_mult, den_mult) * torch.sign(total)
+    y = torch.clamp(y + y_zp, y_min, y_max)
+    return (y + out_off).to(_storage(out_dtype, out_off))
+
+
+def qnorm(q: torch.Tensor, in_zp: int, dims: list[int], groups: int, const: float, gamma: torch.Tensor | None,
+          beta: torch.Tensor | None) -> torch.Tensor:
+    """LayerNorm (``groups == 0``: over ``dims``) or GroupNorm (``groups`` groups over dims 1..) of an
+    integer tensor; returns float32, which the output's QuantizeLinear quantizes.
+
+    ``const = eps * N^2 / s_x^2``: the epsilon in the units of ``V = N * sum(x^2) - sum(x)^2``.
+    """
+    x = q.to(torch.int64) - in_zp
+    shape = q.shape
+    if groups:
+        x = x.reshape(x.shape[0], groups, -1)
+        red = [-1]
+    else:
+        red = dims
+    n = 1
+    for d in red:
+        n = n * x.shape[d]
+    s1 = x.sum(red, keepdim=True)
+    s2 = (x * x).sum(red, keepdim=True)
+    var = s2 * n - s1 * s1  # exact integers
+    dev = x * n - s1
+    y = dev.to(torch.float64) / torch.sqrt(var.to(torch.float64) + const)
+    if groups:
+        y = y.reshape(shape)
+    if gamma is not None:
+        y = y * gamma
+    if beta is not None:
+        y = y + beta
+    return y.to(torch.float32)
+
+
+NONLINEAR_KERNELS = (qlut, qsoftmax, qmean, qnorm)
+
+
+def export_offsets(node: fx.Node, shifted_input: bool, unsigned: bool) -> bool:
+    """Rewrite a kernel node's offsets for export (in place); returns whether its output is shifted.
+
+    ``shifted_input``: the kernel's integer input is exported as uint8 + 128;
+    ``unsigned``: int8 outputs are written as uint8 + 128 too.
+    """
+    args = list(node.args)
+    if node.target is qlut:
+        out_dtype = args[4]
+        if shifted_input:
+            args[2] = args[2] + 128
+        shift = unsigned and out_dtype == "int8"
+        args[3] = 128 if shift else 0
+    elif node.target is qsoftmax:
+        shift = unsigned and args[9] == "int8"
+        args[8] = 128 if shift else 0
+    elif node.target is qmean:
+        shift = unsigned and args[10] == "int8"
+        args[9] = 128 if shift else 0
+        if shifted_input:
+            args[1] = args[1] + 128
+    elif node.target is qnorm:
+        shift = False  # float output: its quantize node is shifted as any other
+        if shifted_input:
+            args[1] = args[1] + 128
+    else:
+        raise ValueError(f"not a non-linear kernel: {node.target}")
+    node.args = tuple(args)
+    return shift
+
+
+# -- matching in a frozen graph ---------------------------------------------------------------------------
+
+
+def _is(node, fn) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is fn
+
+
+def _act_dq(node) -> bool:
+    """A per-tensor dequantize of an activation (not of a constant)."""
+    return (_is(node, dequantize) and node.args[3] is None and isinstance(node.args[0], fx.Node)
+            and node.args[0].op != "get_attr")
+
+
+def _scalar_const(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The float value of a dequantized one-element constant (a lifted scalar), or None."""
+    if not (_is(node, dequantize) and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
+        return None
+    q = get_attr_tensor(gm, node.args[0].target)
+    if q.numel() != 1:
+        return None
+    return dequantize(q, *[_value(gm, a) for a in node.args[1:]])
+
+
+def _value(gm, a):
+    return get_attr_tensor(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else a
+
+
+def _single_q_user(node: fx.Node) -> fx.Node | None:
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if _is(user, quantize) and user.args[3] is None and not isinstance(user.args[1], fx.Node):
+        return user
+    return None
+
+
+def _lut_function(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Callable] | None:
+    """(input dequantize, f) when ``node`` is an elementwise function of one quantized tensor."""
+    name = op_name(node)
+    unary = name in ops_of_kind("activation") and name not in ops_tagged("not_elementwise")
+    if unary:
+        x = node.args[0] if node.args else None
+        if not _act_dq(x) or any(isinstance(a, fx.Node) for a in node.args[1:]):
+            return None
+        if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            return None
+        return x, lambda t: node.target(t, *node.args[1:], **node.kwargs)
+    if name in ops_of_kind("binary") and len(node.args) == 2 and not node.kwargs:
+        a, b = node.args
+        if _act_dq(a) and (c := _scalar_const(gm, b)) is not None:
+            return a, lambda t: node.target(t, c.reshape(()))
+        if _act_dq(b) and (c := _scalar_const(gm, a)) is not None:
+            return b, lambda t: node.target(c.reshape(()), t)
+    return None
+
+
+def _grid(qp: tuple) -> torch.Tensor:
+    return torch.arange(int(qp[3]), int(qp[4]) + 1, dtype=torch.int64)
+
+
+def _fuse_luts(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        found = _lut_function(gm, node)
+        qy = _single_q_user(node) if found else None
+        if qy is None:
+            continue
+        dqx, fn = found
+        x_qp, y_qp = tuple(dqx.args[1:]), tuple(qy.args[1:])
+        levels = _grid(x_qp)
+        with torch.no_grad():
+            y = fn(dequantize(levels.to(DTYPES[x_qp[5]].storage), *x_qp)).float()
+        if y.shape != levels.shape:
+            continue  # not elementwise after all
+        table = quantize(y, *y_qp).to(torch.int32)
+        with graph.inserting_before(qy):
+            tnode = graph.get_attr(set_attr_tensor(gm, f"{node.name}_table", table, param=False))
+            fused = graph.call_function(qlut, (dqx.args[0], tnode, int(x_qp[3]), 0, y_qp[5]))
+        fused.meta["val"] = qy.meta.get("val")
+        fused.meta.update(qb_source_node=node.name, qb_kernel=f"table of {op_name(node)}", qb_source_op=op_name(node), qb_qparams=(x_qp, y_qp))
+        qy.replace_all_uses_with(fused)
+        graph.erase_node(qy)
+        graph.erase_node(node)
+
+
+def _softmax_dim(node: fx.Node, ndim: int) -> int | None:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(dim, int):
+        return None
+    return dim % ndim
+
+
+def _rational(scale: float) -> tuple[int, int]:
+    """``scale == den_mult * 2^-num_shift`` exactly (a float32 value is a dyadic rational)."""
+    mant, exp = math.frexp(float(scale))
+    m = int(mant * (1 << 53))
+    shift = 53 - exp
+    while m % 2 == 0 and shift > 0:
+        m //= 2
+        shift -= 1
+    return shift, m
+
+
+def _fuse_softmax(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or op_name(node) not in ops_tagged("softmax"):
+            continue
+        x = node.args[0]
+        qy = _single_q_user(node)
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not _act_dq(x) or qy is None or val is None:
+            continue
+        dim = _softmax_dim(node, val.dim())
+        x_qp, y_qp = tuple(x.args[1:]), tuple(qy.args[1:])
+        if dim is None or isinstance(x_qp[0], fx.Node):
+            continue
+        span = int(x_qp[4]) - int(x_qp[3])
+        k = torch.arange(span + 1, dtype=torch.float64)
+        table = torch.round(torch.exp(-k * float(x_qp[0])) * 2 ** SOFTMAX_EXP_BITS).to(torch.int64)
+        num_shift, den_mult = _rational(float(torch.tensor(float(y_qp[0]), dtype=torch.float32)))
+        n = int(val.shape[dim])
+        if num_shift + SOFTMAX_EXP_BITS > 62 or (n << SOFTMAX_EXP_BITS) * den_mult >= 2 ** 62:
+            continue  # int64 would overflow: left in float (coverage names it)
+        with graph.inserting_before(qy):
+            tnode = graph.get_attr(set_attr_tensor(gm, f"{node.name}_exp_table", table, param=False))
+            fused = graph.call_function(qsoftmax, (x.args[0], tnode, dim, num_shift, den_mult, int(y_qp[1]),
+                                                   int(y_qp[3]), int(y_qp[4]), 0, y_qp[5]))
+        fused.meta["val"] = qy.meta.get("val")
+        fused.meta.update(qb_source_node=node.name, qb_kernel="integer softmax", qb_source_op=op_name(node), qb_qparams=(x_qp, y_qp))
+        qy.replace_all_uses_with(fused)
+        graph.erase_node(qy)
+        graph.erase_node(node)
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _const_float(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """A norm's affine parameter as float64 (None when absent); raises _NotConstant for a computed one."""
+    if node is None:
+        return None
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return get_attr_tensor(gm, node.target).detach().to(torch.float64)
+    if _is(node, dequantize) and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+        q = get_attr_tensor(gm, node.args[0].target)
+        return dequantize(q, *[_value(gm, a) for a in node.args[1:]]).to(torch.float64)
+    raise _NotConstant
+
+
+def _fuse_means(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or op_name(node) not in ("mean", "adaptive_avg_pool2d") or len(node.args) < 2:
+            continue
+        if op_name(node) == "adaptive_avg_pool2d" and [int(v) for v in node.args[1]] != [1, 1]:
+            continue  # a windowed pool: onnxruntime's QLinearAveragePool
+        x, qy = node.args[0], _single_q_user(node)
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not _act_dq(x) or qy is None or val is None or isinstance(x.args[1], fx.Node) \
+                or node.kwargs.get("dtype") is not None:
+            continue
+        if op_name(node) == "adaptive_avg_pool2d":  # global: the mean over H, W
+            dims, keepdim = [val.dim() - 2, val.dim() - 1], True
+        else:
+            dims = sorted(int(d) % val.dim() for d in node.args[1])
+            keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+        n = math.prod(int(val.shape[d]) for d in dims)
+        x_shift, x_mult = _rational(float(x.args[1]))
+        y_shift, y_mult = _rational(float(qy.args[1]))
+        # s_x / (N s_y) = x_mult 2^-x_shift / (N y_mult 2^-y_shift)
+        num, den = x_mult, n * y_mult
+        if x_shift >= y_shift:
+            den <<= x_shift - y_shift
+        else:
+            num <<= y_shift - x_shift
+        bound = (int(x.args[5]) - int(x.args[4])) * n  # the largest |sum|
+        if bound * num >= 2 ** 62 or den >= 2 ** 62:
+            continue  # int64 would overflow: left in float (coverage names it)
+        y_qp = qy.args[1:]
+        with graph.inserting_before(qy):
+            fused = graph.call_function(qmean, (x.args[0], int(x.args[2]), dims, keepdim, num, den, int(y_qp[1]),
+                                                int(y_qp[3]), int(y_qp[4]), 0, y_qp[5]))
+        fused.meta["val"] = qy.meta.get("val")
+        fused.meta.update(qb_source_node=node.name, qb_kernel="integer mean", qb_source_op=op_name(node), qb_qparams=(tuple(x.args[1:]), tuple(y_qp)))
+        qy.replace_all_uses_with(fused)
+        graph.erase_node(qy)
+        graph.erase_node(node)
+
+
+def _fuse_norms(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        name = op_name(node) if node.op == "call_function" else ""
+        if name not in ops_tagged("stat_norm"):
+            continue
+        x = node.args[0]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not _act_dq(x) or val is None or isinstance(x.args[1], fx.Node):
+            continue
+        args = list(node.args) + [None] * 6
+        if name == "layer_norm":
+            normalized, weight, bias, eps = args[1], args[2], args[3], node.kwargs.get("eps", args[4])
+            eps = 1e-5 if eps is None else float(eps)
+            dims = list(range(val.dim() - len(normalized), val.dim()))
+            groups, n = 0, math.prod(int(val.shape[d]) for d in dims)
+            shape = [int(s) for s in normalized]
+        else:
+            groups, weight, bias = int(args[1]), args[2], args[3]
+            eps = float(node.kwargs.get("eps", args[4] if args[4] is not None else 1e-5))
+            dims, n = [], math.prod(int(s) for s in val.shape[1:]) // groups
+            shape = [int(val.shape[1])] + [1] * (val.dim() - 2)
+        try:
+            gamma, beta = _const_float(gm, weight), _const_float(gm, bias)
+        except _NotConstant:
+            continue
+        scale = float(x.args[1])
+        const = eps * n * n / (scale * scale)
+        with graph.inserting_before(node):
+            g = graph.get_attr(set_attr_tensor(gm, f"{node.name}_gamma", gamma.reshape(shape), param=False)) \
+                if gamma is not None else None
+            b = graph.get_attr(set_attr_tensor(gm, f"{node.name}_beta", beta.reshape(shape), param=False)) \
+                if beta is not None else None
+            fused = graph.call_function(qnorm, (x.args[0], int(x.args[2]), dims, groups, const, g, b))
+        fused.meta["val"] = node.meta.get("val")
+        fused.meta.update(qb_source_node=node.name, qb_kernel=f"{name} from integer statistics (double-precision normalization)",
+                          qb_source_op=name, qb_qparams=(tuple(x.args[1:]), None))
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+
+
+def fuse_nonlinear_kernels(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace ``DQ -> f -> Q`` for tables, softmax and norms by :data:`NONLINEAR_KERNELS` (in place).
+
+    Before: a baked graph (:func:`~quantbench.engine.passes.freeze.bake_quantizers`), per-tensor
+    activations. After: each matched pattern is one kernel node; the rest is unchanged. Idempotent.
+    """
+    _fuse_luts(gm)
+    _fuse_softmax(gm)
+    _fuse_means(gm)
+    _fuse_norms(gm)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+

@@ -1,0 +1,155 @@
+"""Integer kernels of modern architectures (passes/integer.qmul, qmatmul; passes/nonlinear): bit-exact
+against onnxruntime, whole graph, and what the coverage report says about them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from engine_models import TinyEfficientNet, TinyViT, batches, reestimate_bn
+from onnx import TensorProto, helper, numpy_helper
+
+from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
+from quantbench.engine.passes.integer import qadd, qlinear, qmatmul, qmul
+from quantbench.engine.passes.nonlinear import qlut, qmean, qnorm, qsoftmax
+from quantbench.engine.targets import check_hardware
+
+
+def _qlinear_mul_session(sa, sb, sc, za, zb, zc):
+    t = TensorProto.UINT8
+    inputs = [helper.make_tensor_value_info(n, t, [None]) for n in ("a", "b")]
+    out = helper.make_tensor_value_info("c", t, [None])
+    init = [numpy_helper.from_array(np.array(v, dtype=np.float32), n) for v, n in ((sa, "sa"), (sb, "sb"), (sc, "sc"))]
+    init += [numpy_helper.from_array(np.array(v, dtype=np.uint8), n) for v, n in ((za, "za"), (zb, "zb"), (zc, "zc"))]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
+             helper.make_node("Mul", ["fa", "fb"], ["fc"]),
+             helper.make_node("QuantizeLinear", ["fc", "sc", "zc"], ["c"])]
+    model = helper.make_model(helper.make_graph(nodes, "mul", inputs, [out], init),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_qmul_matches_onnxruntime_on_every_pair(seed):
+    """All 65536 (a, b) pairs of int8 activations (exported as uint8 + 128), random float scales."""
+    rng = np.random.default_rng(seed)
+    sa, sb = (np.float32(rng.uniform(0.004, 0.06)) for _ in range(2))
+    sc = np.float32(rng.uniform(0.0002, 0.003))
+    za, zb, zc = (int(rng.integers(-20, 20)) for _ in range(3))
+    a, b = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128))
+    a, b = a.ravel().astype(np.int8), b.ravel().astype(np.int8)
+    sess = _qlinear_mul_session(sa, sb, sc, za + 128, zb + 128, zc + 128)
+    expected = sess.run(None, {"a": (a.astype(np.int16) + 128).astype(np.uint8),
+                               "b": (b.astype(np.int16) + 128).astype(np.uint8)})[0].astype(np.int64) - 128
+
+    def qp(s, z):
+        return (float(s), z, None, -128, 127, "int8", "half_even")
+
+    got = qmul(torch.from_numpy(a), qp(sa, za), torch.from_numpy(b), qp(sb, zb), qp(sc, zc))
+    assert np.array_equal(got.numpy().astype(np.int64), expected)
+
+
+def _pipeline(cls, preset, tmp_path, size=16):
+    torch.manual_seed(0)
+    model = reestimate_bn(cls(), (8, 3, size, size))
+    x = torch.randn(8, 3, size, size)
+    quantizer = ModelQuantizer(presets.get(preset))
+    qmodel = quantizer.quantize_model(capture(model, (x,)), batches(4, (8, 3, size, size), 1))
+    frozen = quantizer.freeze(qmodel)
+    path = export_onnx(frozen, (x,), tmp_path / f"{cls.__name__}.onnx")
+    report = check.compare(path, frozen, [*batches(3, (8, 3, size, size), 2), x * 3], float_model=model)
+    return model, quantizer, qmodel, frozen, report
+
+
+def _targets(frozen):
+    return [n.target for n in frozen.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("preset", ["int8_float", "int8_pow2"])
+def test_transformer_block_is_whole_graph_and_exact(preset, tmp_path):
+    """Attention matmuls, integer softmax, tables (GELU, q * scale), class token, position embedding,
+    LayerNorm: 0 LSB against onnxruntime, and only LayerNorm's documented float step left."""
+    _, quantizer, qmodel, frozen, report = _pipeline(TinyViT, preset, tmp_path)
+    assert report.max_lsb_err == 0.0 and report.top1_agreement == 100.0, report
+    targets = _targets(frozen)
+    assert targets.count(qmatmul) == 2 and targets.count(qsoftmax) == 1
+    assert targets.count(qnorm) == 3 and targets.count(qlut) >= 2 and targets.count(qlinear) == 6
+    cov = quantizer.coverage(qmodel)
+    assert {op for _, op, _ in cov.float_nodes} == {"layer_norm"}, cov
+    assert all("double precision" in reason for *_, reason in cov.float_nodes)
+
+
+@pytest.mark.parametrize("preset", ["int8_float", "int8_pow2"])
+def test_silu_and_squeeze_excitation_are_integer_and_exact(preset, tmp_path):
+    """SiLU and sigmoid as tables, the SE gate an integer multiply, means and the residual integer."""
+    _, quantizer, qmodel, frozen, report = _pipeline(TinyEfficientNet, preset, tmp_path)
+    assert report.max_lsb_err == 0.0 and report.top1_agreement == 100.0, report
+    targets = _targets(frozen)
+    assert targets.count(qmul) == 1 and targets.count(qmean) == 2 and targets.count(qadd) == 1
+    assert targets.count(qlut) == 5  # three SiLU, the sigmoid gate, the hardswish
+    assert [op for _, op, _ in quantizer.coverage(qmodel).float_nodes] == ["group_norm"]
+
+
+def test_npu_target_flags_what_it_has_no_kernel_for(tmp_path):
+    """freeze(target='npu_pow2') keeps softmax / LayerNorm: check_hardware names each (npu_op)."""
+    torch.manual_seed(0)
+    model = reestimate_bn(TinyViT(), (8, 3, 16, 16))
+    x = torch.randn(8, 3, 16, 16)
+    quantizer = ModelQuantizer(presets.get("int8_pow2"))
+    frozen = quantizer.freeze(quantizer.quantize_model(capture(model, (x,)), [x]), target="npu_pow2")
+    rows = {(r.op, r.constraint) for r in check_hardware(frozen)}
+    assert {("softmax", "npu_op"), ("layer_norm", "npu_op"), ("matmul", "npu_op")} <= rows
+
+
+def test_subtraction_is_an_integer_add(tmp_path):
+    """``anchor - x`` (a constant tensor), ``a - b`` and ``x - 0.5``: integer adds and tables, exact."""
+
+    class Decode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.register_buffer("anchor", torch.rand(1, 4, 8, 8) * 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            a, b = y[:, :4], y[:, 4:]
+            return torch.cat([self.anchor - a, b - a, (a + b) / 2, a - 0.5], 1)
+
+    x = torch.randn(8, 3, 8, 8)
+    quantizer = ModelQuantizer(presets.get("int8_float"))
+    qmodel = quantizer.quantize_model(capture(Decode().eval(), (x,)), [x])
+    assert quantizer.coverage(qmodel).float_nodes == []
+    frozen = quantizer.freeze(qmodel)
+    assert "sub" not in {str(getattr(t, "__name__", t)) for t in _targets(frozen)}
+    path = export_onnx(frozen, (x,), tmp_path / "decode.onnx")
+    assert check.compare(path, frozen, batches(3, (8, 3, 8, 8), 4)).max_lsb_err == 0.0
+
+
+# What each documented float node of coverage() becomes in the ONNX graph onnxruntime runs.
+_ONNX_FLOAT_FORM = {"layer_norm": {"Add", "Sqrt", "Div", "Mul"}, "group_norm": {"Add", "Sqrt", "Div", "Mul"},
+                    "upsample_bilinear2d": {"Resize"}}
+
+
+@pytest.mark.parametrize("model_name", ["TinyAllOps", "TinyViT", "TinyEfficientNet"])
+def test_coverage_agrees_with_the_exported_graph(model_name, tmp_path):
+    """coverage() (the engine's view) and onnx_float_nodes (what onnxruntime runs) name the same float work."""
+    import engine_models
+
+    from quantbench.engine.onnx_coverage import onnx_float_nodes
+
+    torch.manual_seed(0)
+    model = reestimate_bn(getattr(engine_models, model_name)(), (8, 3, 16, 16))
+    x = torch.randn(8, 3, 16, 16)
+    quantizer = ModelQuantizer(presets.get("int8_float"))
+    qmodel = quantizer.quantize_model(capture(model, (x,)), [x])
+    cov = quantizer.coverage(qmodel)
+    onnx_cov = onnx_float_nodes(export_onnx(quantizer.freeze(qmodel), (x,), tmp_path / "m.onnx"))
+    expected = set().union(*(_ONNX_FLOAT_FORM[op] for _, op, _ in cov.float_nodes)) if cov.float_nodes else set()
+    assert set(onnx_cov.float_op_counts()) == expected, (str(cov), str(onnx_cov))
+    norms = sum(op in ("layer_norm", "group_norm") for _, op, _ in cov.float_nodes)
+    assert onnx_cov.float_op_counts().get("Sqrt", 0) == norms  # one square root per normalization
+    assert onnx_cov.float_op_counts().get("Resize", 0) == sum(op == "upsample_bilinear2d"
+                                                              for _, op, _ in cov.float_nodes)
