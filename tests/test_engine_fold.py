@@ -19,7 +19,12 @@ from quantbench.bench.zoo_models import ZOO, Yolo11AttnTiny, YoloV8Tiny
 from quantbench.engine import ModelQuantizer, capture, presets
 from quantbench.engine.graph import copy_graph, op_name
 from quantbench.engine.passes import prequant
-from quantbench.engine.passes.fold import decompose_sdpa, fold_layer_scale, fold_shape_constants
+from quantbench.engine.passes.fold import (
+    decompose_sdpa,
+    fold_constants,
+    fold_layer_scale,
+    fold_shape_constants,
+)
 
 aten = torch.ops.aten
 GRID_OPS = {"arange", "meshgrid", "stack", "full", "new_full", "type_as", "_to_copy", "zeros_like"}
@@ -254,8 +259,10 @@ def test_fold_layer_scale_folds_channel_scales_after_weighted_ops():
 def test_fold_layer_scale_is_ptq_only():
     assert fold_layer_scale not in prequant.PREQUANT_QAT
     for pipeline in (prequant.PREQUANT_PTQ, prequant.PREQUANT_PTQ_KEEP_BN, prequant.PREQUANT_QAT):
-        # early, and before the pass that lifts the attention scale to a constant
-        assert pipeline.index(fold_shape_constants) < pipeline.index(decompose_sdpa)
+        # early, and before the pass that lifts the attention scale to a constant; PTQ folds
+        # parameters too (fold_constants), QAT keeps them live (fold_shape_constants)
+        fold = fold_shape_constants if pipeline is prequant.PREQUANT_QAT else fold_constants
+        assert pipeline.index(fold) < pipeline.index(decompose_sdpa)
         assert pipeline.index(decompose_sdpa) < pipeline.index(prequant.lift_scalar_constants)
     ptq = prequant.PREQUANT_PTQ
     assert ptq.index(decompose_sdpa) < ptq.index(prequant.fold_bn) < ptq.index(fold_layer_scale)

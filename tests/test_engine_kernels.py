@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
 from quantbench.engine.passes.integer import qadd, qlinear, qmatmul, qmul
-from quantbench.engine.passes.nonlinear import qlut, qmean, qnorm, qsoftmax
+from quantbench.engine.passes.nonlinear import isqrt, qlut, qmean, qnorm_int, qsoftmax
 from quantbench.engine.targets import check_hardware
 
 
@@ -71,15 +71,13 @@ def _targets(frozen):
 @pytest.mark.parametrize("preset", ["int8_float", "int8_pow2"])
 def test_transformer_block_is_whole_graph_and_exact(preset, tmp_path):
     """Attention matmuls, integer softmax, tables (GELU, q * scale), class token, position embedding,
-    LayerNorm: 0 LSB against onnxruntime, and only LayerNorm's documented float step left."""
+    integer LayerNorm: 0 LSB against onnxruntime, nothing left in float."""
     _, quantizer, qmodel, frozen, report = _pipeline(TinyViT, preset, tmp_path)
     assert report.max_lsb_err == 0.0 and report.top1_agreement == 100.0, report
     targets = _targets(frozen)
     assert targets.count(qmatmul) == 2 and targets.count(qsoftmax) == 1
-    assert targets.count(qnorm) == 3 and targets.count(qlut) >= 2 and targets.count(qlinear) == 6
-    cov = quantizer.coverage(qmodel)
-    assert {op for _, op, _ in cov.float_nodes} == {"layer_norm"}, cov
-    assert all("double precision" in reason for *_, reason in cov.float_nodes)
+    assert targets.count(qnorm_int) == 3 and targets.count(qlut) >= 2 and targets.count(qlinear) == 6
+    assert quantizer.coverage(qmodel).float_nodes == []
 
 
 @pytest.mark.parametrize("preset", ["int8_float", "int8_pow2"])
@@ -90,7 +88,20 @@ def test_silu_and_squeeze_excitation_are_integer_and_exact(preset, tmp_path):
     targets = _targets(frozen)
     assert targets.count(qmul) == 1 and targets.count(qmean) == 2 and targets.count(qadd) == 1
     assert targets.count(qlut) == 5  # three SiLU, the sigmoid gate, the hardswish
-    assert [op for _, op, _ in quantizer.coverage(qmodel).float_nodes] == ["group_norm"]
+    assert targets.count(qnorm_int) == 1  # the GroupNorm
+    assert quantizer.coverage(qmodel).float_nodes == []
+
+
+def test_integer_square_root_is_exact():
+    """isqrt (integer ops only: what LayerNorm's export runs) is floor(sqrt(v)) up to 2^62."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    values = [1, 2, 3, 15, 16, 17, (1 << 62) - 1, 1 << 61] + [k * k + d for k in range(1, 400) for d in (-1, 0, 1)]
+    values += [rng.randrange(1, 1 << 62) for _ in range(4000)] + [rng.randrange(1, 1 << 24) for _ in range(4000)]
+    got = isqrt(torch.tensor([v for v in values if v > 0], dtype=torch.int64))
+    assert got.tolist() == [math.isqrt(v) for v in values if v > 0]
 
 
 def test_npu_target_flags_what_it_has_no_kernel_for(tmp_path):
@@ -153,3 +164,55 @@ def test_coverage_agrees_with_the_exported_graph(model_name, tmp_path):
     assert onnx_cov.float_op_counts().get("Sqrt", 0) == norms  # one square root per normalization
     assert onnx_cov.float_op_counts().get("Resize", 0) == sum(op == "upsample_bilinear2d"
                                                               for _, op, _ in cov.float_nodes)
+
+
+def test_relative_position_bias_folds_to_a_constant(tmp_path):
+    """Swin / LeViT attention biases: a parameter table gathered by a buffer index in ``forward``.
+    PTQ folds it (fold_constants), so the attention add reads an integer constant."""
+
+    class RelPosAttention(torch.nn.Module):
+        def __init__(self, n: int = 9, dim: int = 8):
+            super().__init__()
+            self.qkv = torch.nn.Linear(dim, 3 * dim)
+            self.table = torch.nn.Parameter(torch.randn(2 * n - 1))
+            idx = torch.arange(n)
+            self.register_buffer("index", (idx[:, None] - idx[None, :] + n - 1).reshape(-1))
+            self.n = n
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            bias = self.table[self.index].reshape(self.n, self.n)
+            return ((q @ k.transpose(-2, -1)) + bias).softmax(-1) @ v
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 9, 8)
+    quantizer = ModelQuantizer(presets.get("int8_float"))
+    qmodel = quantizer.quantize_model(capture(RelPosAttention().eval(), (x,)), [x])
+    assert quantizer.coverage(qmodel).float_nodes == []
+    frozen = quantizer.freeze(qmodel)
+    path = export_onnx(frozen, (x,), tmp_path / "relpos.onnx")
+    assert check.compare(path, frozen, [torch.randn(8, 9, 8) for _ in range(3)]).max_lsb_err == 0.0
+
+
+def test_bilinear_resize_is_integer_and_exact(tmp_path):
+    """2x up, to an odd size, align_corners: two integer matrix products and an exact requantization."""
+    import torch.nn.functional as F
+
+    class Resize(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            up = F.interpolate(F.interpolate(y, scale_factor=2.0, mode="bilinear"), size=(7, 9), mode="bilinear")
+            return torch.cat([up, F.interpolate(y, size=(7, 9), mode="bilinear", align_corners=True)], 1)
+
+    x = torch.randn(8, 3, 10, 12)
+    for preset in ("int8_float", "int8_pow2"):
+        quantizer = ModelQuantizer(presets.get(preset))
+        qmodel = quantizer.quantize_model(capture(Resize().eval(), (x,)), batches(3, (8, 3, 10, 12), 1))
+        assert quantizer.coverage(qmodel).float_nodes == []
+        frozen = quantizer.freeze(qmodel)
+        path = export_onnx(frozen, (x,), tmp_path / f"{preset}.onnx")
+        assert check.compare(path, frozen, batches(3, (8, 3, 10, 12), 5)).max_lsb_err == 0.0

@@ -186,7 +186,7 @@ def test_rules_type_contrib_kernels():
     assert "QGemm 'qgemm'" in reason and "no integer kernel" in reason
 
 
-# -- ops that once ran in float in onnxruntime, now integer kernels (LayerNorm: the documented step) ---
+# -- ops that once ran in float in onnxruntime, now integer kernels -------------------------------------
 
 
 class SiLUNet(nn.Module):
@@ -208,11 +208,10 @@ def test_silu_runs_on_integers(tmp_path):
     assert cov.integer_ops == cov.total_ops
 
 
-def test_layernorm_is_the_documented_float_step(attention_coverage):
-    """LayerNorm: integer statistics, then a double-precision normalization (no integer sqrt in ONNX)."""
-    assert set(_float_ops(attention_coverage)) == {"Add", "Sqrt", "Div", "Mul"}, str(attention_coverage)
+def test_layernorm_runs_on_integers(attention_coverage):
+    """LayerNorm: integer statistics, an integer square root and a fixed-point affine (qnorm_int)."""
+    assert attention_coverage.float_nodes == [], str(attention_coverage)
     assert "LayerNormalization" not in _float_ops(attention_coverage)
-    assert _float_ops(attention_coverage).count("Sqrt") == 1
 
 
 def test_gelu_runs_on_integers(attention_coverage):

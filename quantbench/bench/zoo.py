@@ -66,9 +66,15 @@ def _densenet_tiny() -> nn.Module:
 
 
 def _yolov8_tiny() -> nn.Module:
-    from quantbench.bench.zoo_models import YoloV8Tiny  # written alongside; a missing file skips the row
+    from quantbench.bench.zoo_models import YoloV8Tiny
 
     return YoloV8Tiny()
+
+
+def _yolo11_attn_tiny() -> nn.Module:
+    from quantbench.bench.zoo_models import Yolo11AttnTiny
+
+    return Yolo11AttnTiny()
 
 
 ZOO_FAMILIES = (
@@ -99,6 +105,8 @@ ZOO_FAMILIES = (
     Family("yolov8", "yolov8_tiny", 64, build=_yolov8_tiny,
            note="quantbench.bench.zoo_models.YoloV8Tiny (detector; output (B, 4 + classes, anchors): "
                 "top-1 is the argmax over box and class channels per anchor)"),
+    Family("yolo11", "yolo11_attn_tiny", 64, build=_yolo11_attn_tiny,
+           note="quantbench.bench.zoo_models.Yolo11AttnTiny: YoloV8Tiny plus a C2PSA-style attention block"),
 )
 
 FAMILIES: Registry[Family] = Registry("zoo family", hint="(python -m quantbench.bench.zoo --help lists them)")

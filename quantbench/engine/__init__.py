@@ -18,13 +18,15 @@ Layers, bottom to top (a module imports only modules listed before it;
 
     errors, graph, learnable      exceptions; graph helpers (op names, attributes); LSQ / TQT math
     ops, observers, capture       the op vocabulary (kinds, tags); observer registry; torch.export
-    spec, passes.prequant         specs and configs; pre-quantization passes
-    qdq, fake_quant, modes, presets, annotate, passes.qat_bn, passes.integer
+    spec, passes.fold, passes.prequant
+                                  specs and configs; constant folding, SDPA, layer scale; pre-quant passes
+    qdq, fake_quant, modes, presets, annotate, passes.qat_bn, passes.integer, passes.nonlinear
+                                  ...; integer kernels (conv, add, mul, matmul; tables, softmax, mean, norms)
     targets, export, qat          hardware targets and their check; ONNX export; QAT modes
     passes.align                  alignment to a hardware target
-    passes.freeze                 fake-quant graph -> integer Q/DQ graph
-    quantizer                     ModelQuantizer, coverage
-    check                         onnxruntime parity, SQNR, latency
+    finite, passes.freeze         NaN / inf checks; fake-quant graph -> integer Q/DQ graph
+    quantizer                     ModelQuantizer, coverage (what runs on integers in the export)
+    check, onnx_coverage          onnxruntime parity, SQNR, latency; the float nodes of the ONNX graph
 
 Names load on first use (PEP 562): importing a light module such as
 :mod:`quantbench.engine.spec` does not import torch, onnx or torchao, so the
@@ -59,6 +61,7 @@ __all__ = [
     "coverage",
     "export_onnx",
     "modes",
+    "onnx_float_nodes",
     "ops",
     "presets",
     "qat",
@@ -70,7 +73,7 @@ _WHERE = {
     "check": None, "modes": None, "ops": None, "presets": None, "qat": None,
     "CalibrationError": "errors", "CaptureError": "errors", "ExportError": "errors", "HardwareError": "errors",
     "NonFiniteError": "errors", "QuantizationError": "errors", "SpecError": "errors",
-    "export_onnx": "export",
+    "export_onnx": "export", "onnx_float_nodes": "onnx_coverage",
     "CoverageReport": "quantizer", "ModelQuantizer": "quantizer", "coverage": "quantizer",
     "Config": "spec", "QuantizationConfig": "spec", "QuantizationSpec": "spec",
     "HardwareTarget": "targets", "Violation": "targets", "check_hardware": "targets",

@@ -38,6 +38,7 @@ op is declared once::
     ort_qlinear        avg_pool2d, adaptive_avg_pool2d: onnxruntime fuses DQ -> op -> Q into its own integer
                        kernel (QLinearAveragePool / QLinearGlobalAveragePool); a global one is the engine's
                        integer mean once frozen
+    integer_mean       mean, adaptive_avg_pool2d: a global one is an integer mean once frozen (passes/nonlinear.qmean)
     shape_query        sym_size, sym_numel, ...: a dimension (a plain number when the shape is static)
     stat_norm          layer_norm, group_norm: normalized by the tensor's own statistics (passes/nonlinear.qnorm)
 
@@ -48,6 +49,7 @@ or tag raise :class:`~quantbench.registry.UnknownNameError`.
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable
 
 from torch import fx
@@ -116,9 +118,15 @@ def op_tags(name: str) -> frozenset[str]:
 
 
 def op_kind(node: fx.Node) -> str | None:
-    """The registered kind of a call_function node, or None if unsupported."""
+    """The registered kind of a call_function node, or None if unsupported.
+
+    Python's own ``operator.mul`` / ``add`` / ``floordiv`` ... are symbolic shape arithmetic in a
+    captured graph (a dynamic batch size times a channel count): kind ``shape``, whatever their name.
+    """
     if node.op != "call_function":
         return None
+    if getattr(node.target, "__module__", None) == "_operator" and node.target is not operator.getitem:
+        return "shape"
     return kind_of(op_name(node))
 
 
@@ -137,8 +145,9 @@ register_op_kind("activation", "log_softmax", "prelu", tags=("not_elementwise",)
 # Elementwise functions of one tensor: a table once frozen (passes/nonlinear.qlut).
 register_op_kind("activation", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "erf", "reciprocal", "softplus", "pow",
                  "hardshrink", "selu", "celu", "logit")
-register_op_kind("pool", "avg_pool2d", "adaptive_avg_pool2d", tags=("avg_pool", "ort_qlinear"))
-register_op_kind("pool", "mean", tags=("avg_pool",))
+register_op_kind("pool", "avg_pool2d", tags=("avg_pool", "ort_qlinear"))
+register_op_kind("pool", "adaptive_avg_pool2d", tags=("avg_pool", "ort_qlinear", "integer_mean"))
+register_op_kind("pool", "mean", tags=("avg_pool", "integer_mean"))
 register_op_kind("pool", "avg_pool1d", "avg_pool3d", "adaptive_avg_pool1d", "sum", "upsample_bilinear2d",
                  "upsample_bicubic2d", "_upsample_bilinear2d_aa", "upsample_linear1d")
 register_op_kind("norm", "layer_norm", "group_norm", tags=("stat_norm",))

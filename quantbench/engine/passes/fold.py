@@ -32,7 +32,7 @@ from quantbench.engine.graph import (
 )
 from quantbench.engine.ops import ops_of_kind, ops_tagged
 
-__all__ = ["decompose_sdpa", "fold_layer_scale", "fold_shape_constants", "MAX_FOLD_NUMEL"]
+__all__ = ["decompose_sdpa", "fold_constants", "fold_layer_scale", "fold_shape_constants", "MAX_FOLD_NUMEL"]
 
 aten = torch.ops.aten
 
@@ -94,11 +94,12 @@ def _static_val(node: fx.Node, need_shape: bool) -> bool:
     return not need_shape or all(isinstance(d, int) for d in val.shape)
 
 
-def _foldable_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+def _foldable_nodes(gm: fx.GraphModule, parameters: bool = False) -> set[fx.Node]:
     """Every call_function node whose value depends on buffers, literals and static shapes only.
 
-    Parameters count as inputs, not constants: a value computed from a trainable
-    weight (a reshaped layer scale, a weight standardisation) must stay live for QAT.
+    Parameters count as inputs, not constants, unless ``parameters``: a value computed
+    from a trainable weight (a reshaped layer scale, a weight standardisation) must stay
+    live for QAT; after training (PTQ) it is as constant as a buffer.
     A tensor that an in-place op writes (a buffer updated in training) is not constant.
     """
     constant: set[fx.Node] = set()
@@ -106,7 +107,7 @@ def _foldable_nodes(gm: fx.GraphModule) -> set[fx.Node]:
         if _mutated_by_a_user(node):
             continue  # what its readers see depends on where they sit
         if node.op == "get_attr":
-            if not isinstance(get_attr_tensor(gm, node.target), torch.nn.Parameter):
+            if parameters or not isinstance(get_attr_tensor(gm, node.target), torch.nn.Parameter):
                 constant.add(node)
             continue
         if node.op != "call_function" or not _is_pure(node.target):
@@ -181,7 +182,20 @@ def fold_shape_constants(gm: fx.GraphModule) -> fx.GraphModule:
     training updates (BatchNorm statistics) is read by ops that also read the
     input, so it is never folded into a value. Idempotent.
     """
-    foldable = _foldable_nodes(gm)
+    return _fold(gm, _foldable_nodes(gm))
+
+
+def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """:func:`fold_shape_constants` with parameters taken as constants too (PTQ: nothing trains).
+
+    Also folds what a model computes from its weights in ``forward``: a relative position bias
+    gathered from its table (Swin, LeViT attention biases), a standardized weight, a reshaped
+    layer scale. Before / after as :func:`fold_shape_constants`; idempotent.
+    """
+    return _fold(gm, _foldable_nodes(gm, parameters=True))
+
+
+def _fold(gm: fx.GraphModule, foldable: set[fx.Node]) -> fx.GraphModule:
     memo: dict[fx.Node, Any] = {}
     for node in [n for n in gm.graph.nodes if n in foldable]:
         if all(u in foldable for u in node.users):

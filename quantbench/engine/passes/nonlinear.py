@@ -45,7 +45,7 @@ from quantbench.engine.ops import ops_of_kind, ops_tagged
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
-__all__ = ["qlut", "qsoftmax", "qmean", "qnorm", "fuse_nonlinear_kernels", "SOFTMAX_EXP_BITS",
+__all__ = ["qlut", "qsoftmax", "qmean", "qnorm", "qnorm_int", "qresize", "isqrt", "fuse_nonlinear_kernels", "SOFTMAX_EXP_BITS",
            "NONLINEAR_KERNELS", "export_offsets", "EXPORT_TRANSLATIONS", "floor_div"]
 
 SOFTMAX_EXP_BITS = 16
@@ -155,7 +155,79 @@ def qnorm(q: torch.Tensor, in_zp: int, dims: list[int], groups: int, const: floa
     return y.to(torch.float32)
 
 
-NONLINEAR_KERNELS = (qlut, qsoftmax, qmean, qnorm)
+ISQRT_NEWTON_STEPS = 6
+"""Newton steps of the integer square root: from ``2^ceil(bits/2)`` (at most twice the root) six
+steps reach ``floor(sqrt(v))`` for every ``v < 2^62`` (relative error 1, 1/4, 1/40, ... < 2^-31)."""
+_POW2 = torch.tensor([1 << i for i in range(63)], dtype=torch.int64)
+
+
+def isqrt(v: torch.Tensor) -> torch.Tensor:
+    """``floor(sqrt(v))`` of int64 ``v >= 0`` (at least 1) in integer ops: the bit length by comparison
+    with the powers of two, a power-of-two start above the root, monotone Newton steps."""
+    bits = (v.unsqueeze(-1) >= _POW2.to(v.device)).to(torch.int64).sum(-1)
+    r = torch.index_select(_POW2.to(v.device), 0, torch.ops.quantbench.floor_div(bits + 1, _TWO.to(v.device))
+                           .reshape(-1)).reshape(v.shape)
+    for _ in range(ISQRT_NEWTON_STEPS):
+        step = torch.ops.quantbench.floor_div(r + torch.ops.quantbench.floor_div(v, r), _TWO.to(v.device))
+        r = torch.clamp(torch.minimum(r, step), min=1)
+    return r
+
+
+_TWO = torch.tensor(2, dtype=torch.int64)
+
+
+def qnorm_int(q: torch.Tensor, in_zp: int, dims: list[int], groups: int, eps_units: int, root_bits: int,
+              gain: torch.Tensor, offset: torch.Tensor, frac_bits: int, y_zp: int, y_min: int, y_max: int,
+              out_off: int, out_dtype: str) -> torch.Tensor:
+    """LayerNorm / GroupNorm in integer arithmetic only, output integers on the output's grid.
+
+    ``D = N x - S1``, ``V = N S2 - S1^2 + eps_units`` (exact), ``r = isqrt(V 4^root_bits)``
+    (``sqrt(V) 2^root_bits``), then ``q = round_half_even((D gain + offset r) / (r 2^frac_bits)) + z_y``
+    with ``gain = round(gamma / s_y 2^frac_bits) 2^root_bits`` and ``offset = round(beta / s_y
+    2^frac_bits)`` per channel: ``D / sqrt(V) * gamma / s_y + beta / s_y`` to within the fixed-point
+    precision, every step an integer op (I-BERT, Kim et al., arXiv 2101.01321, does LayerNorm so).
+    """
+    x = q.to(torch.int64) - in_zp
+    shape = q.shape
+    if groups:
+        x = x.reshape(x.shape[0], groups, -1)
+        red = [-1]
+    else:
+        red = dims
+    n = 1
+    for d in red:
+        n = n * x.shape[d]
+    s1 = x.sum(red, keepdim=True)
+    s2 = (x * x).sum(red, keepdim=True)
+    v = (s2 * n - s1 * s1 + eps_units) * (4 ** root_bits)
+    r = isqrt(torch.clamp(v, min=1))
+    dev = x * n - s1
+    if groups:
+        r = r.expand(dev.shape).reshape(shape)
+        dev = dev.reshape(shape)
+    num = dev * gain + offset * r
+    den = r * (2 ** frac_bits)
+    y = _div_half_even(num.abs(), den) * torch.sign(num)
+    y = torch.clamp(y + y_zp, y_min, y_max)
+    return (y + out_off).to(_storage(out_dtype, out_off))
+
+
+def qresize(q: torch.Tensor, in_zp: int, rows: torch.Tensor, cols: torch.Tensor, num_mult: int, den_mult: int,
+            y_zp: int, y_min: int, y_max: int, out_off: int, out_dtype: str) -> torch.Tensor:
+    """Bilinear resize as two integer matrix products: ``rows @ (q - z_x) @ cols^T`` with the
+    interpolation weights in fixed point (``round(w * 2^12)``, exact for the dyadic weights of
+    2x / 0.5x / 4x), then the exact rational requantization of :func:`qmean`."""
+    x = q.to(torch.int64) - in_zp
+    acc = torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+    y = _div_half_even(acc.abs() * num_mult, den_mult) * torch.sign(acc)
+    y = torch.clamp(y + y_zp, y_min, y_max)
+    return (y + out_off).to(_storage(out_dtype, out_off))
+
+
+RESIZE_WEIGHT_BITS = 12
+
+
+NONLINEAR_KERNELS = (qlut, qsoftmax, qmean, qnorm, qnorm_int, qresize)
 
 
 def export_offsets(node: fx.Node, shifted_input: bool, unsigned: bool) -> bool:
@@ -175,6 +247,16 @@ def export_offsets(node: fx.Node, shifted_input: bool, unsigned: bool) -> bool:
         shift = unsigned and args[9] == "int8"
         args[8] = 128 if shift else 0
     elif node.target is qmean:
+        shift = unsigned and args[10] == "int8"
+        args[9] = 128 if shift else 0
+        if shifted_input:
+            args[1] = args[1] + 128
+    elif node.target is qnorm_int:
+        shift = unsigned and args[13] == "int8"
+        args[12] = 128 if shift else 0
+        if shifted_input:
+            args[1] = args[1] + 128
+    elif node.target is qresize:
         shift = unsigned and args[10] == "int8"
         args[9] = 128 if shift else 0
         if shifted_input:
@@ -345,7 +427,7 @@ def _const_float(gm: fx.GraphModule, node) -> torch.Tensor | None:
 def _fuse_means(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or op_name(node) not in ("mean", "adaptive_avg_pool2d") or len(node.args) < 2:
+        if node.op != "call_function" or op_name(node) not in ops_tagged("integer_mean") or len(node.args) < 2:
             continue
         if op_name(node) == "adaptive_avg_pool2d" and [int(v) for v in node.args[1]] != [1, 1]:
             continue  # a windowed pool: onnxruntime's QLinearAveragePool
@@ -382,6 +464,100 @@ def _fuse_means(gm: fx.GraphModule) -> None:
         graph.erase_node(node)
 
 
+NORM_FRAC_BITS = 20
+"""Fixed-point bits of the integer norm's per-channel gain and offset (fewer when int64 would overflow)."""
+
+
+def _fuse_norm_int(gm, node, x, dims, groups, n, const, gamma, beta, shape, name) -> bool:
+    """Replace ``DQ -> norm -> Q`` by :func:`qnorm_int` when int64 holds every intermediate."""
+    qy = _single_q_user(node)
+    if qy is None:
+        return False
+    y_qp = tuple(qy.args[1:])
+    s_y = float(y_qp[0])
+    span = int(x.args[5]) - int(x.args[4])
+    d_max = n * span  # |N x - S1|
+    v_max = n * n * span * span + math.ceil(const)
+    root_bits = max(0, min(8, int((61 - math.log2(max(v_max, 2))) // 2)))
+    r_max = math.isqrt(v_max * 4 ** root_bits) + 1
+    channels = int(math.prod(shape))
+    g = gamma.reshape(-1) if gamma is not None else torch.ones(channels, dtype=torch.float64)
+    b = beta.reshape(-1) if beta is not None else torch.zeros(channels, dtype=torch.float64)
+    ratio = max(float(g.abs().max()), 1e-12) / s_y
+    bias_ratio = float(b.abs().max()) / s_y + 1
+    frac = NORM_FRAC_BITS
+    while frac >= 8 and (d_max * ratio * 2 ** (frac + root_bits) + bias_ratio * 2 ** frac * r_max >= 2 ** 62
+                         or r_max * 2 ** frac >= 2 ** 62):
+        frac -= 1
+    if frac < 8:
+        return False  # int64 would overflow: the double-precision path below
+    gain = (torch.round(g / s_y * 2 ** frac).to(torch.int64) * 2 ** root_bits).reshape(shape)
+    offset = torch.round(b / s_y * 2 ** frac).to(torch.int64).reshape(shape)
+    graph = gm.graph
+    with graph.inserting_before(qy):
+        gn = graph.get_attr(set_attr_tensor(gm, f"{node.name}_gain", gain, param=False))
+        on = graph.get_attr(set_attr_tensor(gm, f"{node.name}_offset", offset, param=False))
+        fused = graph.call_function(qnorm_int, (x.args[0], int(x.args[2]), dims, groups, int(round(const)),
+                                                root_bits, gn, on, frac, int(y_qp[1]), int(y_qp[3]), int(y_qp[4]),
+                                                0, y_qp[5]))
+    fused.meta["val"] = qy.meta.get("val")
+    fused.meta.update(qb_source_node=node.name, qb_kernel=f"integer {name}", qb_source_op=name,
+                      qb_qparams=(tuple(x.args[1:]), y_qp))
+    qy.replace_all_uses_with(fused)
+    graph.erase_node(qy)
+    graph.erase_node(node)
+    return True
+
+
+def _requant_ratio(s_x: float, s_y: float, extra_shift: int) -> tuple[int, int]:
+    """Integers ``num, den`` with ``num / den == s_x / (2^extra_shift s_y)`` exactly."""
+    x_shift, x_mult = _rational(s_x)
+    y_shift, y_mult = _rational(s_y)
+    num, den = x_mult, y_mult << extra_shift
+    if x_shift >= y_shift:
+        den <<= x_shift - y_shift
+    else:
+        num <<= y_shift - x_shift
+    return num, den
+
+
+def _fuse_resizes(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or op_name(node) != "upsample_bilinear2d":
+            continue
+        x, qy = node.args[0], _single_q_user(node)
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not _act_dq(x) or qy is None or val is None or val.dim() != 4 or isinstance(x.args[1], fx.Node):
+            continue
+        h, w = int(val.shape[2]), int(val.shape[3])
+        with torch.no_grad():
+            basis_h = torch.eye(h).reshape(h, 1, h, 1).expand(h, 1, h, w).contiguous()
+            basis_w = torch.eye(w).reshape(w, 1, 1, w).expand(w, 1, h, w).contiguous()
+            rows = node.target(basis_h, *node.args[1:], **node.kwargs)[:, 0, :, 0].transpose(0, 1)
+            cols = node.target(basis_w, *node.args[1:], **node.kwargs)[:, 0, 0, :].transpose(0, 1)
+        scale = 2 ** RESIZE_WEIGHT_BITS
+        rows_i = torch.round(rows.double() * scale).to(torch.int64)
+        cols_i = torch.round(cols.double() * scale).to(torch.int64)
+        num, den = _requant_ratio(float(x.args[1]), float(qy.args[1]), 2 * RESIZE_WEIGHT_BITS)
+        span = int(x.args[5]) - int(x.args[4])
+        acc_max = span * int(rows_i.abs().sum(1).max()) * int(cols_i.abs().sum(1).max())
+        if acc_max * num >= 2 ** 62 or den >= 2 ** 62:
+            continue  # int64 would overflow: left in float (coverage names it)
+        y_qp = tuple(qy.args[1:])
+        with graph.inserting_before(qy):
+            rn = graph.get_attr(set_attr_tensor(gm, f"{node.name}_rows", rows_i, param=False))
+            cn = graph.get_attr(set_attr_tensor(gm, f"{node.name}_cols", cols_i, param=False))
+            fused = graph.call_function(qresize, (x.args[0], int(x.args[2]), rn, cn, num, den, int(y_qp[1]),
+                                                  int(y_qp[3]), int(y_qp[4]), 0, y_qp[5]))
+        fused.meta["val"] = qy.meta.get("val")
+        fused.meta.update(qb_source_node=node.name, qb_kernel="integer bilinear resize", qb_source_op=op_name(node),
+                          qb_qparams=(tuple(x.args[1:]), y_qp))
+        qy.replace_all_uses_with(fused)
+        graph.erase_node(qy)
+        graph.erase_node(node)
+
+
 def _fuse_norms(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
@@ -410,6 +586,8 @@ def _fuse_norms(gm: fx.GraphModule) -> None:
             continue
         scale = float(x.args[1])
         const = eps * n * n / (scale * scale)
+        if _fuse_norm_int(gm, node, x, dims, groups, n, const, gamma, beta, shape, name):
+            continue
         with graph.inserting_before(node):
             g = graph.get_attr(set_attr_tensor(gm, f"{node.name}_gamma", gamma.reshape(shape), param=False)) \
                 if gamma is not None else None
@@ -432,6 +610,7 @@ def fuse_nonlinear_kernels(gm: fx.GraphModule) -> fx.GraphModule:
     _fuse_luts(gm)
     _fuse_softmax(gm)
     _fuse_means(gm)
+    _fuse_resizes(gm)
     _fuse_norms(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -13,7 +13,12 @@ from torch import fx
 
 from quantbench.engine.graph import conv_groups, finish_graph, get_attr_tensor, op_name, set_attr_tensor
 from quantbench.engine.ops import ops_of_kind, ops_tagged
-from quantbench.engine.passes.fold import decompose_sdpa, fold_layer_scale, fold_shape_constants
+from quantbench.engine.passes.fold import (
+    decompose_sdpa,
+    fold_constants,
+    fold_layer_scale,
+    fold_shape_constants,
+)
 
 __all__ = [
     "functionalize_inplace",
@@ -227,9 +232,9 @@ def sub_to_add(gm: fx.GraphModule) -> fx.GraphModule:
     return finish_graph(gm)
 
 
-PREQUANT_PTQ = (functionalize_inplace, remove_dropout, fold_shape_constants, decompose_sdpa, fold_bn,
+PREQUANT_PTQ = (functionalize_inplace, remove_dropout, fold_constants, decompose_sdpa, fold_bn,
                 fold_layer_scale, bn_to_affine, lift_scalar_constants, sub_to_add)
-PREQUANT_PTQ_KEEP_BN = (functionalize_inplace, remove_dropout, fold_shape_constants, decompose_sdpa,
+PREQUANT_PTQ_KEEP_BN = (functionalize_inplace, remove_dropout, fold_constants, decompose_sdpa,
                         fold_layer_scale, lift_scalar_constants, sub_to_add)
 # QAT keeps dropout (switched by quantbench.engine.qat), BatchNorm and layer scale (gamma is trained); the
 # quantizer appends passes.qat_bn.simulate_bn_folding to this list.
