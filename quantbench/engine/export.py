@@ -127,7 +127,7 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
             shifted.add(node)  # moves shifted integers (a token-wise linear's reshape back)
             continue
         if node.op == "call_function" and node.target in NONLINEAR_KERNELS:
-            if export_offsets(node, node.args[0] in shifted, unsigned_activations):
+            if export_offsets(gm, node, node.args[0] in shifted, unsigned_activations):
                 shifted.add(node)
             continue
         if node.op != "call_function" or node.target not in (quantize, dequantize):
@@ -192,19 +192,40 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
     try:
         with quiet_pytree_copies():  # the exporter copies the program's pytree specs (see there)
             program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        external_data=False, verbose=False,
+                                        external_data=False, verbose=False, optimize=False,
                                         custom_translation_table=EXPORT_TRANSLATIONS, **kwargs)
     except ExportError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export failed ({type(exc).__name__}: {first})") from exc
+    _light_optimize(program.model)
     program.save(str(path))
     model_proto = onnx.load(str(path))
     if unique_dequantize_per_consumer(model_proto):
         onnx.save(model_proto, str(path))
     onnx.checker.check_model(str(path))
     return path
+
+
+def _light_optimize(model) -> None:
+    """The exporter's clean-up without its pattern rewriter (in place, an ``onnx_ir`` model).
+
+    Inline functions, fold constants (``chunk`` exports as SplitToSequence / SequenceAt, which
+    folding turns into one Split), drop dead nodes, lift constants to initializers and share
+    identical ones. The exporter's default optimizer adds a rewrite pass whose pattern matching
+    grows with the graph: half of a transformer's export time, for nothing onnxruntime does not
+    do itself at session start.
+    """
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer as optimizer
+
+    optimizer.inline(model)
+    optimizer.fold_constants(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common.DeduplicateInitializersPass()(model)
+    common.RemoveUnusedNodesPass()(model)
 
 
 def unique_dequantize_per_consumer(model: onnx.ModelProto) -> int:

@@ -58,6 +58,7 @@ QUANT_INT_TYPES = frozenset({TensorProto.INT8, TensorProto.UINT8, TensorProto.IN
                              TensorProto.INT32, TensorProto.UINT32, TensorProto.INT4, TensorProto.UINT4})
 
 BOUNDARY = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+SHAPE_ONLY = frozenset({"Shape", "Size"})
 INTEGER_KERNELS = frozenset({"QGemm", "QAttention", "QEmbedLayerNormalization", "ConvInteger", "MatMulInteger",
                              "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
 MOVEMENT = frozenset({
@@ -251,6 +252,9 @@ def classify(model: onnx.ModelProto) -> OnnxCoverage:
             continue
         if op in BOUNDARY:
             boundary += 1
+            continue
+        if op in SHAPE_ONLY:
+            movement += 1  # reads a tensor's shape, never its values
             continue
         name = node.name or node.output[0]
         if _is_integer_kernel(op):

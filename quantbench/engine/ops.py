@@ -155,7 +155,7 @@ register_op_kind("norm", "batch_norm")
 # Value-preserving: output values are a subset / rearrangement of input values.
 register_op_kind("shared", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d",
                  "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "constant_pad_nd",
-                 "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
+                 "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "pad", "roll", "flip")
 register_op_kind("passthrough", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
                  "transpose", "t", "squeeze", "unsqueeze", "slice", "select", "narrow", "contiguous",
                  "clone", "expand", "alias", "detach", "getitem", "identity")

@@ -56,11 +56,13 @@ def _storage(dtype: str, off: int) -> torch.dtype:
     return torch.uint8 if off else DTYPES[dtype].storage
 
 
-def qlut(q: torch.Tensor, table: torch.Tensor, in_base: int, out_off: int, out_dtype: str) -> torch.Tensor:
-    """Look up ``table[q - in_base]`` (int32 table) and store it, shifted by ``out_off``."""
-    idx = q.to(torch.int64) - in_base
-    y = torch.index_select(table, 0, idx.reshape(-1)).reshape(q.shape)
-    return (y + out_off).to(_storage(out_dtype, out_off))
+def qlut(q: torch.Tensor, table: torch.Tensor, in_base: int) -> torch.Tensor:
+    """Look up ``table[q - in_base]``; the table holds the output integers in their storage type
+    (one ONNX ``GatherND`` on integers)."""
+    idx = q.to(torch.int64)
+    if in_base:
+        idx = idx - in_base
+    return table[idx]
 
 
 @torch.library.custom_op("quantbench::floor_div", mutates_args=())
@@ -230,7 +232,7 @@ RESIZE_WEIGHT_BITS = 12
 NONLINEAR_KERNELS = (qlut, qsoftmax, qmean, qnorm, qnorm_int, qresize)
 
 
-def export_offsets(node: fx.Node, shifted_input: bool, unsigned: bool) -> bool:
+def export_offsets(gm: fx.GraphModule, node: fx.Node, shifted_input: bool, unsigned: bool) -> bool:
     """Rewrite a kernel node's offsets for export (in place); returns whether its output is shifted.
 
     ``shifted_input``: the kernel's integer input is exported as uint8 + 128;
@@ -238,11 +240,14 @@ def export_offsets(node: fx.Node, shifted_input: bool, unsigned: bool) -> bool:
     """
     args = list(node.args)
     if node.target is qlut:
-        out_dtype = args[4]
         if shifted_input:
             args[2] = args[2] + 128
-        shift = unsigned and out_dtype == "int8"
-        args[3] = 128 if shift else 0
+        table = get_attr_tensor(gm, args[1].target)
+        shift = unsigned and table.dtype == torch.int8
+        if shift:  # int8 outputs are written as uint8 + 128: so are the table's entries
+            with gm.graph.inserting_before(node):
+                args[1] = gm.graph.get_attr(set_attr_tensor(
+                    gm, f"{args[1].target}_u8", (table.to(torch.int16) + 128).to(torch.uint8), param=False))
     elif node.target is qsoftmax:
         shift = unsigned and args[9] == "int8"
         args[8] = 128 if shift else 0
@@ -347,10 +352,10 @@ def _fuse_luts(gm: fx.GraphModule) -> None:
             y = fn(dequantize(levels.to(DTYPES[x_qp[5]].storage), *x_qp)).float()
         if y.shape != levels.shape:
             continue  # not elementwise after all
-        table = quantize(y, *y_qp).to(torch.int32)
+        table = quantize(y, *y_qp)  # in the output's storage type
         with graph.inserting_before(qy):
             tnode = graph.get_attr(set_attr_tensor(gm, f"{node.name}_table", table, param=False))
-            fused = graph.call_function(qlut, (dqx.args[0], tnode, int(x_qp[3]), 0, y_qp[5]))
+            fused = graph.call_function(qlut, (dqx.args[0], tnode, int(x_qp[3])))
         fused.meta["val"] = qy.meta.get("val")
         fused.meta.update(qb_source_node=node.name, qb_kernel=f"table of {op_name(node)}", qb_source_op=op_name(node), qb_qparams=(x_qp, y_qp))
         qy.replace_all_uses_with(fused)
