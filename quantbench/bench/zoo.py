@@ -5,12 +5,13 @@ Run with ``python -m quantbench.bench.zoo --out reports/bench/zoo.md`` (a line o
 smallest size and a small input, with random weights (``pretrained=False``, no
 downloads) whose BatchNorm statistics are re-estimated on random data, and for
 each preset: capture -> quantize (calibrated on random batches) -> coverage as
-annotated (:meth:`ModelQuantizer.coverage`) and as exported (the nodes of
+the engine reports it (:meth:`ModelQuantizer.coverage`: a node counts when the
+frozen graph computes it with an integer kernel) and as exported (the nodes of
 onnxruntime's optimised graph that compute in float,
 :func:`quantbench.engine.onnx_coverage.onnx_float_nodes`) -> freeze -> QDQ
-ONNX -> parity (:func:`quantbench.engine.check.compare`). The two coverages
-differ where onnxruntime has no integer kernel for what the engine annotated
-(a SiLU exported as Sigmoid + Mul, LayerNorm, GELU, an Add feeding a Relu).
+ONNX -> parity (:func:`quantbench.engine.check.compare`). The engine's count is
+of the captured graph's ops, the export's of onnxruntime's nodes after fusion, so
+the totals differ; the float counts must agree (both zero when all is integer).
 A stage that fails ends its row with the error's first line; the benchmark
 goes on. The rows are also written as JSON next to the markdown.
 """
@@ -273,7 +274,8 @@ def render(rows: list[dict], env: dict, families: list[str], minutes: float) -> 
         "--out reports/bench/zoo.md` (`--families resnet,vit --presets int8_float` for a subset, "
         "`--threads`, `--batches`).",
         "",
-        "* **annotated**: compute ops quantized per the engine's annotation (`quantizer.coverage`).",
+        "* **engine**: compute ops of the captured graph that the frozen graph computes with integer kernels "
+        "(`quantizer.coverage`).",
         "* **export**: compute nodes that run on integers in onnxruntime's optimised graph (CPU provider, "
         "ORT_ENABLE_EXTENDED: every QDQ fusion) / all its compute nodes; **float**: how many compute in "
         "float (`quantbench.engine.onnx_coverage.onnx_float_nodes`; data movement and Q/DQ are not compute).",
@@ -281,7 +283,7 @@ def render(rows: list[dict], env: dict, families: list[str], minutes: float) -> 
         "**SQNR**: onnxruntime output vs the float model (low: random weights amplify quantization noise).",
         "* **pipeline**: capture + quantize + freeze + QDQ export, seconds (the capture is shared by the presets).",
         "",
-        "| family | model | input | preset | annotated | export | float | max LSB | top-1 agree % | SQNR dB "
+        "| family | model | input | preset | engine | export | float | max LSB | top-1 agree % | SQNR dB "
         "| pipeline s | float compute nodes / error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_table_row(r) for r in rows),
