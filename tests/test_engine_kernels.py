@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
 from quantbench.engine.passes.integer import qadd, qlinear, qmatmul, qmul
-from quantbench.engine.passes.nonlinear import isqrt, qlut, qmean, qnorm_int, qsoftmax
+from quantbench.engine.passes.nonlinear import isqrt, qlut, qmean, qnorm, qnorm_int, qsoftmax
 from quantbench.engine.targets import check_hardware
 
 
@@ -216,3 +216,50 @@ def test_bilinear_resize_is_integer_and_exact(tmp_path):
         frozen = quantizer.freeze(qmodel)
         path = export_onnx(frozen, (x,), tmp_path / f"{preset}.onnx")
         assert check.compare(path, frozen, batches(3, (8, 3, 10, 12), 5)).max_lsb_err == 0.0
+
+
+def test_norm_fallback_is_exact_and_named(tmp_path, monkeypatch):
+    """Where int64 cannot hold the integer norm (forced here), LayerNorm takes integer statistics and a
+    double-precision normalization: still 0 LSB, and both coverage reports name the float step."""
+    from quantbench.engine.onnx_coverage import onnx_float_nodes
+    from quantbench.engine.passes import nonlinear
+
+    monkeypatch.setattr(nonlinear, "NORM_FRAC_BITS", 7)  # below the 8 bits the integer norm needs
+    _, quantizer, qmodel, frozen, report = _pipeline(TinyViT, "int8_float", tmp_path)
+    assert report.max_lsb_err == 0.0 and report.top1_agreement == 100.0, report
+    assert _targets(frozen).count(qnorm) == 3
+    cov = quantizer.coverage(qmodel)
+    assert {op for _, op, _ in cov.float_nodes} == {"layer_norm"} and len(cov.float_nodes) == 3
+    assert all("double precision" in reason for *_, reason in cov.float_nodes)
+    onnx_cov = onnx_float_nodes(tmp_path / "TinyViT.onnx")
+    assert set(onnx_cov.float_op_counts()) == _ONNX_FLOAT_FORM["layer_norm"]
+    assert onnx_cov.float_op_counts()["Sqrt"] == 3
+
+
+def test_swin_window_moves_are_integer(tmp_path):
+    """Swin's shifted windows: pad, roll and the window reshapes move integers; LayerNorm after them
+    is the integer norm. Whole graph, 0 LSB."""
+    import torch.nn.functional as F
+
+    class Shifted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv2d(3, 8, 2, 2)
+            self.norm = torch.nn.LayerNorm(8)
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.embed(x).permute(0, 2, 3, 1)  # B, H, W, C
+            y = F.pad(y, (0, 0, 0, 1, 0, 1))
+            y = torch.roll(y, shifts=(-1, -1), dims=(1, 2))
+            b, h, w, c = y.shape
+            win = y.reshape(b, h // 3, 3, w // 3, 3, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 9, c)
+            return self.fc(self.norm(win))
+
+    x = torch.randn(8, 3, 10, 10)
+    quantizer = ModelQuantizer(presets.get("int8_float"))
+    qmodel = quantizer.quantize_model(capture(Shifted().eval(), (x,)), [x])
+    assert quantizer.coverage(qmodel).float_nodes == []
+    frozen = quantizer.freeze(qmodel)
+    path = export_onnx(frozen, (x,), tmp_path / "shifted.onnx")
+    assert check.compare(path, frozen, batches(3, (8, 3, 10, 10), 4)).max_lsb_err == 0.0

@@ -331,8 +331,9 @@ def _frozen_float_nodes(qmodel: fx.GraphModule, target) -> dict[str, str]:
 
     Keyed by the fake-quant graph's node name (a fused kernel names its source op). A node is float
     when freeze found no integer kernel for it: the export writes ``DQ -> op -> Q`` and onnxruntime
-    runs the op on floats. LayerNorm / GroupNorm are the documented exception: integer statistics,
-    then a double-precision normalization (:mod:`quantbench.engine.passes.nonlinear`).
+    runs the op on floats. A norm too large for the int64 integer norm falls back to integer
+    statistics and a double-precision normalization (:mod:`quantbench.engine.passes.nonlinear`):
+    exact, but float, and named so.
     """
     frozen = freeze_graph(qmodel, target=target)
     out: dict[str, str] = {}
@@ -341,8 +342,8 @@ def _frozen_float_nodes(qmodel: fx.GraphModule, target) -> dict[str, str]:
             continue
         if node.target is qnorm:
             out[node.meta.get("qb_source_node", node.name)] = (
-                f"{node.meta.get('qb_source_op', 'norm')}: integer statistics, the normalization in double "
-                "precision (ONNX has no integer square root); bit-exact, not integer")
+                f"{node.meta.get('qb_source_op', 'norm')}: too large for the int64 integer norm (or no quantizer "
+                "after it): integer statistics, the normalization in double precision; bit-exact, not integer")
             continue
         if op_kind(node) not in _COMPUTE_KINDS or op_name(node) in ops_tagged("ort_qlinear") or node.name in out:
             continue

@@ -4,8 +4,8 @@ A frozen graph computes ``DQ -> f -> Q`` for a non-linear ``f`` in float32, and
 onnxruntime computes it with its own float kernels (or its own integer
 approximation, e.g. QLinearSigmoid, QLinearSoftmax): the two round differently,
 and one flipped integer grows through the network. Each kernel here replaces
-such a pattern with arithmetic that the ONNX export writes as integer ops (or,
-for the normalizations, IEEE-exact double ops), so the frozen torch graph and
+such a pattern with arithmetic that the ONNX export writes as integer ops, so the
+frozen torch graph and
 onnxruntime run the *same* arithmetic and agree to the bit:
 
 * :func:`qlut`: any elementwise function of one per-tensor quantized tensor
@@ -19,17 +19,20 @@ onnxruntime run the *same* arithmetic and agree to the bit:
   as an exact rational in int64 (``s_y = m * 2^E``): no float op at all.
 * :func:`qmean`: a mean (global pooling, token pooling) as an exact integer sum and an exact
   rational requantization, ``round_half_even(sum * s_x / (N * s_y))``.
-* :func:`qnorm`: LayerNorm and GroupNorm from exact integer statistics
-  (``S1 = sum(x)``, ``V = N * sum(x^2) - S1^2`` in int64). ONNX has no integer
-  square root, so the normalization ``D / sqrt(V + c) * gamma + beta`` runs in
-  double precision: every step is one correctly rounded IEEE operation, the
-  same bits in torch and onnxruntime. This is the engine's one documented
-  float step (the coverage reports name it).
+* :func:`qnorm_int`: LayerNorm and GroupNorm in integer arithmetic only: exact statistics
+  (``S1 = sum(x)``, ``V = N * sum(x^2) - S1^2`` in int64), an integer square root
+  (:func:`isqrt`: Newton steps on integers) and a fixed-point per-channel affine.
+* :func:`qresize`: a bilinear resize as two integer matrix products (fixed-point
+  interpolation weights) and the exact rational requantization of :func:`qmean`.
+* :func:`qnorm`: the norms' fallback where int64 would overflow (a huge normalized
+  extent) or no quantizer follows: exact integer statistics, then a double-precision
+  normalization ``D / sqrt(V + c) * gamma + beta``, every step one correctly rounded IEEE
+  operation, the same bits in torch and onnxruntime, but float: coverage names it.
 
-Every kernel takes the input's export offset ``in_off`` and writes with
-``out_off`` (int8 activations are exported as uint8 with zero point + 128,
-see :mod:`quantbench.engine.export`); the frozen graph uses 0 for both, the
-export sets them, so the same function is what the exporter traces.
+Int8 activations are exported as uint8 with zero point + 128 (see
+:mod:`quantbench.engine.export`): :func:`export_offsets` moves each kernel's input
+zero point and output offset (or its table) into that domain, so the same function
+is what the frozen graph runs and what the exporter traces.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from quantbench.engine.ops import ops_of_kind, ops_tagged
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
-__all__ = ["qlut", "qsoftmax", "qmean", "qnorm", "qnorm_int", "qresize", "isqrt", "fuse_nonlinear_kernels", "SOFTMAX_EXP_BITS",
-           "NONLINEAR_KERNELS", "export_offsets", "EXPORT_TRANSLATIONS", "floor_div"]
+__all__ = ["qlut", "qsoftmax", "qmean", "qnorm", "qnorm_int", "qresize", "isqrt", "fuse_nonlinear_kernels",
+           "SOFTMAX_EXP_BITS", "NONLINEAR_KERNELS", "export_offsets", "EXPORT_TRANSLATIONS", "floor_div"]
 
 SOFTMAX_EXP_BITS = 16
 """Fixed-point bits of the softmax exp table: entries ``round(exp(-k s_x) 2^16)``."""
