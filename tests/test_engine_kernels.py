@@ -263,3 +263,7 @@ def test_swin_window_moves_are_integer(tmp_path):
     frozen = quantizer.freeze(qmodel)
     path = export_onnx(frozen, (x,), tmp_path / "shifted.onnx")
     assert check.compare(path, frozen, batches(3, (8, 3, 10, 10), 4)).max_lsb_err == 0.0
+    from quantbench.engine.onnx_coverage import onnx_float_nodes
+
+    cov = onnx_float_nodes(path)  # the pad, the roll (Slice + Concat) and the windows move integers
+    assert cov.float_nodes == [] and cov.float_movement == [], str(cov)

@@ -21,8 +21,8 @@ from torch import fx
 
 from quantbench.engine.errors import CaptureError, ExportError, example_tuple
 from quantbench.engine.finite import check_finite_qdq
-from quantbench.engine.graph import copy_graph, get_attr_tensor, quiet_pytree_copies, set_attr_tensor
-from quantbench.engine.ops import op_kind
+from quantbench.engine.graph import copy_graph, get_attr_tensor, op_name, quiet_pytree_copies, set_attr_tensor
+from quantbench.engine.ops import op_kind, ops_tagged
 from quantbench.engine.passes.integer import expand_integer_kernels, int_clamp
 from quantbench.engine.passes.nonlinear import EXPORT_TRANSLATIONS, NONLINEAR_KERNELS, export_offsets
 from quantbench.engine.qdq import dequantize, quantize
@@ -110,6 +110,95 @@ def _shift_constant(gm: fx.GraphModule, x: fx.Node) -> fx.Node:
     return x
 
 
+_MOVEMENT_KINDS = ("passthrough", "tuple_passthrough", "shared")
+
+
+def _pad_value_arg(node: fx.Node) -> int | None:
+    """Position of a constant pad's value argument (None for reflect / replicate / circular pads)."""
+    if op_name(node) == "constant_pad_nd":
+        return 2
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    return 3 if mode == "constant" else None
+
+
+def _with_pad_value(node: fx.Node, args: list, value) -> list:
+    """``args`` of a constant pad with its value set (a missing mode is 'constant')."""
+    pos = _pad_value_arg(node)
+    defaults = [None, None, 0.0] if op_name(node) == "constant_pad_nd" else [None, None, "constant", None]
+    args = list(args) + defaults[len(args):]
+    args[pos] = value
+    return args
+
+
+def _shift_pad_value(node: fx.Node) -> None:
+    pos = _pad_value_arg(node)
+    if pos is not None:
+        current = node.args[pos] if len(node.args) > pos else None
+        node.args = tuple(_with_pad_value(node, list(node.args), int(current or 0) + 128))
+
+
+def _sinkable(node: fx.Node) -> bool:
+    """A value-preserving op reading a per-tensor dequantize: it can move the integers instead."""
+    if node.op != "call_function" or not node.args or not _is_dq(node.args[0]):
+        return False
+    if any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        return False
+    dq = node.args[0]
+    if dq.args[3] is not None or isinstance(dq.args[1], fx.Node):
+        return False
+    kind = op_kind(node)
+    if kind == "tuple_passthrough":
+        return all(op_name(u) == "getitem" for u in node.users)
+    return (kind == "passthrough" and op_name(node) != "getitem") or op_name(node) in ops_tagged("integer_movement")
+
+
+def _is_dq(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is dequantize
+
+
+def sink_dequantize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Move every per-tensor DequantizeLinear below the value-preserving ops that read it (in place).
+
+    ``DQ -> reshape / split / pad / roll ... -> op`` becomes ``reshape / split ... -> DQ -> op``:
+    the same values (these ops commute with ``(q - z) * s``), but the movement runs on integers,
+    which onnxruntime otherwise leaves in float around a Split, a Pad or a roll's Slice + Concat.
+    A constant pad pads with the zero point's integer grid value. Idempotent.
+    """
+    graph = gm.graph
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if not _sinkable(node):
+                continue
+            dq = node.args[0]
+            args = list(node.args)
+            args[0] = dq.args[0]
+            if op_name(node) in ops_tagged("pad") and (pos := _pad_value_arg(node)) is not None:
+                value = float((args[pos] if len(args) > pos else None) or 0.0)
+                args = _with_pad_value(node, args, int(quantize(torch.tensor(value), *dq.args[1:])))
+            with graph.inserting_before(node):
+                moved = graph.call_function(node.target, tuple(args), dict(node.kwargs))
+            if op_kind(node) == "tuple_passthrough":
+                for user in list(node.users):
+                    with graph.inserting_before(user):
+                        part = graph.call_function(user.target, (moved, *user.args[1:]))
+                        new = graph.call_function(dequantize, (part, *dq.args[1:]))
+                    user.replace_all_uses_with(new)
+                    graph.erase_node(user)
+            else:
+                with graph.inserting_before(node):
+                    new = graph.call_function(dequantize, (moved, *dq.args[1:]))
+                new.meta["val"] = node.meta.get("val")
+                node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            changed = True
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
 def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -> fx.GraphModule:
     ops = _decomposed_ops()
     shifted: set[fx.Node] = set()
@@ -122,9 +211,11 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
             if offset:
                 shifted.add(node)
             continue
-        if node.op == "call_function" and op_kind(node) in ("passthrough", "shared") and node.args \
+        if node.op == "call_function" and op_kind(node) in _MOVEMENT_KINDS and node.args \
                 and node.args[0] in shifted:
-            shifted.add(node)  # moves shifted integers (a token-wise linear's reshape back)
+            shifted.add(node)  # moves shifted integers (a reshape, a window roll, a split)
+            if op_name(node) in ops_tagged("pad"):  # the pad value is an integer of the shifted grid too
+                _shift_pad_value(node)
             continue
         if node.op == "call_function" and node.target in NONLINEAR_KERNELS:
             if export_offsets(gm, node, node.args[0] in shifted, unsigned_activations):
@@ -182,7 +273,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(model, fx.GraphModule):
-        model = _swap_to_decomposed(expand_integer_kernels(copy_graph(model)), unsigned_activations)
+        model = _swap_to_decomposed(sink_dequantize(expand_integer_kernels(copy_graph(model))), unsigned_activations)
         model.training = False  # exported graphs refuse .eval(); the flag is what the exporter reads
     dynamic_shapes = None
     if dynamic_batch:

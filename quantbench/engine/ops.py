@@ -39,6 +39,9 @@ op is declared once::
                        kernel (QLinearAveragePool / QLinearGlobalAveragePool); a global one is the engine's
                        integer mean once frozen
     integer_mean       mean, adaptive_avg_pool2d: a global one is an integer mean once frozen (passes/nonlinear.qmean)
+    integer_movement   pad, roll, flip, pixel / channel shuffles, repeat: value-preserving ops that torch also
+                       runs on integer tensors (the export moves integers through them, not floats)
+    pad                constant_pad_nd, pad: a constant pad's value moves to the integer grid with the data
     shape_query        sym_size, sym_numel, ...: a dimension (a plain number when the shape is static)
     stat_norm          layer_norm, group_norm: normalized by the tensor's own statistics (passes/nonlinear.qnorm)
 
@@ -154,11 +157,14 @@ register_op_kind("norm", "layer_norm", "group_norm", tags=("stat_norm",))
 register_op_kind("norm", "batch_norm")
 # Value-preserving: output values are a subset / rearrangement of input values.
 register_op_kind("shared", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d",
-                 "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "constant_pad_nd",
-                 "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "pad", "roll", "flip")
+                 "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d")
+register_op_kind("shared", "constant_pad_nd", "pad", tags=("integer_movement", "pad"))
+register_op_kind("shared", "roll", "flip", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "repeat", "tile",
+                 tags=("integer_movement",))
 register_op_kind("passthrough", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
                  "transpose", "t", "squeeze", "unsqueeze", "slice", "select", "narrow", "contiguous",
-                 "clone", "expand", "alias", "detach", "getitem", "identity")
+                 "clone", "expand", "alias", "detach", "getitem", "identity", "reshape_as", "view_as",
+                 "expand_as", "movedim", "swapaxes", "swapdims")
 # Shape arithmetic (a dynamic batch size): no tensor values, nothing to quantize.
 register_op_kind("shape", "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", tags=("shape_query",))
 register_op_kind("shape", "_assert_scalar", "_assert_tensor_metadata")
