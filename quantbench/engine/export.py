@@ -206,7 +206,7 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
         if node.op == "call_function" and node.target is int_clamp:
             src, lo, hi = node.args
             offset = 128 if src in shifted else 0
-            node.target = torch.ops.aten.clamp.default
+            node.target = torch.ops.quantbench.int_clip.default
             node.args = (src, lo + offset, hi + offset)
             if offset:
                 shifted.add(node)

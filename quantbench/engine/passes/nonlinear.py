@@ -49,7 +49,7 @@ from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
 __all__ = ["qlut", "qsoftmax", "qmean", "qnorm", "qnorm_int", "qresize", "isqrt", "fuse_nonlinear_kernels",
-           "SOFTMAX_EXP_BITS", "NONLINEAR_KERNELS", "export_offsets", "EXPORT_TRANSLATIONS", "floor_div"]
+           "SOFTMAX_EXP_BITS", "NONLINEAR_KERNELS", "export_offsets", "EXPORT_TRANSLATIONS", "floor_div", "int_clip"]
 
 SOFTMAX_EXP_BITS = 16
 """Fixed-point bits of the softmax exp table: entries ``round(exp(-k s_x) 2^16)``."""
@@ -90,7 +90,26 @@ def _floor_div_onnx(num, den):
     return op.Div(num, den)
 
 
-EXPORT_TRANSLATIONS = {torch.ops.quantbench.floor_div.default: _floor_div_onnx}
+@torch.library.custom_op("quantbench::int_clip", mutates_args=())
+def int_clip(q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Clamp on the integer grid, an op of its own so the ONNX export writes one ``Clip`` in the
+    tensor's type (the exporter's integer ``clamp`` becomes ``Max`` + ``Min``: two passes)."""
+    return torch.clamp(q, lo, hi)
+
+
+@int_clip.register_fake
+def _(q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _int_clip_onnx(q, lo: int, hi: int):
+    from onnxscript import opset18 as op
+
+    return op.Clip(q, op.CastLike(lo, q), op.CastLike(hi, q))
+
+
+EXPORT_TRANSLATIONS = {torch.ops.quantbench.floor_div.default: _floor_div_onnx,
+                       torch.ops.quantbench.int_clip.default: _int_clip_onnx}
 """ONNX translations of this module's own ops, for ``torch.onnx.export(custom_translation_table=...)``."""
 
 
