@@ -4,32 +4,15 @@ against onnxruntime, whole graph, and what the coverage report says about them."
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from engine_models import TinyEfficientNet, TinyViT, batches, reestimate_bn
-from onnx import TensorProto, helper, numpy_helper
+from test_integer_kernels import qdq_binary_session
 
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
 from quantbench.engine.passes.integer import qadd, qlinear, qmatmul, qmul
 from quantbench.engine.passes.nonlinear import isqrt, qlut, qmean, qnorm, qnorm_int, qsoftmax
 from quantbench.engine.targets import check_hardware
-
-
-def _qlinear_mul_session(sa, sb, sc, za, zb, zc):
-    t = TensorProto.UINT8
-    inputs = [helper.make_tensor_value_info(n, t, [None]) for n in ("a", "b")]
-    out = helper.make_tensor_value_info("c", t, [None])
-    init = [numpy_helper.from_array(np.array(v, dtype=np.float32), n) for v, n in ((sa, "sa"), (sb, "sb"), (sc, "sc"))]
-    init += [numpy_helper.from_array(np.array(v, dtype=np.uint8), n) for v, n in ((za, "za"), (zb, "zb"), (zc, "zc"))]
-    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
-             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
-             helper.make_node("Mul", ["fa", "fb"], ["fc"]),
-             helper.make_node("QuantizeLinear", ["fc", "sc", "zc"], ["c"])]
-    model = helper.make_model(helper.make_graph(nodes, "mul", inputs, [out], init),
-                              opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -41,7 +24,7 @@ def test_qmul_matches_onnxruntime_on_every_pair(seed):
     za, zb, zc = (int(rng.integers(-20, 20)) for _ in range(3))
     a, b = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128))
     a, b = a.ravel().astype(np.int8), b.ravel().astype(np.int8)
-    sess = _qlinear_mul_session(sa, sb, sc, za + 128, zb + 128, zc + 128)
+    sess = qdq_binary_session(sa, sb, sc, za + 128, zb + 128, zc + 128, op="Mul")
     expected = sess.run(None, {"a": (a.astype(np.int16) + 128).astype(np.uint8),
                                "b": (b.astype(np.int16) + 128).astype(np.uint8)})[0].astype(np.int64) - 128
 

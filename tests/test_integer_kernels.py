@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from quantbench.engine.passes.integer import qadd
 
 
-def _qlinear_add_session(sa, sb, sc, za, zb, zc):
+def qdq_binary_session(sa, sb, sc, za, zb, zc, op="Add"):
+    """DQ(a), DQ(b) -> op -> Q on uint8 tensors: onnxruntime fuses it into its QLinear kernel."""
     t = TensorProto.UINT8
     inputs = [helper.make_tensor_value_info(n, t, [None]) for n in ("a", "b")]
     out = helper.make_tensor_value_info("c", t, [None])
@@ -20,9 +21,9 @@ def _qlinear_add_session(sa, sb, sc, za, zb, zc):
     init += [numpy_helper.from_array(np.array(v, dtype=np.uint8), n) for v, n in ((za, "za"), (zb, "zb"), (zc, "zc"))]
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
-             helper.make_node("Add", ["fa", "fb"], ["fc"]),
+             helper.make_node(op, ["fa", "fb"], ["fc"]),
              helper.make_node("QuantizeLinear", ["fc", "sc", "zc"], ["c"])]
-    model = helper.make_model(helper.make_graph(nodes, "add", inputs, [out], init),
+    model = helper.make_model(helper.make_graph(nodes, op.lower(), inputs, [out], init),
                               opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -36,7 +37,7 @@ def test_qadd_matches_onnxruntime_on_every_pair(seed):
     za, zb, zc = (int(rng.integers(-20, 20)) for _ in range(3))
     a, b = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128))
     a, b = a.ravel().astype(np.int8), b.ravel().astype(np.int8)
-    sess = _qlinear_add_session(sa, sb, sc, za + 128, zb + 128, zc + 128)
+    sess = qdq_binary_session(sa, sb, sc, za + 128, zb + 128, zc + 128)
     expected = sess.run(None, {"a": (a.astype(np.int16) + 128).astype(np.uint8),
                                "b": (b.astype(np.int16) + 128).astype(np.uint8)})[0].astype(np.int64) - 128
 

@@ -113,6 +113,17 @@ EXPORT_TRANSLATIONS = {torch.ops.quantbench.floor_div.default: _floor_div_onnx,
 """ONNX translations of this module's own ops, for ``torch.onnx.export(custom_translation_table=...)``."""
 
 
+def _store(y: torch.Tensor, y_zp: int, y_min: int, y_max: int, out_off: int, out_dtype: str) -> torch.Tensor:
+    """Integer results on the output grid: plus the zero point, saturated, offset for export, stored."""
+    y = torch.clamp(y + y_zp, y_min, y_max)
+    return (y + out_off).to(_storage(out_dtype, out_off))
+
+
+def _signed_div_half_even(num: torch.Tensor, den) -> torch.Tensor:
+    """:func:`_div_half_even` for any sign of ``num`` (half to even is symmetric around zero)."""
+    return _div_half_even(num.abs(), den) * torch.sign(num)
+
+
 def _div_half_even(num: torch.Tensor, den) -> torch.Tensor:
     """``round_half_even(num / den)`` for int64 ``num >= 0``, ``den > 0``: exact integer arithmetic."""
     den = torch.as_tensor(den, dtype=torch.int64, device=num.device) if not isinstance(den, torch.Tensor) else den
@@ -133,8 +144,7 @@ def qsoftmax(q: torch.Tensor, table: torch.Tensor, dim: int, num_shift: int, den
     e = torch.index_select(table, 0, d.reshape(-1)).reshape(q.shape)
     total = e.sum(dim, keepdim=True)
     y = _div_half_even(e * (2 ** num_shift), total * den_mult)
-    y = torch.clamp(y + y_zp, y_min, y_max)
-    return (y + out_off).to(_storage(out_dtype, out_off))
+    return _store(y, y_zp, y_min, y_max, out_off, out_dtype)
 
 
 def qmean(q: torch.Tensor, in_zp: int, dims: list[int], keepdim: bool, num_mult: int, den_mult: int, y_zp: int,
@@ -143,9 +153,21 @@ def qmean(q: torch.Tensor, in_zp: int, dims: list[int], keepdim: bool, num_mult:
     ``num_mult / den_mult == s_x / (N * s_y)`` (both scales are dyadic rationals); rounding is
     symmetric around zero, as half-to-even is."""
     total = (q.to(torch.int64) - in_zp).sum(dims, keepdim=keepdim)
-    y = _div_half_even(total.abs() * num_mult, den_mult) * torch.sign(total)
-    y = torch.clamp(y + y_zp, y_min, y_max)
-    return (y + out_off).to(_storage(out_dtype, out_off))
+    y = _signed_div_half_even(total * num_mult, den_mult)
+    return _store(y, y_zp, y_min, y_max, out_off, out_dtype)
+
+
+def _statistics(q: torch.Tensor, in_zp: int, dims: list[int], groups: int):
+    """``x = q - z`` (int64; ``[B, groups, -1]`` for GroupNorm), its exact sums ``S1``, ``S2`` over
+    the normalized extent, and that extent's size ``N``."""
+    x = q.to(torch.int64) - in_zp
+    if groups:
+        x = x.reshape(x.shape[0], groups, -1)
+    red = [-1] if groups else dims
+    n = 1
+    for d in red:
+        n = n * x.shape[d]
+    return x, x.sum(red, keepdim=True), (x * x).sum(red, keepdim=True), n
 
 
 def qnorm(q: torch.Tensor, in_zp: int, dims: list[int], groups: int, const: float, gamma: torch.Tensor | None,
@@ -155,18 +177,8 @@ def qnorm(q: torch.Tensor, in_zp: int, dims: list[int], groups: int, const: floa
 
     ``const = eps * N^2 / s_x^2``: the epsilon in the units of ``V = N * sum(x^2) - sum(x)^2``.
     """
-    x = q.to(torch.int64) - in_zp
+    x, s1, s2, n = _statistics(q, in_zp, dims, groups)
     shape = q.shape
-    if groups:
-        x = x.reshape(x.shape[0], groups, -1)
-        red = [-1]
-    else:
-        red = dims
-    n = 1
-    for d in red:
-        n = n * x.shape[d]
-    s1 = x.sum(red, keepdim=True)
-    s2 = (x * x).sum(red, keepdim=True)
     var = s2 * n - s1 * s1  # exact integers
     dev = x * n - s1
     y = dev.to(torch.float64) / torch.sqrt(var.to(torch.float64) + const)
@@ -211,18 +223,8 @@ def qnorm_int(q: torch.Tensor, in_zp: int, dims: list[int], groups: int, eps_uni
     2^frac_bits)`` per channel: ``D / sqrt(V) * gamma / s_y + beta / s_y`` to within the fixed-point
     precision, every step an integer op (I-BERT, Kim et al., arXiv 2101.01321, does LayerNorm so).
     """
-    x = q.to(torch.int64) - in_zp
+    x, s1, s2, n = _statistics(q, in_zp, dims, groups)
     shape = q.shape
-    if groups:
-        x = x.reshape(x.shape[0], groups, -1)
-        red = [-1]
-    else:
-        red = dims
-    n = 1
-    for d in red:
-        n = n * x.shape[d]
-    s1 = x.sum(red, keepdim=True)
-    s2 = (x * x).sum(red, keepdim=True)
     v = (s2 * n - s1 * s1 + eps_units) * (4 ** root_bits)
     r = isqrt(torch.clamp(v, min=1))
     dev = x * n - s1
@@ -231,9 +233,8 @@ def qnorm_int(q: torch.Tensor, in_zp: int, dims: list[int], groups: int, eps_uni
         dev = dev.reshape(shape)
     num = dev * gain + offset * r
     den = r * (2 ** frac_bits)
-    y = _div_half_even(num.abs(), den) * torch.sign(num)
-    y = torch.clamp(y + y_zp, y_min, y_max)
-    return (y + out_off).to(_storage(out_dtype, out_off))
+    y = _signed_div_half_even(num, den)
+    return _store(y, y_zp, y_min, y_max, out_off, out_dtype)
 
 
 def qresize(q: torch.Tensor, in_zp: int, rows: torch.Tensor, cols: torch.Tensor, num_mult: int, den_mult: int,
@@ -243,9 +244,8 @@ def qresize(q: torch.Tensor, in_zp: int, rows: torch.Tensor, cols: torch.Tensor,
     2x / 0.5x / 4x), then the exact rational requantization of :func:`qmean`."""
     x = q.to(torch.int64) - in_zp
     acc = torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
-    y = _div_half_even(acc.abs() * num_mult, den_mult) * torch.sign(acc)
-    y = torch.clamp(y + y_zp, y_min, y_max)
-    return (y + out_off).to(_storage(out_dtype, out_off))
+    y = _signed_div_half_even(acc * num_mult, den_mult)
+    return _store(y, y_zp, y_min, y_max, out_off, out_dtype)
 
 
 RESIZE_WEIGHT_BITS = 12
