@@ -8,6 +8,9 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 QB := $(VENV)/bin/quantbench
 TASK ?= digits
+# SWEEP=hard: the task's named grid conf/sweep/$(TASK)_hard.yaml (its own experiment, report and gate).
+SWEEP ?=
+GRID := $(if $(SWEEP),--grid $(SWEEP))
 JOBS ?= 1
 LAUNCHER ?=
 ARGS ?=
@@ -45,19 +48,19 @@ bench: $(STAMP) ## engine, QAT and CLI start-up benchmarks -> reports/bench/{eng
 	$(PY) -m quantbench.bench.cli --out reports/bench/cli.md
 	$(PY) -m quantbench.bench.zoo --out reports/bench/zoo.md
 
-sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
-	$(QB) sweep $(TASK) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)
+sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [SWEEP=hard] [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
+	$(QB) sweep $(TASK) $(GRID) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)
 
-report: $(STAMP) ## reports/TASK.md + plots + README table from the newest complete sweep: make report TASK=digits [ARGS="--sweep ID"]
-	@# The README block is refreshed when README.md has one for TASK (digits, shapes); `--readme=` cannot
-	@# swallow an override of ARGS, and a --readme in ARGS comes later, so it wins.
-	$(QB) report $(TASK) $(if $(shell grep -l 'quantbench:table:$(TASK):start' README.md 2>/dev/null),--readme=README.md) $(ARGS)
+report: $(STAMP) ## reports/TASK.md (SWEEP=hard: reports/TASK_hard.md) + plots + README table from the newest complete sweep: make report TASK=digits [SWEEP=hard] [ARGS="--sweep ID"]
+	@# The README block is refreshed when README.md has one for TASK or TASK_SWEEP (digits, shapes, digits_hard,
+	@# shapes_hard); `--readme=` cannot swallow an override of ARGS, and a --readme in ARGS comes later, so it wins.
+	$(QB) report $(TASK) $(GRID) $(if $(shell grep -l 'quantbench:table:$(TASK)$(if $(SWEEP),_$(SWEEP)):start' README.md 2>/dev/null),--readme=README.md) $(ARGS)
 
-gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml) on the sweep a report reads; fails on a regression
-	$(QB) gate $(TASK) $(ARGS)
+gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml; SWEEP=hard: TASK_hard.yaml) on the sweep a report reads; fails on a regression
+	$(QB) gate $(TASK) $(GRID) $(ARGS)
 
-ui: $(STAMP) ## MLflow UI on 127.0.0.1 against mlruns/ (prints the runs-table link)
-	$(QB) ui --task $(TASK) $(ARGS)
+ui: $(STAMP) ## MLflow UI on 127.0.0.1 against mlruns/ (prints the runs-table link; SWEEP=hard: the hard grid's)
+	$(QB) ui --task $(TASK) $(GRID) $(ARGS)
 
 server: $(STAMP) ## shared MLflow tracking server on 127.0.0.1:5001 (sqlite; ARGS="--backend-store-uri postgresql://...")
 	$(QB) server $(ARGS)

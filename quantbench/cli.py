@@ -1,4 +1,4 @@
-"""``quantbench``: run, sweep, report, gate, data, ui, server.
+"""``quantbench``: run, analyze, sweep, report, gate, data, ui, server.
 
 Exit status: 0 fine; 1 a run failed, a gate did not pass, or a bug (with its
 traceback); 2 a bad input: a bad command line, a bad config, missing data, a
@@ -65,21 +65,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """One run with the sensitivity stage on: the table is printed and logged with the run."""
+    from quantbench.harness.preflight import check_overrides
+
+    extra = ["run.sensitivity=true", *(["run.sensitivity_metric=true"] if args.metric else [])]
+    if not any(o.split("=", 1)[0].lstrip("+~") == "scheme" for o in args.overrides):
+        raise UsageError("analyze needs a quantized scheme to analyze, e.g. quantbench analyze model=resnet18 "
+                         "scheme=ptq_w4a8 (the float scheme has no quantizer)")
+    check_overrides([*args.overrides, *extra])
+    from quantbench.harness.sweep import launch
+
+    return launch([*args.overrides, *extra])
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from quantbench.harness.preflight import check_overrides, check_task
+    from quantbench.harness.preflight import check_overrides, sweep_file
 
-    check_task(args.task)  # both before torch and MLflow are imported
-    check_overrides([f"sweep={args.task}", *args.overrides])
+    source = sweep_file(args.task, args.grid)  # both before torch and MLflow are imported
+    check_overrides([f"sweep={source.name}", *args.overrides])
     from quantbench.harness.sweep import sweep
 
     # SIGTERM (a scheduler's stop, kill) stops like Ctrl-C: joblib then stops its worker processes
     # instead of leaving them running orphaned; the interrupted run is recorded KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
-    outcome = sweep(args.task, args.overrides, jobs=args.jobs, sweep_id=args.id, launcher=args.launcher)
+    outcome = sweep(args.task, args.overrides, jobs=args.jobs, sweep_id=args.id, launcher=args.launcher,
+                    grid=args.grid)
     if outcome.exit_code == 2:  # missing data or a bad config: the job already said why, in one line
         return 2
     skipped = "" if outcome.skipped is None else (
@@ -97,6 +112,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from quantbench.harness.paths import project_root
+    from quantbench.harness.preflight import sweep_file
+
+    sweep_file(args.task, args.grid)  # an unknown task or grid: one line, before MLflow is imported
 
     readme = args.readme
     if readme is not None and "=" in readme and not Path(readme).exists():
@@ -107,7 +125,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from quantbench.report import write_report
 
     report = write_report(args.task, args.overrides, out_dir=args.out, readme=readme, sweep=args.sweep,
-                          partial=args.partial)
+                          partial=args.partial, grid=args.grid)
     print(report.table)
     for note in report.notes:
         print(f"note: {note}")
@@ -118,15 +136,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
+    from quantbench.harness.preflight import sweep_file
+
+    sweep_file(args.task, args.grid)  # an unknown task or grid: one line, before MLflow is imported
     from quantbench.report import check_gate, format_results
 
-    outcome = check_gate(args.task, args.overrides, path=args.file, sweep=args.sweep)
+    outcome = check_gate(args.task, args.overrides, path=args.file, sweep=args.sweep, grid=args.grid)
     results, record = outcome.results, outcome.selection.record
     print(format_results(results))
     for note in outcome.selection.notes():
         print(f"note: {note}")
     failed = [r for r in results if not r.passed]
-    print(f"gate {args.task}: {'PASS' if outcome.passed else 'FAIL'} on sweep {record.sweep_id} "
+    print(f"gate {args.task}{f' (grid {args.grid})' if args.grid else ''}: "
+          f"{'PASS' if outcome.passed else 'FAIL'} on sweep {record.sweep_id} "
           f"({len(results) - len(failed)} passed, {len(failed)} failed)")
     return 0 if outcome.passed else 1
 
@@ -145,9 +167,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
+    from quantbench.harness.preflight import sweep_file
+
+    sweep_file(args.task, args.grid)  # an unknown task or grid: one line, before MLflow is imported
     from quantbench.report.runs import task_store
 
-    store, experiment = task_store(args.task, args.overrides)
+    store, experiment = task_store(args.task, args.overrides, grid=args.grid)
     exp_id = store.experiment_id(experiment, create=False)
     base = f"http://{args.host}:{args.port}/"
     link = f"{base}#/experiments/{exp_id}/runs?workflowType=machine_learning" if exp_id else base
@@ -249,7 +274,7 @@ def _serve(cmd: list[str], host: str, port: int, command: str, *, banner: str | 
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "gate": _cmd_gate,
+    "run": _cmd_run, "analyze": _cmd_analyze, "sweep": _cmd_sweep, "report": _cmd_report, "gate": _cmd_gate,
     "data": _cmd_data, "ui": _cmd_ui, "server": _cmd_server,
 }
 
@@ -268,13 +293,20 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="one run; the rest goes to Hydra (e.g. model=resnet18 scheme=ptq_pow2)")
     run.add_argument("--nproc", type=int, default=1,
                      help="data-parallel processes under torchrun (DDP: gloo on CPU, nccl on CUDA)")
-    sweep = sub.add_parser("sweep", parents=[common], help="a Hydra multirun over conf/sweep/TASK.yaml")
+    analyze = sub.add_parser("analyze", parents=[common],
+                             help="one run plus per-layer sensitivity (only this layer / all but it quantized: "
+                                  "output SQNR, --metric: the task metric), printed and logged to MLflow")
+    analyze.add_argument("--metric", action="store_true",
+                         help="also score each layer on the task's metric (two evaluations per layer)")
+    sweep = sub.add_parser("sweep", parents=[common], help="a Hydra multirun over conf/sweep/TASK.yaml "
+                                                           "(--grid GRID: conf/sweep/TASK_GRID.yaml)")
     sweep.add_argument("task")
     sweep.add_argument("--jobs", type=int, default=1, help="parallel jobs on this machine (joblib launcher)")
     sweep.add_argument("--launcher", help="conf/hydra/launcher: basic, parallel, slurm, slurm_local "
                                           "(default: basic, or parallel with --jobs > 1)")
-    sweep.add_argument("--id", help="sweep id (default: TASK-<time>)")
-    report = sub.add_parser("report", parents=[common], help="one sweep's MLflow runs -> reports/TASK.md, plots (--readme: README table)")
+    sweep.add_argument("--id", help="sweep id (default: TASK-<time>; with --grid GRID: TASK_GRID-<time>)")
+    report = sub.add_parser("report", parents=[common], help="one sweep's MLflow runs -> reports/TASK.md "
+                                                             "(--grid GRID: reports/TASK_GRID.md), plots (--readme: README table)")
     report.add_argument("task")
     report.add_argument("--out", type=Path, help="output folder (default: reports/)")
     report.add_argument("--sweep", metavar="ID", help="the sweep to report (default: the newest complete sweep "
@@ -284,7 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--readme", nargs="?", const="", metavar="PATH",
                         help="also refresh the task's table between its markers in PATH (default: the project's "
                              "README.md); without --readme no README is touched")
-    gate = sub.add_parser("gate", parents=[common], help="check conf/gates/TASK.yaml against the runs of record (as report reads)")
+    gate = sub.add_parser("gate", parents=[common], help="check conf/gates/TASK.yaml (--grid GRID: "
+                                                         "conf/gates/TASK_GRID.yaml) against the runs of record (as report reads)")
     gate.add_argument("task")
     gate.add_argument("--file", type=Path, help="gate file (default: conf/gates/TASK.yaml)")
     gate.add_argument("--sweep", metavar="ID", help="the sweep to gate (default: the newest complete sweep of the "
@@ -305,6 +338,9 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--artifacts-destination", help="artifact root (default: mlruns/server/artifacts)")
     server.add_argument("--workers", type=int, default=2)
     for p in (sweep, report, gate, ui):
+        p.add_argument("--grid", metavar="GRID", help="a named grid of the task: conf/sweep/TASK_GRID.yaml (e.g. "
+                                                      "hard), with its own MLflow experiment, report and gate "
+                                                      "(default: the task's own conf/sweep/TASK.yaml)")
         p.epilog = "Any further KEY=VALUE arguments are Hydra overrides (e.g. tracking.uri=sqlite:///x.db)."
     return parser
 

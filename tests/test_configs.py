@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from quantbench.engine import presets
 from quantbench.harness.callbacks import count_jobs
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, known_options, sweep_grid
+from quantbench.harness.preflight import sweep_tasks
 from quantbench.harness.schema import register_configs
 from quantbench.harness.schemes import SchemeError, engine_config
 from quantbench.report.gate import load_gates
@@ -115,7 +116,7 @@ def test_scheme_overrides_replace_spec_fields():
 
 
 def test_sweeps_and_gates():
-    assert known_options("sweep") == sorted(known_options("task"))
+    assert sweep_tasks() == sorted(known_options("task"))  # conf/sweep/TASK_GRID.yaml: a task's named grids
     models, schemes = sweep_grid("digits")
     assert models == ["resnet18", "mobilenet_v2"]
     assert schemes == ["float", "ptq_float", "ptq_pow2", "ptq_pow2_mse", "qat_pow2", "qat_tqt", "qat_lsq"]

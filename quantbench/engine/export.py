@@ -5,8 +5,12 @@ A frozen graph's :func:`~quantbench.engine.qdq.quantize` /
 ``quantized_decomposed`` ops, which the exporter translates to ONNX
 QuantizeLinear / DequantizeLinear. Integer weights stay integer initializers
 feeding DequantizeLinear (what onnxruntime fuses into integer kernels); the
-int32 bias keeps scale = input scale x weight scale. A float graph or module
-exports as plain fp32 ONNX (the latency baseline).
+int32 bias keeps scale = input scale x weight scale. An activation grid
+narrower than its 8-bit storage (int4 [-8, 7], uint4 [0, 15]: W4A4) is
+QuantizeLinear to the storage type followed by an integer ``Clip`` to the grid
+(:func:`_narrow_to_grid`): the same integers, and onnxruntime still fuses
+``DQ -> Conv -> Q`` into its integer kernel in front of the Clip. A float graph
+or module exports as plain fp32 ONNX (the latency baseline).
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ __all__ = ["export_onnx", "ExportError", "ONNX_ACTIVATION_DTYPES"]
 
 log = logging.getLogger(__name__)
 
-# Activation grids that QuantizeLinear (opset <= 20) expresses exactly: the full int8 / uint8 range.
-ONNX_ACTIVATION_DTYPES = {("int8", -128, 127), ("uint8", 0, 255)}
+# Storage types that QuantizeLinear (opset <= 20) writes: an activation grid stored in one of them is
+# exported exactly, a narrower grid (int4 [-8, 7], uint4 [0, 15]) as QuantizeLinear + an integer Clip.
+ONNX_ACTIVATION_STORAGE = ("int8", "uint8")
+ONNX_ACTIVATION_DTYPES = frozenset(name for name, t in DTYPES.items() if t.storage_name in ONNX_ACTIVATION_STORAGE)
+"""Activation dtypes the export expresses exactly: int8, uint8, and int4 / uint4 (narrowed by a Clip)."""
 
 
 def _decomposed_ops():
@@ -52,10 +59,12 @@ def _check_exportable(node: fx.Node, is_quantize: bool) -> None:
     qmin, qmax, dtype, round_method = node.args[4:8]
     if not is_quantize:
         return
-    if (dtype, qmin, qmax) not in ONNX_ACTIVATION_DTYPES:
+    itype = DTYPES[dtype]
+    if dtype not in ONNX_ACTIVATION_DTYPES or not itype.qmin <= qmin <= qmax <= itype.qmax:
         raise ExportError(
             f"node '{node.name}': activations quantized to {dtype} [{qmin}, {qmax}] cannot be expressed by "
-            "ONNX QuantizeLinear (full int8/uint8 range only); use int8/uint8 activations without narrow_range")
+            f"ONNX QuantizeLinear (grids stored in int8 / uint8 only: {', '.join(sorted(ONNX_ACTIVATION_DTYPES))}); "
+            "use one of those for activations")
     if round_method != "half_even":
         raise ExportError(
             f"node '{node.name}': round_method={round_method!r} cannot be exported exactly (ONNX QuantizeLinear "
@@ -73,7 +82,7 @@ def _const_as_activation(node: fx.Node) -> bool:
 
 
 def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: bool):
-    """Storage dtype and zero point of one Q/DQ node in the ONNX graph.
+    """Storage dtype, zero point and (shifted: new) full range of one Q/DQ node in the ONNX graph.
 
     ``Q_int8(x, s, z) + 128 == Q_uint8(x, s, z + 128)`` bit for bit (same
     rounding, both saturate at the same real values), so int8 activations can
@@ -84,9 +93,9 @@ def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: boo
     """
     is_const = isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
     is_activation = not is_const or (node.target is dequantize and _const_as_activation(node))
-    if unsigned_activations and is_activation and dtype == "int8" and not isinstance(zp, fx.Node):
-        return torch.uint8, int(zp) + 128, 0, 255
     itype = DTYPES[dtype]
+    if unsigned_activations and is_activation and itype.storage_name == "int8" and not isinstance(zp, fx.Node):
+        return torch.uint8, int(zp) + 128, 0, 255  # int4 too: its integers are int8's, shifted alike
     return itype.storage, zp, None, None
 
 
@@ -199,10 +208,47 @@ def sink_dequantize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _on_grid(q: fx.Node) -> bool:
+    """A quantize that needs no Clip to its grid: every reader clamps within the grid anyway (a fused
+    ReLU's :func:`int_clamp`), or its input is a value-preserving op (max pool, nearest upsample, a
+    reshape) of a dequantize with the same parameters, whose values are grid values already."""
+    qmin, qmax = q.args[4], q.args[5]
+    if q.users and all(u.op == "call_function" and u.target is int_clamp and u.args[0] is q
+                       and qmin <= u.args[1] and u.args[2] <= qmax for u in q.users):
+        return True
+    x = q.args[0]
+    while isinstance(x, fx.Node) and x.op == "call_function" and op_kind(x) in ("shared", "passthrough") \
+            and op_name(x) not in ops_tagged("pad") and x.args and isinstance(x.args[0], fx.Node) \
+            and not any(isinstance(a, fx.Node) for a in (*x.args[1:], *x.kwargs.values())):
+        x = x.args[0]
+    return _is_dq(x) and tuple(x.args[1:7]) == tuple(q.args[1:7])
+
+
+def _narrow_to_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[int, int], storage: torch.dtype, offset: int,
+                    shifted: set[fx.Node], on_grid: bool) -> tuple[int, int]:
+    """A quantize to a grid narrower than its storage (int4 [-8, 7] in int8, uint4 [0, 15] in uint8):
+    QuantizeLinear to the full storage type, which saturates there, then an integer ``Clip`` to the
+    grid, ``clamp(sat_8bit(v), qmin, qmax) == clamp(v, qmin, qmax)`` bit for bit (the ranges nest).
+    The Clip is inserted after ``node`` and read in its place (shifted like it), unless ``on_grid``
+    (:func:`_on_grid`). Returns the range the QuantizeLinear itself saturates to."""
+    info = torch.iinfo(storage)
+    lo, hi = grid[0] + offset, grid[1] + offset
+    if (lo, hi) == (info.min, info.max) or on_grid:
+        return info.min, info.max
+    with gm.graph.inserting_after(node):
+        clip = gm.graph.call_function(torch.ops.quantbench.int_clip.default, (node, lo, hi))
+    clip.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(clip, delete_user_cb=lambda user: user is not clip)
+    if offset:
+        shifted.add(clip)
+    return info.min, info.max
+
+
 def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -> fx.GraphModule:
     ops = _decomposed_ops()
     shifted: set[fx.Node] = set()
-    for node in gm.graph.nodes:
+    on_grid = {n for n in gm.graph.nodes if n.op == "call_function" and n.target is quantize and _on_grid(n)}
+    for node in list(gm.graph.nodes):  # a narrow grid's Clip is inserted after its quantize
         if node.op == "call_function" and node.target is int_clamp:
             src, lo, hi = node.args
             offset = 128 if src in shifted else 0
@@ -227,12 +273,16 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
         _check_exportable(node, is_q)
         x, scale, zp, axis, qmin, qmax, dtype = node.args[:7]
         storage, zp, new_min, new_max = _activation_storage(node, dtype, zp, unsigned_activations)
+        grid = (qmin, qmax)
         if new_min is not None:
             qmin, qmax = new_min, new_max
             shifted.add(node)
             x = _shift_constant(gm, x)
         if axis is None:
             target = ops.quantize_per_tensor.default if is_q else ops.dequantize_per_tensor.default
+            if is_q:
+                qmin, qmax = _narrow_to_grid(gm, node, grid, storage, 128 if node in shifted else 0, shifted,
+                                             node in on_grid)
             node.args = (x, scale, zp, qmin, qmax, storage)
         else:
             target = ops.quantize_per_channel.default if is_q else ops.dequantize_per_channel.default
@@ -256,9 +306,10 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
         path: the ``.onnx`` file to write (parent folders are created).
         dynamic_batch: a symbolic batch dimension; False fixes it to the example's.
         opset: ONNX opset (default: the exporter's).
-        unsigned_activations: write int8 activations as uint8 with zero point
-            + 128 (exact; what onnxruntime's x86 integer kernels take). False
-            keeps int8 activations in the file (e.g. for NPU toolchains).
+        unsigned_activations: write int8 (and int4) activations as uint8 with
+            zero point + 128 (exact; what onnxruntime's x86 integer kernels
+            take). False keeps int8 activations in the file (e.g. for NPU
+            toolchains; onnxruntime then leaves some convs in float).
 
     Returns:
         The path written.

@@ -22,7 +22,9 @@ module reads the graph onnxruntime actually runs and classifies every node:
   DequantizeLinear -> Transpose, an anchor grid): no activation flows
   through them, so they are neither compute nor a float path;
 * **boundary**: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear (the
-  model's input Q and its final DequantizeLinear included);
+  model's input Q and its final DequantizeLinear included), and the integer
+  Clip to a 4-bit grid that completes a QuantizeLinear to int4 / uint4 (which
+  QuantizeLinear writes in 8 bits: :mod:`quantbench.engine.export`);
 * **float compute**: any other node that reads a float activation or writes a
   float tensor, with the reason: where its float inputs come from, whether
   onnxruntime has an integer kernel for the op at all, and if it has, which
@@ -41,6 +43,7 @@ DequantizeLinear its scale's), so contrib ops are typed too.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 __all__ = ["OnnxCoverage", "classify", "onnx_float_nodes", "optimized_model"]
 
@@ -74,6 +77,9 @@ QDQ_KERNEL = {
     "Softmax": "QLinearSoftmax", "AveragePool": "QLinearAveragePool",
     "GlobalAveragePool": "QLinearGlobalAveragePool", "LeakyRelu": "QLinearLeakyRelu", "Where": "QLinearWhere",
 }
+#: Integer Clip bounds that narrow a QuantizeLinear's 8-bit output to a 4-bit grid: int4 [-8, 7] in int8,
+#: uint4 [0, 15] in uint8, and int4 stored as uint8 + 128 (the export's unsigned activations).
+GRID_CLIPS = {TensorProto.INT8: frozenset({(-8, 7)}), TensorProto.UINT8: frozenset({(0, 15), (120, 135)})}
 _BOOL_OUT = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
                        "IsNaN", "IsInf"})
 _INT64_OUT = frozenset({"Shape", "Size", "ArgMax", "ArgMin", "NonZero"})
@@ -228,6 +234,25 @@ def _is_movement(node: onnx.NodeProto) -> bool:
     return node.op_type in MOVEMENT
 
 
+def _scalar_constants(model: onnx.ModelProto) -> dict[str, int | float]:
+    """The one-element initializers and Constant outputs (a Clip's bounds), by tensor name."""
+    tensors = [(i.name, i) for i in model.graph.initializer]
+    tensors += [(n.output[0], _attr(n, "value")) for n in model.graph.node if n.op_type == "Constant"
+                and _attr(n, "value") is not None]
+    values = {}
+    for name, t in tensors:
+        if isinstance(t, TensorProto) and math.prod(t.dims) == 1:
+            values[name] = numpy_helper.to_array(t).reshape(-1)[0].item()
+    return values
+
+
+def _is_grid_clip(node: onnx.NodeProto, types: dict[str, int], scalars: dict) -> bool:
+    """An integer Clip to the full range of a 4-bit grid: the second half of a quantization to it."""
+    if node.op_type != "Clip" or len(node.input) != 3 or not all(t in scalars for t in node.input[1:]):
+        return False
+    return (scalars[node.input[1]], scalars[node.input[2]]) in GRID_CLIPS.get(types.get(node.input[0]), ())
+
+
 def _is_integer_kernel(op_type: str) -> bool:
     return op_type.startswith("QLinear") or op_type in INTEGER_KERNELS
 
@@ -237,6 +262,7 @@ def classify(model: onnx.ModelProto) -> OnnxCoverage:
     g = model.graph
     types = _tensor_types(model)
     static = _static_tensors(model)
+    scalars = _scalar_constants(model)
     producers = {o: n for n in g.node for o in n.output if o}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
@@ -250,7 +276,7 @@ def classify(model: onnx.ModelProto) -> OnnxCoverage:
         if all(t in static for t in node.input if t):
             static_ops += 1  # a Constant, a weight's transpose, an anchor grid: no activation flows through it
             continue
-        if op in BOUNDARY:
+        if op in BOUNDARY or _is_grid_clip(node, types, scalars):
             boundary += 1
             continue
         if op in SHAPE_ONLY:

@@ -38,6 +38,7 @@ op is declared once::
     ort_qlinear        avg_pool2d, adaptive_avg_pool2d: onnxruntime fuses DQ -> op -> Q into its own integer
                        kernel (QLinearAveragePool / QLinearGlobalAveragePool); a global one is the engine's
                        integer mean once frozen
+    qlinear_binary     add, mul: onnxruntime's QLinearAdd / QLinearMul (passes/integer.qadd, qmul)
     integer_mean       mean, adaptive_avg_pool2d: a global one is an integer mean once frozen (passes/nonlinear.qmean)
     integer_movement   pad, roll, flip, pixel / channel shuffles, repeat: value-preserving ops that torch also
                        runs on integer tensors (the export moves integers through them, not floats)
@@ -137,7 +138,8 @@ register_op_kind("weighted", "conv1d", "conv2d", "conv3d", tags=("conv", "intege
 register_op_kind("weighted", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", tags=("conv",))
 register_op_kind("weighted", "linear", tags=("integer_kernel",))
 register_op_kind("matmul", "matmul", "mm", "bmm")
-register_op_kind("binary", "add", "sub", "mul", "div")
+register_op_kind("binary", "add", "mul", tags=("qlinear_binary",))
+register_op_kind("binary", "sub", "div")
 register_op_kind("cat", "cat", "concat")
 register_op_kind("activation", "relu", "hardtanh", "relu6", tags=("relu_like",))
 register_op_kind("activation", "sigmoid", "hardsigmoid", tags=("sigmoid_like",))

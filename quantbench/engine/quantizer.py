@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx
@@ -49,14 +49,18 @@ from quantbench.engine.passes.prequant import (
     run_passes,
 )
 from quantbench.engine.passes.qat_bn import simulate_bn_folding
+from quantbench.engine.ptq.bias_correction import correct_bias
+from quantbench.engine.ptq.cle import align_pow2, equalize
+from quantbench.engine.ptq.mixed import allocate_bits, mixed_precision_config
+from quantbench.engine.ptq.rounding import adaround, brecq
 from quantbench.engine.qat import enable_train_eval, eval_mode
-from quantbench.engine.spec import Config
+from quantbench.engine.spec import ALGORITHMS, Algorithm, Config, QuantizationConfig
 from quantbench.engine.targets import HardwareTarget
 from quantbench.errors import BadInputError
 from quantbench.progress import progress
 from quantbench.quiet import quiet_warning
 
-__all__ = ["ModelQuantizer", "CoverageReport", "QuantizationError", "CalibrationError", "coverage",
+__all__ = ["AlgorithmRecord", "ModelQuantizer", "CoverageReport", "QuantizationError", "CalibrationError", "coverage",
            "batch_inputs"]
 
 log = logging.getLogger(__name__)
@@ -212,11 +216,14 @@ def _mark_nodes(gm: fx.GraphModule, plan: Plan) -> None:
         node.meta["qb_float_reason"] = reason
 
 
-def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False) -> fx.GraphModule:
+def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False,
+            float_steps: Callable[[fx.GraphModule], None] | None = None) -> fx.GraphModule:
     """Pre-quant passes, annotation and quantizer insertion (no calibration).
 
     ``qat=True`` keeps BatchNorm (with simulated folding) and dropout in the
     graph; otherwise BN is folded (``config.fold_bn``) and dropout removed.
+    ``float_steps`` edits the float graph between the passes and the annotation
+    (cross-layer equalization).
     """
     check_config_names(gm, config)  # before the passes: names are the captured graph's
     if qat:
@@ -224,6 +231,8 @@ def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False) -> fx.Grap
     else:
         passes = PREQUANT_PTQ if config.fold_bn else PREQUANT_PTQ_KEEP_BN
     gm = run_passes(gm, passes)
+    if float_steps is not None:
+        float_steps(gm)
     plan = annotate(gm, config)
     _mark_nodes(gm, plan)
     _insert_group_modules(gm, plan)
@@ -236,6 +245,51 @@ def prepare(gm: fx.GraphModule, config: Config, *, qat: bool = False) -> fx.Grap
     _init_constant_quantizers(gm)
     gm.meta["qb_config"] = config
     return gm
+
+
+def _input_batches(loader: Iterable[Any], max_batches: int | None) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration inputs as a list (the algorithms read them several times)."""
+    out = []
+    for batch in loader:
+        out.append(batch_inputs(batch))
+        if max_batches is not None and len(out) >= max_batches:
+            break
+    return out
+
+
+def _with_weight_bits(config: Config, bits: int) -> Config:
+    """``config`` with every weight spec at ``bits`` (its signedness kept)."""
+    def change(qc: QuantizationConfig) -> QuantizationConfig:
+        if qc.weight is None:
+            return qc
+        dtype = {4: "int4", 8: "int8"}[bits] if qc.weight.itype.signed else {4: "uint4", 8: "uint8"}[bits]
+        return qc.replace(weight=qc.weight.replace(dtype=dtype))
+
+    return config.replace(global_quant_config=change(config.global_quant_config),
+                          op_type_quant_config={k: change(v) for k, v in config.op_type_quant_config.items()},
+                          node_name_quant_config={k: change(v) for k, v in config.node_name_quant_config.items()})
+
+
+@dataclass
+class AlgorithmRecord:
+    """One advanced PTQ step as it ran: its name, options, wall time and a summary (for logs and MLflow)."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    summary: str
+    details: Any = None
+
+
+def _run_weight_step(algorithm: Algorithm, qmodel: fx.GraphModule, batches: list) -> Any:
+    options = {k: algorithm.get(k) for k in ALGORITHMS[algorithm.name]["options"]}
+    if algorithm.name == "bias_correction":
+        return correct_bias(qmodel, batches, **options)
+    if algorithm.name == "adaround":
+        return adaround(qmodel, batches, **options)
+    if algorithm.name == "brecq":
+        return brecq(qmodel, batches, **options)
+    raise QuantizationError(f"algorithm {algorithm.name!r} has no weight step")  # the spec refuses it first
 
 
 def calibrate(qmodel: fx.GraphModule, loader: Iterable[Any], *, max_batches: int | None = None,
@@ -432,11 +486,18 @@ class ModelQuantizer:
                                         or max_batches < 1):
             raise SpecError(f"quantize_model: max_batches={max_batches!r} must be a positive int or None (all)")
         qat = self.config.for_training if qat is None else qat
+        algorithms = self.config.algorithms
+        if algorithms and qat:
+            raise SpecError(f"quantize_model: qat=True, but the config runs post-training algorithms "
+                            f"{[a.name for a in algorithms]}; drop them or quantize with qat=False")
         start = time.perf_counter()
-        qmodel = prepare(copy_graph(gm), self.config, qat=qat)
-        batches = 0
-        if calib_loader is not None:
-            batches = calibrate(qmodel, calib_loader, max_batches=max_batches)
+        if not algorithms:
+            qmodel = prepare(copy_graph(gm), self.config, qat=qat)
+            batches = 0
+            if calib_loader is not None:
+                batches = calibrate(qmodel, calib_loader, max_batches=max_batches)
+        else:
+            qmodel, batches = self._quantize_with_algorithms(gm, calib_loader, max_batches)
         if batches == 0:
             log.warning("no calibration data: activation scales are initialised on the first batch "
                         "(LSQ/TQT) or stay at 1.0 (static); pass a calib_loader for PTQ")
@@ -448,6 +509,67 @@ class ModelQuantizer:
         qmodel.meta["qb_calibration_batches"] = batches
         qmodel.meta["qb_quantize_seconds"] = time.perf_counter() - start
         return qmodel
+
+    def _quantize_with_algorithms(self, gm: fx.GraphModule, calib_loader: Iterable[Any] | None,
+                                  max_batches: int | None) -> tuple[fx.GraphModule, int]:
+        """Prepare and calibrate with the config's algorithms: CLE on the float graph, mixed precision
+        (quantized and calibrated twice: every layer low, then the allocation), then the weight steps."""
+        config = self.config
+        names = [a.name for a in config.algorithms]
+        batches = _input_batches(calib_loader, max_batches) if calib_loader is not None else []
+        if not batches:
+            raise CalibrationError(f"quantize_model: the algorithms {names} need calibration data; pass a "
+                                   "calib_loader with at least one batch")
+        records: list[AlgorithmRecord] = []
+
+        def float_steps(g: fx.GraphModule) -> None:
+            for a in config.algorithms:
+                if a.stage != "float":
+                    continue
+                t0 = time.perf_counter()
+                report = equalize(g, iterations=a.get("iterations"), relu6=a.get("relu6"),
+                                  absorb_bias=a.get("absorb_bias"), batches=batches)
+                if a.get("pow2_align"):  # one scalar per link puts its ranges just under powers of two
+                    qc = config.global_quant_config
+                    report.pow2 = align_pow2(g, batches=batches,
+                                             weight_qmax=qc.weight.qmax if qc.weight is not None else 127,
+                                             act_qmax=qc.output_tensors.qmax if qc.output_tensors is not None else 127)
+                records[:] = [r for r in records if r.name != a.name]  # a second prepare redoes it: count once
+                records.append(AlgorithmRecord(a.name, dict(a.options), time.perf_counter() - t0, str(report), report))
+
+        def build(cfg: Config) -> fx.GraphModule:
+            q = prepare(copy_graph(gm), cfg, qat=False, float_steps=float_steps)
+            calibrate(q, batches)
+            return q
+
+        allocate = next((a for a in config.algorithms if a.stage == "allocate"), None)
+        if allocate is not None:
+            t0 = time.perf_counter()
+            low = _with_weight_bits(config, allocate.get("low_bits"))
+            q_low = build(low)
+            for m in fake_quantizers(q_low):
+                m.observer_enabled, m.fake_quant_enabled = False, True
+            allocation = allocate_bits(q_low, batches, low_bits=allocate.get("low_bits"),
+                                       high_bits=allocate.get("high_bits"), budget=allocate.get("budget"),
+                                       cost=allocate.get("cost"))
+            config = mixed_precision_config(low, allocation)
+            seconds = time.perf_counter() - t0
+        qmodel = build(config)
+        if allocate is not None:
+            records.append(AlgorithmRecord(allocate.name, dict(allocate.options), seconds,
+                                           f"mixed precision: {allocation}", allocation))
+        for m in fake_quantizers(qmodel):
+            m.observer_enabled, m.fake_quant_enabled = False, True
+        for a in config.algorithms:
+            if a.stage != "weights":
+                continue
+            t0 = time.perf_counter()
+            report = _run_weight_step(a, qmodel, batches)
+            records.append(AlgorithmRecord(a.name, dict(a.options), time.perf_counter() - t0, str(report), report))
+            log.info("%s", report)
+        qmodel.meta["qb_config"] = config
+        qmodel.meta["qb_algorithms"] = records
+        return qmodel, len(batches)
 
     def coverage(self, qmodel: fx.GraphModule, *, target: str | HardwareTarget = "ort") -> CoverageReport:
         """See :func:`coverage`."""

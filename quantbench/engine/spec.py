@@ -23,6 +23,8 @@ from quantbench.engine.errors import SpecError
 from quantbench.registry import close_matches
 
 __all__ = [
+    "ALGORITHMS",
+    "Algorithm",
     "DTYPES",
     "IntType",
     "QuantizationSpec",
@@ -223,6 +225,167 @@ class QuantizationSpec:
         return dataclasses.replace(self, **changes)
 
 
+#: The advanced PTQ algorithms a :class:`Config` may run, in the order of their stages, and the
+#: options each accepts: name -> (type, default, what it accepts). ``stage`` orders them: ``float``
+#: runs on the float graph before quantizers exist (CLE), ``allocate`` chooses per-layer bit widths
+#: (it quantizes and calibrates twice), ``weights`` edits the weights of the calibrated graph with
+#: the calibration data (bias correction, AdaRound, block reconstruction), in the order given.
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "cle": {
+        "stage": "float",
+        "doc": "cross-layer equalization with high-bias absorption (Nagel et al., arXiv 1906.04721)",
+        "options": {
+            "iterations": (int, 20, "a positive int: equalization sweeps over the chains"),
+            "relu6": (str, "relu", "'relu' (ReLU6 between equalized layers becomes ReLU, as DFQ does) or 'keep'"),
+            "absorb_bias": (bool, True, "a bool: high-bias absorption from the calibration statistics"),
+            "pow2_align": (bool, False, "a bool: then scale each link by one factor that puts its tensors' ranges "
+                                        "just under powers of two (exact, ReLU6 included)"),
+        },
+    },
+    "mixed_precision": {
+        "stage": "allocate",
+        "doc": "per-layer weight bit widths under a budget, from the layers' sensitivity",
+        "options": {
+            "low_bits": (int, 4, "4 or 8"),
+            "high_bits": (int, 8, "4 or 8, above low_bits"),
+            "budget": (float, 0.75, "in (0, 1]: the allowed cost as a fraction of every layer at high_bits"),
+            "cost": (str, "size", "'size' (weight bits) or 'bops' (bit operations)"),
+        },
+    },
+    "bias_correction": {
+        "stage": "weights",
+        "doc": "empirical bias correction of the output shift weight quantization causes (arXiv 1906.04721)",
+        "options": {
+            "mode": (str, "empirical", "'empirical' (calibration data) or 'analytic' (BN statistics, "
+                                       "empirical where a layer has none)"),
+        },
+    },
+    "adaround": {
+        "stage": "weights",
+        "doc": "layer-wise learned rounding of weights, scales fixed (Nagel et al., arXiv 2004.10568)",
+        "options": {
+            "iters": (int, 1000, "a positive int: optimizer steps per layer"),
+            "batch_size": (int, 32, "a positive int: samples per step"),
+            "lr": (float, 1e-2, "a positive float: Adam's learning rate for the rounding variables"),
+            "reg_weight": (float, 0.01, "a positive float: lambda of the rounding regularizer"),
+            "warmup": (float, 0.2, "in [0, 1): the fraction of steps without the regularizer"),
+            "beta_start": (float, 20.0, "a positive float: the regularizer's annealed exponent at the start"),
+            "beta_end": (float, 2.0, "a positive float: ... at the end"),
+            "seed": (int, 0, "an int"),
+        },
+    },
+    "brecq": {
+        "stage": "weights",
+        "doc": "block reconstruction (Li et al., BRECQ, arXiv 2102.05426) with QDrop (Wei et al., arXiv 2203.05740)",
+        "options": {
+            "iters": (int, 2000, "a positive int: optimizer steps per block"),
+            "batch_size": (int, 32, "a positive int: samples per step"),
+            "lr": (float, 1e-2, "a positive float: Adam's learning rate for the rounding variables"),
+            "act_lr": (float, 4e-5, "a float >= 0: learning rate of the activation steps (0: fixed)"),
+            "reg_weight": (float, 0.01, "a positive float: lambda of the rounding regularizer"),
+            "warmup": (float, 0.2, "in [0, 1): the fraction of steps without the regularizer"),
+            "beta_start": (float, 20.0, "a positive float"),
+            "beta_end": (float, 2.0, "a positive float"),
+            "qdrop": (float, 0.5, "in [0, 1]: the probability of dropping an activation quantization (0: BRECQ)"),
+            "max_block_layers": (int, 4, "a positive int: weighted layers per block at most"),
+            "seed": (int, 0, "an int"),
+        },
+    },
+}
+
+_STAGE_ORDER = ("float", "allocate", "weights")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One advanced PTQ step of a :class:`Config`: a name of :data:`ALGORITHMS` and its options.
+
+    Unknown names and options, and options of the wrong type, are refused here with the
+    valid choices; :meth:`get` returns an option or its default.
+    """
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name not in ALGORITHMS:
+            close = close_matches(str(self.name), list(ALGORITHMS))
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise SpecError(f"algorithm {self.name!r} is not one of {list(ALGORITHMS)}{hint}")
+        if not isinstance(self.options, Mapping):
+            raise SpecError(f"algorithm {self.name!r}: options must be a mapping, not {type(self.options).__name__}")
+        table = ALGORITHMS[self.name]["options"]
+        for key, value in self.options.items():
+            if key not in table:
+                close = close_matches(str(key), list(table))
+                hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+                raise SpecError(f"algorithm {self.name!r} has no option {key!r}{hint}; its options: {sorted(table)}")
+            expected, _, accepts = table[key]
+            if expected is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if not ok:
+                raise SpecError(f"algorithm {self.name!r}: {key}={value!r} must be {accepts}")
+        self._check_values()
+        object.__setattr__(self, "options", dict(self.options))
+
+    def _check_values(self) -> None:
+        def bad(key: str) -> SpecError:
+            return SpecError(f"algorithm {self.name!r}: {key}={self.get(key)!r} must be "
+                             f"{ALGORITHMS[self.name]['options'][key][2]}")
+
+        for key in ALGORITHMS[self.name]["options"]:
+            value = self.get(key)
+            if key in ("iters", "batch_size", "iterations", "max_block_layers") and value < 1:
+                raise bad(key)
+            if key in ("lr", "reg_weight", "beta_start", "beta_end") and not value > 0:
+                raise bad(key)
+            if key == "act_lr" and value < 0:
+                raise bad(key)
+            if key == "warmup" and not 0 <= value < 1:
+                raise bad(key)
+            if key == "qdrop" and not 0 <= value <= 1:
+                raise bad(key)
+            if key == "budget" and not 0 < value <= 1:
+                raise bad(key)
+            if key in ("low_bits", "high_bits") and value not in (4, 8):
+                raise bad(key)
+            if key == "relu6" and value not in ("relu", "keep"):
+                raise bad(key)
+            if key == "mode" and value not in ("empirical", "analytic"):
+                raise bad(key)
+            if key == "cost" and value not in ("size", "bops"):
+                raise bad(key)
+        if self.name == "mixed_precision" and self.get("low_bits") >= self.get("high_bits"):
+            raise SpecError(f"algorithm 'mixed_precision': low_bits={self.get('low_bits')} must be below "
+                            f"high_bits={self.get('high_bits')}")
+
+    @property
+    def stage(self) -> str:
+        return ALGORITHMS[self.name]["stage"]
+
+    def get(self, key: str) -> Any:
+        """The option ``key``, or its default."""
+        if key in self.options:
+            return self.options[key]
+        return ALGORITHMS[self.name]["options"][key][1]
+
+    @classmethod
+    def parse(cls, entry: Any) -> Algorithm:
+        """An :class:`Algorithm`, a name, or a mapping ``{name: ..., <option>: ...}`` (a scheme's YAML)."""
+        if isinstance(entry, Algorithm):
+            return entry
+        if isinstance(entry, str):
+            return cls(entry)
+        if isinstance(entry, Mapping):
+            if "name" not in entry:
+                raise SpecError(f"algorithm entry {dict(entry)!r} has no 'name' (one of {list(ALGORITHMS)})")
+            options = {k: v for k, v in entry.items() if k != "name"}
+            return cls(entry["name"], options)
+        raise SpecError(f"algorithm entry {entry!r} must be a name or a mapping with 'name', not {type(entry).__name__}")
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """The specs one op applies: weight, bias, activation inputs and output.
@@ -286,6 +449,11 @@ class Config:
             and dropout stay in the graph (BN folding is simulated, Jacob et
             al., arXiv 1712.05877, sec. 3.2). Static QAT presets set it
             although none of their specs is learnable.
+        algorithms: advanced PTQ steps run by ``quantize_model`` after (or, for CLE,
+            before) calibration, in order: :class:`Algorithm` entries, names, or
+            mappings ``{"name": "adaround", "iters": 2000}``. The stages keep their
+            order: CLE, then mixed precision, then the weight steps (bias correction,
+            AdaRound, block reconstruction) in the order given.
         name: a label (presets set it).
     """
 
@@ -295,6 +463,7 @@ class Config:
     exclude: tuple[str, ...] = ()
     fold_bn: bool = True
     qat: bool = False
+    algorithms: tuple[Algorithm, ...] = ()
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -328,6 +497,29 @@ class Config:
         for name in ("fold_bn", "qat", "name"):
             _check_type(name, getattr(self, name), type(getattr(Config, name)), owner="Config")
         object.__setattr__(self, "exclude", exclude)
+        self._check_algorithms()
+
+    def _check_algorithms(self) -> None:
+        if isinstance(self.algorithms, (str, Mapping)) or not hasattr(self.algorithms, "__iter__"):
+            entries = [self.algorithms] if self.algorithms else []
+        else:
+            entries = list(self.algorithms)
+        algorithms = tuple(Algorithm.parse(a) for a in entries)
+        stages = [_STAGE_ORDER.index(a.stage) for a in algorithms]
+        for i in range(1, len(stages)):
+            if stages[i] < stages[i - 1]:
+                raise SpecError(f"Config.algorithms: {algorithms[i].name!r} cannot come after "
+                                f"{algorithms[i - 1].name!r}; the order is cle, then mixed_precision, then "
+                                "bias_correction / adaround / brecq")
+        names = [a.name for a in algorithms if a.stage != "weights"]
+        if len(set(names)) < len(names):
+            raise SpecError(f"Config.algorithms names {names} more than once; cle and mixed_precision run once")
+        if algorithms and self.for_training:
+            raise SpecError(f"Config.algorithms {[a.name for a in algorithms]} are post-training steps; a QAT "
+                            "config (qat=True or a learnable spec) trains instead: drop them or use a PTQ preset")
+        if algorithms and not self.fold_bn and any(a.name == "cle" for a in algorithms):
+            raise SpecError("Config.algorithms: 'cle' needs fold_bn=True (it equalizes the BN-folded weights)")
+        object.__setattr__(self, "algorithms", algorithms)
 
     def for_node(self, node_name: str, op_type: str) -> QuantizationConfig:
         """The QuantizationConfig that applies to one node."""

@@ -49,20 +49,24 @@ def _values(key: str, spec: str) -> list[str]:
     return [override.get_value_element_as_str()]
 
 
-def sweep_grid(task: str, overrides: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-    """The models and schemes that ``quantbench sweep TASK <overrides>`` runs, in order.
+def sweep_grid(task: str, overrides: Iterable[str] = (), *, grid: str | None = None) -> tuple[list[str], list[str]]:
+    """The models and schemes that ``quantbench sweep TASK [--grid GRID] <overrides>`` runs, in order.
 
-    The sweep file's lists, each replaced by the overrides' value(s) of the same key
-    (``model=resnet18``, ``scheme=float,ptq_pow2``), as Hydra's basic sweeper does.
+    The sweep file's lists (``conf/sweep/TASK.yaml``, or ``conf/sweep/TASK_GRID.yaml``), each replaced
+    by the overrides' value(s) of the same key (``model=resnet18``, ``scheme=float,ptq_pow2``), as
+    Hydra's basic sweeper does.
     """
-    grid = ("model", "scheme")
+    from quantbench.harness.preflight import sweep_file
+
+    keys = ("model", "scheme")
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    cfg = compose_config([f"sweep={task}", *(o.input_line for o in parsed if o.key_or_group not in grid)],
+    name = sweep_file(task, grid).name
+    cfg = compose_config([f"sweep={name}", *(o.input_line for o in parsed if o.key_or_group not in keys)],
                          hydra_config=True)
     params = cfg.hydra.sweeper.params or {}
-    values = {g: _values(g, str(params[g])) if g in params else [str(cfg[g].name)] for g in grid}
+    values = {g: _values(g, str(params[g])) if g in params else [str(cfg[g].name)] for g in keys}
     for o in parsed:
-        if o.key_or_group in grid:
+        if o.key_or_group in keys:
             values[o.key_or_group] = ([str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override()
                                       else [o.get_value_element_as_str()])
     return values["model"], values["scheme"]

@@ -6,6 +6,7 @@ heavy, so a typo costs well under a second.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from quantbench.errors import ConfigError
@@ -42,6 +43,9 @@ def check_tracking_uri(uri: str | None, key: str = "tracking.uri") -> None:
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(f"{key}={uri!r}: MLflow cannot track to a {scheme!r} URI; use sqlite:///PATH/mlflow.db, "
                           "http://HOST:PORT (a tracking server: make server), postgresql://... or a directory")
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise ConfigError(f"{key}={uri!r}: MLflow keeps its file store read-only now; use "
+                          "sqlite:///PATH/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true to use the file store)")
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
         raise ConfigError(f"{key}={uri!r}: a sqlite URI has three slashes and a file path: sqlite:///PATH/mlflow.db "
                           "(four for an absolute path: sqlite:////abs/mlflow.db)")

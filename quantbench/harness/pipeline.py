@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
@@ -107,11 +108,32 @@ def quantize(ctx: Context) -> None:
     n = int(ctx.scheme.get("calib_batches") or 0)
     start = time.perf_counter()
     ctx.qmodel = ctx.quantizer.quantize_model(ctx.gm, ctx.task.calib_loader() if n else [], max_batches=n or None)
+    _log_algorithms(ctx)
     cov = ctx.quantizer.coverage(ctx.qmodel)
     _write_csv(ctx, "float_nodes.csv", [dict(zip(("node", "op", "reason"), row)) for row in cov.float_nodes],
                ("node", "op", "reason"))
     ctx.log({"time/quantize_s": time.perf_counter() - start, "coverage/quantized_ops": cov.quantized_ops,
              "coverage/total_ops": cov.total_ops, "coverage/fraction": cov.fraction})
+
+
+def _log_algorithms(ctx: Context) -> None:
+    """Each advanced PTQ step's time (``time/<name>_s``) and summary (``algorithms.txt``); a mixed-precision
+    allocation as ``bit_allocation.csv``."""
+    records = ctx.qmodel.meta.get("qb_algorithms") or []
+    if not records:
+        return
+    ctx.log({f"time/{r.name}_s": r.seconds for r in records})
+    path = ctx.workdir / "algorithms.txt"
+    path.write_text("\n\n".join(f"{r.name} {r.options or ''} ({r.seconds:.1f} s)\n{r.summary}" for r in records) + "\n")
+    ctx.recorder.log_artifact(path)
+    for r in records:
+        rows = getattr(r.details, "rows", None)
+        if r.name == "mixed_precision" and rows:
+            columns = tuple(rows[0])
+            _write_csv(ctx, "bit_allocation.csv", rows, columns)
+            ctx.log({"mixed/cost_fraction": r.details.cost / r.details.reference_cost
+                     if r.details.reference_cost else None,
+                     "mixed/high_bit_layers": sum(1 for b in r.details.bits.values() if b > min(r.details.bits.values()))})
 
 
 def train_qat(ctx: Context) -> None:
@@ -126,9 +148,77 @@ def train_qat(ctx: Context) -> None:
     ctx.log({"time/qat_s": result.seconds or time.perf_counter() - start})
 
 
+class _Fidelity:
+    """The quantized model's outputs against the float model's on the same inputs: output SQNR (all
+    outputs pooled) and argmax agreement over dim 1 of the first output (per image for logits, per
+    image and anchor for a detector's class scores)."""
+
+    def __init__(self, predict: PredictFn, reference: PredictFn) -> None:
+        self.predict, self.reference = predict, reference
+        self.signal = self.noise = 0.0
+        self.agree = self.count = 0
+
+    def __call__(self, x: torch.Tensor):
+        out, ref = self.predict(x), self.reference(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        for o, r in zip(outs, refs):
+            r64 = r.detach().double()
+            self.signal += r64.pow(2).sum().item()
+            self.noise += (r64 - o.detach().double()).pow(2).sum().item()
+        if refs[0].dim() >= 2:
+            self.agree += (outs[0].argmax(1) == refs[0].argmax(1)).sum().item()
+            self.count += refs[0].argmax(1).numel()
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        if self.noise:  # none at all: identical outputs, no finite SQNR to log
+            out["fidelity/sqnr_db"] = 10 * math.log10(max(self.signal, 1e-30) / self.noise)
+        if self.count:
+            out["fidelity/agree_top1"] = 100.0 * self.agree / self.count
+        return out
+
+
 def evaluate_quant(ctx: Context) -> None:
+    """The fake-quant model on the task's metric, and its fidelity to the float model on the same data."""
     if ctx.quantized:
-        ctx.log(_prefixed("quant", ctx.task.evaluate(_torch_predict(ctx.qmodel), desc="fake-quant")))
+        fidelity = _Fidelity(_torch_predict(ctx.qmodel), _torch_predict(ctx.gm))
+        ctx.log(_prefixed("quant", ctx.task.evaluate(fidelity, desc="fake-quant")))
+        ctx.log(fidelity.metrics())
+
+
+def analyze_sensitivity(ctx: Context) -> None:
+    """Per-layer sensitivity (``run.sensitivity``; ``quantbench analyze``): the output SQNR with only
+    each layer quantized and with all but it, and with ``run.sensitivity_metric`` the task metric of
+    both; ``sensitivity.csv`` / ``.md`` / ``.png`` as artifacts, the table on stdout."""
+    if not (ctx.quantized and ctx.settings.get("sensitivity")):
+        return
+    from quantbench.engine.ptq.sensitivity import layer_sensitivity, sensitivity_table
+
+    start = time.perf_counter()
+    batches = list(islice(ctx.task.calib_loader(), int(ctx.settings.get("sensitivity_batches") or 4)))
+    metric = None
+    if ctx.settings.get("sensitivity_metric"):
+        primary = ctx.task.primary_metric
+
+        def metric(predict: PredictFn) -> float:
+            return float(ctx.task.evaluate(predict, desc="sensitivity")[primary])
+
+    rows = layer_sensitivity(ctx.qmodel, batches, metric=metric)
+    columns = ("node", "op", "params", "only_sqnr_db", "all_but_sqnr_db", "only_metric", "all_but_metric")
+    _write_csv(ctx, "sensitivity.csv", [{c: getattr(r, c) for c in columns} for r in rows], columns)
+    table = sensitivity_table(rows)
+    (ctx.workdir / "sensitivity.md").write_text(f"# {ctx.scheme['name']}: layer sensitivity\n\n{table}\n")
+    ctx.recorder.log_artifact(ctx.workdir / "sensitivity.md")
+    plot_sensitivity(rows[: int(ctx.settings["sqnr_plot_layers"])], ctx.workdir / "sensitivity.png",
+                     f"{ctx.scheme['name']}: most sensitive layers")
+    ctx.recorder.log_artifact(ctx.workdir / "sensitivity.png")
+    if rows:
+        ctx.log({"sensitivity/worst_only_sqnr_db": rows[0].only_sqnr_db, "sensitivity/layers": len(rows),
+                 "time/sensitivity_s": time.perf_counter() - start})
+    print(f"layer sensitivity of {ctx.scheme['name']} ({len(rows)} layers, most sensitive first):\n{table}",
+          flush=True)
 
 
 def _graph_key(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> str:
@@ -244,7 +334,8 @@ def measure_latency(ctx: Context) -> None:
 
 
 STAGES: tuple[Callable[[Context], None], ...] = (
-    build_engine_config, evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, freeze_and_export,
+    build_engine_config, evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, analyze_sensitivity,
+    freeze_and_export,
     evaluate_onnx, check_parity, node_sqnr, measure_latency,
 )
 
@@ -278,4 +369,22 @@ def plot_node_sqnr(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("SQNR vs float (dB)")
     ax.set_title(title)
     ax.tick_params(axis="y", labelsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def plot_sensitivity(rows: list, path: Path, title: str) -> None:
+    """Two bars per layer: output SQNR with only it quantized, and with all but it (most sensitive on top)."""
+    fig = Figure(figsize=(7, 0.35 * len(rows) + 1.4), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{r.node} ({r.op})" for r in rows][::-1]
+    y = list(range(len(rows)))
+    ax.barh([v + 0.2 for v in y], [r.only_sqnr_db for r in rows][::-1], height=0.4, color="tab:red",
+            label="only this layer quantized")
+    ax.barh([v - 0.2 for v in y], [r.all_but_sqnr_db for r in rows][::-1], height=0.4, color="tab:blue",
+            label="all but this layer")
+    ax.set_yticks(y, labels)
+    ax.set_xlabel("output SQNR vs float (dB)")
+    ax.set_title(title)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.savefig(path, dpi=100)

@@ -16,6 +16,11 @@ own process and before torch or MLflow are imported:
   caught too;
 * the tracking URI can work.
 
+:func:`sweep_file` resolves a command's task and ``--grid`` to its sweep file
+(``conf/sweep/TASK.yaml``, or the named grid ``conf/sweep/TASK_GRID.yaml``);
+an unknown task or grid is a :class:`~quantbench.errors.UsageError` listing
+the ones there are.
+
 Failures are :class:`~quantbench.errors.ConfigError`: one line, exit status 2.
 :func:`explain` turns any Hydra or OmegaConf error into such a line.
 """
@@ -23,14 +28,15 @@ Failures are :class:`~quantbench.errors.ConfigError`: one line, exit status 2.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from quantbench.errors import ConfigError, UsageError
 from quantbench.harness.paths import CONF_DIR, check_tracking_uri, known_options
 from quantbench.registry import close_matches
 
-__all__ = ["MODEL_NAME_HINT", "check_group_values", "check_overrides", "explain", "check_task", "job_variants",
-           "parse"]
+__all__ = ["MODEL_NAME_HINT", "SweepFile", "check_group_values", "check_overrides", "explain", "check_task",
+           "job_variants", "parse", "sweep_file", "sweep_grids", "sweep_tasks"]
 
 #: How to use a model that has no file in conf/model: the README says the same.
 MODEL_NAME_HINT = ("for any torchvision or timm model set model.name instead (e.g. model=resnet18 "
@@ -67,17 +73,96 @@ def _values(override: Any) -> list[str]:
     return [] if value is None else [str(value)]
 
 
+def _grid_owner(stem: str, tasks: Sequence[str]) -> str | None:
+    """The task whose named grid ``conf/sweep/<stem>.yaml`` is (``digits_hard`` -> ``digits``), else None."""
+    owners = [t for t in tasks if stem.startswith(f"{t}_") and len(stem) > len(t) + 1]
+    return max(owners, key=len) if owners else None
+
+
+def sweep_tasks() -> list[str]:
+    """The tasks ``quantbench sweep TASK`` knows: the files of conf/sweep that are no task's named grid."""
+    tasks = known_options("task")
+    return [s for s in known_options("sweep") if _grid_owner(s, tasks) is None]
+
+
+def sweep_grids(task: str) -> list[str]:
+    """The named grids of ``task``: ``hard`` for ``conf/sweep/<task>_hard.yaml`` (``--grid hard``)."""
+    tasks = known_options("task")
+    return [s[len(task) + 1:] for s in known_options("sweep") if _grid_owner(s, tasks) == task]
+
+
+@dataclass(frozen=True)
+class SweepFile:
+    """The sweep file a command reads: the task's own grid ``conf/sweep/TASK.yaml``, or the named grid
+    ``conf/sweep/TASK_GRID.yaml`` (``--grid GRID``, ``make ... SWEEP=GRID``).
+
+    Its ``name`` keys everything a grid owns: ``sweep=<name>`` (the jobs' config), the default
+    sweep id, ``reports/<name>.md``, the README markers and ``conf/gates/<name>.yaml``.
+    """
+
+    task: str
+    grid: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.task if self.grid is None else f"{self.task}_{self.grid}"
+
+    @property
+    def path(self) -> str:
+        return f"conf/sweep/{self.name}.yaml"
+
+    def make(self, target: str) -> str:
+        """``make sweep TASK=digits SWEEP=hard``: the make command of ``target`` for this grid."""
+        return f"make {target} TASK={self.task}" + (f" SWEEP={self.grid}" if self.grid else "")
+
+    def command(self, command: str) -> str:
+        """``quantbench sweep digits --grid hard``: the command line of ``command`` for this grid."""
+        return f"quantbench {command} {self.task}" + (f" --grid {self.grid}" if self.grid else "")
+
+    def describe(self) -> str:
+        """``task 'digits'`` or ``task 'digits' (grid 'hard')``: how messages name it."""
+        return f"task {self.task!r}" + (f" (grid {self.grid!r})" if self.grid else "")
+
+
 def check_task(task: str) -> None:
-    """``quantbench sweep TASK`` needs ``conf/sweep/TASK.yaml``.
+    """``quantbench sweep TASK`` needs ``conf/sweep/TASK.yaml`` (a task's own sweep, not a named grid).
 
     Raises:
         UsageError: one line with close matches and the tasks there are.
     """
-    tasks = known_options("sweep")
-    if task not in tasks:
-        close = close_matches(task, tasks)
-        raise UsageError(f"no sweep for task {task!r} (conf/sweep/{task}.yaml)"
-                         + (f"; did you mean {' or '.join(close)}?" if close else "") + f" Tasks: {', '.join(tasks)}")
+    tasks = sweep_tasks()
+    if task in tasks:
+        return
+    owner = _grid_owner(task, known_options("task"))
+    if owner is not None and task in known_options("sweep"):
+        grid = task[len(owner) + 1:]
+        raise UsageError(f"{task!r} is the {grid} grid of task {owner!r} ({SweepFile(owner, grid).path}): "
+                         f"name the task and the grid, {SweepFile(owner, grid).command('sweep')} "
+                         f"({SweepFile(owner, grid).make('sweep')})")
+    close = close_matches(task, tasks)
+    raise UsageError(f"no sweep for task {task!r} (conf/sweep/{task}.yaml)"
+                     + (f"; did you mean {' or '.join(close)}?" if close else "") + f" Tasks: {', '.join(tasks)}")
+
+
+def sweep_file(task: str, grid: str | None = None) -> SweepFile:
+    """The sweep file of ``task`` and its named ``grid`` (None: the task's own ``conf/sweep/TASK.yaml``).
+
+    Raises:
+        UsageError: an unknown task, or a grid the task has no file for: one line with the close
+            matches and the grids there are.
+    """
+    check_task(task)
+    if grid is None:
+        return SweepFile(task)
+    grids = sweep_grids(task)
+    if grid not in grids:
+        close = close_matches(grid, grids)
+        known = (f"Grids of {task}: {', '.join(grids)}" if grids
+                 else f"Task {task!r} has no named grid (conf/sweep/{task}_<grid>.yaml)")
+        raise UsageError(f"--grid {grid}: no such grid of task {task!r} (conf/sweep/{task}_{grid}.yaml)"
+                         + (f"; did you mean {' or '.join(close)}?" if close else ".")
+                         + f" {known}; without --grid: {SweepFile(task).path}")
+    return SweepFile(task, grid)
 
 
 def check_group_values(key: str, values: Iterable[str]) -> None:

@@ -29,7 +29,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -112,6 +112,9 @@ class SchemeConf:
         weight, bias, input_tensors, output_tensors: spec fields replaced in
             every spec of that role (global, per op type, per node).
         fold_bn, exclude: ``Config`` fields replaced when set.
+        algorithms: advanced PTQ steps, in order, each ``{name: <algorithm>, <option>: value}``
+            (``quantbench.engine.spec.ALGORITHMS``: cle, mixed_precision, bias_correction,
+            adaround, brecq); the engine checks names, options and order.
     """
 
     name: str = MISSING
@@ -125,6 +128,7 @@ class SchemeConf:
     output_tensors: SpecOverride = field(default_factory=SpecOverride)  # type: ignore[valid-type]
     fold_bn: bool | None = None
     exclude: List[str] | None = None
+    algorithms: List[Dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +161,9 @@ class RunConf:
     ``resume_root`` keeps each QAT run's training checkpoints
     (``<resume_root>/<config hash>``), so an interrupted run resumes; they are
     deleted once the run is FINISHED (``null``: no QAT checkpoints).
+    ``sensitivity`` adds the per-layer sensitivity stage (``quantbench analyze``) on
+    ``sensitivity_batches`` calibration batches; ``sensitivity_metric`` also scores each
+    layer on the task's metric (two evaluations per layer).
     """
 
     force: bool = False
@@ -168,6 +175,9 @@ class RunConf:
     fp32_onnx_cache: str | None = ".cache/quantbench/fp32_onnx"
     sqnr_plot_layers: int = 20
     resume_root: str | None = ".cache/quantbench/resume"
+    sensitivity: bool = False
+    sensitivity_metric: bool = False
+    sensitivity_batches: int = 4
 
 
 @dataclass

@@ -4,15 +4,17 @@ A scheme is data: an engine preset name plus overrides. The preset gives the
 whole policy; the overrides replace single :class:`QuantizationSpec` fields in
 every spec of one role (weight, bias, input_tensors, output_tensors), which is
 how a low-bit variant such as ``qat_w4a8_lsq`` is the ``qat_lsq`` preset with
-``weight.dtype: int4``. The engine validates the result, so an impossible
-combination fails here naming the field.
+``weight.dtype: int4``. ``algorithms`` lists the advanced PTQ steps (CLE, mixed
+precision, bias correction, AdaRound, block reconstruction) with their options.
+The engine validates the result, so an impossible combination fails here naming
+the field.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from quantbench.engine.spec import Config, QuantizationConfig
+from quantbench.engine.spec import Algorithm, Config, QuantizationConfig
 from quantbench.errors import ConfigError
 
 __all__ = ["ROLES", "SchemeError", "engine_config"]
@@ -73,4 +75,7 @@ def engine_config(scheme: Mapping[str, Any]) -> Config:
     changes.update({f: scheme[f] for f in _CONFIG_FIELDS if scheme.get(f) is not None})
     if "exclude" in changes:
         changes["exclude"] = tuple(changes["exclude"])
+    if scheme.get("algorithms"):
+        changes["algorithms"] = tuple(Algorithm.parse(dict(a) if isinstance(a, Mapping) else a)
+                                      for a in scheme["algorithms"])
     return config.replace(**changes)

@@ -1,4 +1,5 @@
-"""``quantbench sweep TASK``: a real Hydra ``--multirun`` over conf/sweep/<TASK>.yaml, then a verdict.
+"""``quantbench sweep TASK [--grid GRID]``: a real Hydra ``--multirun`` over conf/sweep/<TASK>.yaml (or the
+task's named grid, conf/sweep/<TASK>_<GRID>.yaml), then a verdict.
 
 Hydra aborts a multirun when a job raises, so jobs never raise: each records
 its failure in MLflow (see :func:`quantbench.harness.run.run`). This module
@@ -33,7 +34,7 @@ from omegaconf import OmegaConf
 from quantbench.errors import UsageError
 from quantbench.harness.callbacks import count_jobs
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, resolve_tree
-from quantbench.harness.preflight import check_group_values, check_overrides, check_task
+from quantbench.harness.preflight import check_group_values, check_overrides, parse, sweep_file
 from quantbench.harness.run import build_task, check_config, resolve_threads
 from quantbench.harness.tracking import Store
 from quantbench.harness.warmup import longest_first, sweep_values, warm_baselines
@@ -143,26 +144,29 @@ def _collect(outcome: SweepOutcome, store: Store, since_ms: int) -> SweepOutcome
 
 
 def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: str | None = None,
-          launcher: str | None = None) -> SweepOutcome:
-    """Run the sweep of ``task`` with extra Hydra ``overrides`` and collect what it recorded.
+          launcher: str | None = None, grid: str | None = None) -> SweepOutcome:
+    """Run the sweep of ``task`` (its named ``grid``: ``conf/sweep/<task>_<grid>.yaml``) with extra Hydra
+    ``overrides`` and collect what it recorded. The default sweep id names the sweep file
+    (``digits-<time>``, ``digits_hard-<time>``).
 
     Raises:
-        UsageError: unknown task or launcher, bad sweep id or ``jobs``.
+        UsageError: unknown task, grid or launcher, bad sweep id or ``jobs``.
         BadInputError: the first job's config asks for a missing device or
             foreign code, or its tracking server does not answer.
     """
-    check_task(task)
-    sweep_id = sweep_id or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = sweep_file(task, grid).name
+    sweep_id = sweep_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _SWEEP_ID.match(sweep_id):
         raise UsageError(f"sweep id {sweep_id!r}: use letters, digits, '.', '_' and '-' only")
-    base = [f"sweep={task}", f"tracking.sweep_id={sweep_id}", *overrides]
+    base = [f"sweep={name}", f"tracking.sweep_id={sweep_id}", *overrides]
     hydra_launcher = launcher_overrides(jobs, launcher, overrides)
     # Check every swept value and compose the first job up front: a typo fails here, before anything
     # runs, and the composed tracking node says which store to ask for failures afterwards.
     configs = check_overrides(base)
     first = compose_config(first_job_overrides(base), hydra_config=True)
+    replaced = {o.key_or_group for o in parse(list(overrides))}  # a list the overrides replace never runs
     for group, values in (first.hydra.sweeper.params or {}).items():  # the sweep file's own lists
-        if (CONF_DIR / str(group)).is_dir():
+        if (CONF_DIR / str(group)).is_dir() and str(group) not in replaced:
             check_group_values(str(group), [v.strip() for v in str(values).split(",")])
     check_config(resolve_tree(configs[0]))
     # Build the task of each checked job: a value the task refuses (data.on_corrupt=skipp) stops the

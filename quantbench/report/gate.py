@@ -1,6 +1,7 @@
 """``make gate TASK=x``: accuracy gates over the runs of record (the sweep a report reads).
 
-``conf/gates/<task>.yaml`` lists checks, each for the model x scheme pairs its
+``conf/gates/<task>.yaml`` (a task's named grid: ``conf/gates/<task>_<grid>.yaml``, which a
+grid need not have) lists checks, each for the model x scheme pairs its
 patterns match: a minimum of a metric and/or a maximum drop of a metric from
 the same run's float model (``float/<name>``). The gate reads one sweep's runs
 (:mod:`quantbench.report.record`): the newest complete sweep of the task's
@@ -31,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from quantbench.errors import ConfigError
 from quantbench.harness.config import CONF_DIR
+from quantbench.harness.preflight import sweep_file
 from quantbench.registry import suggest
 from quantbench.report.record import Selection, select
 from quantbench.report.runs import latest
@@ -246,28 +248,36 @@ class GateOutcome:
 
 
 def check_gate(task: str, overrides: Iterable[str] = (), *, path: Path | None = None,
-               sweep: str | None = None) -> GateOutcome:
-    """Load ``conf/gates/<task>.yaml`` (or ``path``) and evaluate it against the runs of record.
+               sweep: str | None = None, grid: str | None = None) -> GateOutcome:
+    """Load ``conf/gates/<task>.yaml`` (``conf/gates/<task>_<grid>.yaml``, or ``path``) and evaluate it
+    against the runs of record.
 
     ``overrides``: the ones the sweep was given (they name the store, the grid and the config).
 
     Raises:
-        ConfigError: a malformed gate file (before anything else is read).
+        UsageError: an unknown task or grid.
+        ConfigError: a malformed gate file, or a named grid without one (before anything else is read).
         ReportError: no sweep of the config; an unknown or other-config ``sweep``.
     """
     overrides = list(overrides)
-    gates = load_gates(path or CONF_DIR / "gates" / f"{task}.yaml")
+    source = sweep_file(task, grid)
+    default = CONF_DIR / "gates" / f"{source.name}.yaml"
+    if path is None and grid is not None and not default.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "gates").glob("*.yaml")))
+        raise ConfigError(f"{_shown(default)}: the {grid} grid of task {task!r} has no gate file (a grid need not "
+                          f"have one); write it, or pass --file PATH (conf/gates/ holds {known})")
+    gates = load_gates(path or default)
     selection = select(task, overrides, sweep=sweep, partial=sweep is not None, models=gates.models,
-                       schemes=gates.schemes, newest_if_none_complete=True)
+                       schemes=gates.schemes, newest_if_none_complete=True, grid=grid)
     grid = selection.record.grid
     runs = selection.record.frame(finished_only=False)
     return GateOutcome(evaluate_gates(gates, runs, list(grid.models), list(grid.schemes)), selection)
 
 
 def run_gate(task: str, overrides: Iterable[str] = (), *, path: Path | None = None,
-             sweep: str | None = None) -> list[GateResult]:
+             sweep: str | None = None, grid: str | None = None) -> list[GateResult]:
     """The results of :func:`check_gate`."""
-    return check_gate(task, overrides, path=path, sweep=sweep).results
+    return check_gate(task, overrides, path=path, sweep=sweep, grid=grid).results
 
 
 def passed(results: list[GateResult]) -> bool:

@@ -9,8 +9,12 @@ Reports and gates therefore read *the runs of record*:
   same key, as Hydra's basic sweeper does (a gate file's ``models``/``schemes``
   replace them for the gate). So a report or gate is given the overrides the
   sweep was given (CI: ``model=resnet18 scheme=float,ptq_pow2 task.cache_dir=...``).
+  A task's named grid (``--grid hard``: ``conf/sweep/TASK_hard.yaml``) is read
+  the same way; its sweep file logs to an MLflow experiment of its own
+  (``tracking.experiment: TASK_hard``), so its runs are never among the task's
+  own grid's, even in the cells both grids share (same config, same hash).
 * **The config**: each cell's config hash is computed from the config that
-  cell's job composes (``sweep=TASK``, the overrides, ``model=M scheme=S``), as
+  cell's job composes (``sweep=<sweep file>``, the overrides, ``model=M scheme=S``), as
   the harness computes the ``config_hash`` tag (:func:`quantbench.harness.tracking.run_hash`).
   A run counts for a cell only when its tag equals that hash, so a run of
   another config (a smoke run, other epochs, another data root) never counts.
@@ -47,7 +51,7 @@ import pandas as pd
 from quantbench.errors import BadInputError
 from quantbench.harness.config import CONF_DIR, compose_config, resolve_tree, sweep_grid
 from quantbench.harness.paths import project_root
-from quantbench.harness.preflight import parse
+from quantbench.harness.preflight import parse, sweep_file
 from quantbench.harness.tracking import Store, flatten, hashed, run_exclude, run_hash
 from quantbench.report.runs import load_runs, task_store
 
@@ -98,8 +102,9 @@ class Grid:
 
 
 def resolve_grid(task: str, overrides: Iterable[str] = (), *, models: Sequence[str] | None = None,
-                 schemes: Sequence[str] | None = None) -> Grid:
-    """The grid of ``quantbench sweep TASK <overrides>`` (or ``models`` x ``schemes``) and each cell's hash.
+                 schemes: Sequence[str] | None = None, grid: str | None = None) -> Grid:
+    """The grid of ``quantbench sweep TASK [--grid GRID] <overrides>`` (or ``models`` x ``schemes``) and each
+    cell's hash.
 
     Raises:
         ReportError: the overrides sweep over another key (several runs per model x scheme).
@@ -109,14 +114,15 @@ def resolve_grid(task: str, overrides: Iterable[str] = (), *, models: Sequence[s
     if swept:
         raise ReportError(f"{swept[0]}: a report or gate reads one run per model x scheme, and this sweeps "
                           f"{swept[0]} too; give it the one value to read")
-    base = [f"sweep={task}", *(o.input_line for o in parsed if o.key_or_group not in GRID_KEYS)]
-    swept_models, swept_schemes = sweep_grid(task, [o.input_line for o in parsed])
+    name = sweep_file(task, grid).name
+    base = [f"sweep={name}", *(o.input_line for o in parsed if o.key_or_group not in GRID_KEYS)]
+    swept_models, swept_schemes = sweep_grid(task, [o.input_line for o in parsed], grid=grid)
     models = tuple(models or swept_models)
     schemes = tuple(schemes or swept_schemes)
     # The tracking node is left out of every hash (HASH_EXCLUDE) and of the differences messages name,
     # so the cells are composed without its overrides, and once per process for the same conf/ files.
     untracked = tuple(o.input_line for o in parse(list(base[1:])) if o.key_or_group.split(".")[0] != "tracking")
-    hashes, params, excluded = _cells(task, untracked, tuple((m, s) for m in models for s in schemes), _conf_stamp())
+    hashes, params, excluded = _cells(name, untracked, tuple((m, s) for m in models for s in schemes), _conf_stamp())
     return Grid(task, models, schemes, hashes, params, excluded)
 
 
@@ -126,12 +132,13 @@ def _conf_stamp() -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _cells(task: str, overrides: tuple[str, ...], cells: tuple[Cell, ...],
+def _cells(name: str, overrides: tuple[str, ...], cells: tuple[Cell, ...],
            stamp: int) -> tuple[dict[Cell, str], dict[Cell, dict[str, str]], dict[Cell, tuple[str, ...]]]:
-    """Each cell's hash, logged params and what its hash leaves out: one compose per cell (about 0.1 s each)."""
+    """Each cell's hash, logged params and what its hash leaves out: one compose per cell (about 0.1 s each)
+    of sweep file ``name``."""
     hashes, params, excluded = {}, {}, {}
     for cell in cells:
-        job = compose_config([f"sweep={task}", *overrides, f"model={cell[0]}", f"scheme={cell[1]}"])
+        job = compose_config([f"sweep={name}", *overrides, f"model={cell[0]}", f"scheme={cell[1]}"])
         tree = resolve_tree(job)
         hashes[cell], params[cell], excluded[cell] = run_hash(tree), flatten(tree), run_exclude(tree)
     return hashes, params, excluded
@@ -262,10 +269,11 @@ def _config_difference(sweep_id: str, runs: pd.DataFrame, grid: Grid) -> str:
 
 def select(task: str, overrides: Iterable[str] = (), *, sweep: str | None = None, partial: bool = False,
            models: Sequence[str] | None = None, schemes: Sequence[str] | None = None,
-           newest_if_none_complete: bool = False) -> Selection:
+           newest_if_none_complete: bool = False, grid: str | None = None) -> Selection:
     """The runs of record of ``task`` for the config of ``overrides`` (see the module docstring).
 
     Args:
+        grid: the task's named grid (``hard``: ``conf/sweep/<task>_hard.yaml``); None: the task's own.
         sweep: read this sweep id (default: the newest complete sweep).
         partial: accept an incomplete sweep: ``sweep``, or else the newest one.
         models, schemes: the grid (default: the sweep's, after ``overrides``).
@@ -277,11 +285,13 @@ def select(task: str, overrides: Iterable[str] = (), *, sweep: str | None = None
             without ``partial``; no complete sweep without ``partial``.
     """
     overrides = list(overrides)
-    grid = resolve_grid(task, overrides, models=models, schemes=schemes)
-    store, experiment = task_store(task, overrides)
+    source = sweep_file(task, grid)
+    cells = resolve_grid(task, overrides, models=models, schemes=schemes, grid=grid)
+    store, experiment = task_store(task, overrides, grid=grid)
     runs = load_runs(store, experiment)
-    records = sweep_records(runs, grid)
-    where = f"task {task!r} in {_uri(store)}"
+    records = sweep_records(runs, cells)
+    where = f"{source.describe()} in {_uri(store)}"
+    rerun = source.make("sweep")
     known = _sweep_ids(runs)
     if sweep is not None:
         if sweep not in known:
@@ -289,28 +299,28 @@ def select(task: str, overrides: Iterable[str] = (), *, sweep: str | None = None
             what = (f"{sweep!r} is an ad-hoc run (quantbench run), not a sweep" if sweep.startswith(ADHOC_PREFIX)
                     and sweep in set(runs["sweep"]) else f"unknown sweep {sweep!r}")
             listing = (f"known sweeps, newest first: {_shorten(known, 10)}" if known
-                       else f"it has no sweeps: run `make sweep TASK={task}`")
+                       else f"it has no sweeps: run `{rerun}`")
             raise ReportError(f"--sweep {sweep}: {what} for {where}"
                               + (f"; did you mean {' or '.join(close)}?" if close else "") + f"; {listing}")
         record = next((r for r in records if r.sweep_id == sweep), None)
         if record is None:
             raise ReportError(f"--sweep {sweep}: sweep {sweep!r} of {where} ran another config than "
-                              f"conf/sweep/{task}.yaml with these overrides: {_config_difference(sweep, runs, grid)}")
+                              f"{source.path} with these overrides: {_config_difference(sweep, runs, cells)}")
         if not record.complete and not partial:
             raise ReportError(f"--sweep {sweep}: sweep {sweep!r} of {where} is incomplete: {record.summary()}; "
-                              f"complete it (quantbench sweep {task} --id {sweep} and the sweep's overrides), "
+                              f"complete it ({source.command('sweep')} --id {sweep} and the sweep's overrides), "
                               "or add --partial to read it as it is")
     elif not records:
         if runs.empty:
-            raise ReportError(f"no runs of {where}; run `make sweep TASK={task}` first")
+            raise ReportError(f"no runs of {where}; run `{rerun}` first")
         others = [s for s in known if s not in {r.sweep_id for r in records}]
         if others:
             detail = (f"the sweeps there ran other configs ({_shorten(others)}; {others[0]}: "
-                      f"{_config_difference(others[0], runs, grid)})")
+                      f"{_config_difference(others[0], runs, cells)})")
         else:
             detail = "it holds only ad-hoc runs (quantbench run), which are never reported"
-        raise ReportError(f"no sweep of the config of conf/sweep/{task}.yaml with these overrides in {where}: "
-                          f"{detail}; or run `make sweep TASK={task}`")
+        raise ReportError(f"no sweep of the config of {source.path} with these overrides in {where}: "
+                          f"{detail}; or run `{rerun}`")
     else:
         complete = [r for r in records if r.complete]
         if complete and not partial:
@@ -319,7 +329,7 @@ def select(task: str, overrides: Iterable[str] = (), *, sweep: str | None = None
             record = records[0]
         else:
             raise ReportError(f"no complete sweep of {where}: the newest, {records[0].sweep_id!r}, has "
-                              f"{records[0].summary()}; run `make sweep TASK={task}` (it redoes only what is "
+                              f"{records[0].summary()}; run `{rerun}` (it redoes only what is "
                               f"missing), or add --partial to read {records[0].sweep_id!r} as it is")
     newer = [r for r in records if r.last_start > record.last_start]
     return Selection(record, store, newer)

@@ -17,6 +17,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from quantbench.harness.config import compose_config, first_job_overrides
+from quantbench.harness.preflight import sweep_file
 from quantbench.harness.tracking import Store
 
 __all__ = ["BASE_COLUMNS", "latest", "load_runs", "order_rows", "task_store"]
@@ -25,10 +26,12 @@ BASE_COLUMNS = ("run_id", "start_time", "status", "error", "model", "scheme", "m
                 "primary_metric", "sweep", "config_hash", "git_sha", "force", "params")
 
 
-def task_store(task: str, overrides: Iterable[str] = ()) -> tuple[Store, str]:
-    """The store and experiment name of ``task``, as its sweep config resolves them (sweep overrides such
-    as ``scheme=a,b`` are fine: the first job's config names the store)."""
-    cfg = compose_config(first_job_overrides([f"sweep={task}", *overrides]))
+def task_store(task: str, overrides: Iterable[str] = (), *, grid: str | None = None) -> tuple[Store, str]:
+    """The store and experiment name of ``task`` (its named ``grid``), as its sweep config resolves them
+    (sweep overrides such as ``scheme=a,b`` are fine: the first job's config names the store). A named
+    grid's sweep file gives it an experiment of its own (``digits_hard``)."""
+    name = sweep_file(task, grid).name
+    cfg = compose_config(first_job_overrides([f"sweep={name}", *overrides]))
     tracking = OmegaConf.to_container(cfg.tracking, resolve=True)
     return Store.from_config(tracking), str(tracking["experiment"])
 

@@ -1,8 +1,11 @@
 """The results table, in the format of AMD Quark's FX-mode results (Model | Method | Acc@1 / Acc@5), plus
-ONNX accuracy, parity, int8 speedup and quantize time; and the README block that mirrors it."""
+ONNX accuracy, parity, int8 speedup and quantize time; the hard grid's table (the algorithms of each
+scheme, the drop from float, output fidelity, exactness in onnxruntime and each algorithm's time); and
+the README block that mirrors either."""
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from dataclasses import dataclass
@@ -10,7 +13,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
-__all__ = ["PRIMARY", "MetricFormat", "readme_markers", "replace_block", "results_table"]
+__all__ = ["ALGORITHM_TIMES", "PRIMARY", "MetricFormat", "algorithm_names", "algorithms_label", "hard_table",
+           "readme_markers", "replace_block", "results_table"]
 
 _NA = "—"
 
@@ -85,14 +89,127 @@ _COLUMNS: tuple[tuple[str, Callable[[pd.Series, MetricFormat], Any]], ...] = (
 
 def results_table(runs: pd.DataFrame) -> str:
     """A markdown table of ``runs`` (one row each, already ordered)."""
-    primary = runs["primary_metric"].iloc[0] if len(runs) else "top1"
-    fmt = PRIMARY.get(primary)
-    if fmt is None:
-        raise KeyError(f"no table format for primary metric {primary!r}; known: {sorted(PRIMARY)}")
+    fmt = _format(runs)
     headers = [name.format(header=fmt.header) for name, _ in _COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, row in runs.iterrows():
         lines.append("| " + " | ".join(str(cell(row, fmt)) for _, cell in _COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+#: How the hard table names each PTQ algorithm of ``scheme.algorithms`` (others: their own name).
+_SHORT = {"bias_correction": "bc", "mixed_precision": "mixed"}
+#: The engine's stage order: the order for algorithms found only as nested params (no list to keep).
+_STAGE_ORDER = ("cle", "mixed_precision", "bias_correction", "adaround", "brecq")
+
+#: The hard table's time columns: header -> metric (seconds). ``time/quantize_s`` is the whole PTQ
+#: stage, its algorithms included; ``time/qat_s`` the QAT training.
+ALGORITHM_TIMES: tuple[tuple[str, str], ...] = (
+    ("CLE (s)", "time/cle_s"),
+    ("BC (s)", "time/bias_correction_s"),
+    ("AdaRound (s)", "time/adaround_s"),
+    ("BRECQ (s)", "time/brecq_s"),
+    ("Mixed prec. (s)", "time/mixed_precision_s"),
+    ("PTQ total (s)", "time/quantize_s"),
+    ("QAT (s)", "time/qat_s"),
+)
+
+
+def algorithm_names(params: Any) -> list[str]:
+    """The algorithm names of a run's ``scheme.algorithms`` param, in their order.
+
+    ``params`` is the run's logged params (a dict) or the param's value. The harness logs a list
+    leaf as its Python text (``['cle', {'name': 'adaround', 'iters': 500}]``): an entry is a name
+    or a mapping with ``name``. A mapping of algorithms logs nested keys
+    (``scheme.algorithms.cle.iterations``), read in the engine's stage order. Nothing logged: [].
+    """
+    if isinstance(params, dict):
+        value = params.get("scheme.algorithms")
+        if value is None:
+            nested = {k.split(".")[2] for k in params if k.startswith("scheme.algorithms.") and k.count(".") >= 2}
+            return sorted(nested, key=lambda n: (_STAGE_ORDER.index(n) if n in _STAGE_ORDER else len(_STAGE_ORDER), n))
+    else:
+        value = params
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    text = str(value).strip()
+    if text in ("", "None", "null"):
+        return []
+    try:
+        entries = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        entries = [part.strip(" '\"") for part in text.strip("[]()").split(",")]
+    if isinstance(entries, (str, dict)):
+        entries = [entries]
+    if not isinstance(entries, (list, tuple)):
+        return [text]
+    names = [entry.get("name") if isinstance(entry, dict) else entry for entry in entries]
+    return [str(n) for n in names if n not in (None, "")]
+
+
+def algorithms_label(params: Any) -> str:
+    """``cle → bc → adaround``: a run's algorithms, compact, in order ("" for none)."""
+    return " → ".join(_SHORT.get(n, n) for n in algorithm_names(params))
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    """A number with ``digits`` decimals; blank when it was not logged."""
+    if value is None:
+        return ""
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}f}"
+
+
+def _secs(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+def _drop(row: pd.Series, fmt: MetricFormat) -> str:
+    """float minus the row's headline metric (points of top-1, mAP): blank for the float row itself."""
+    key = fmt.keys[0]
+    stage = _stage(row, fmt)
+    ref, value = _num(row, f"float/{key}"), _num(row, f"{stage}/{key}")
+    if stage == "float" or ref is None or value is None:
+        return ""
+    return f"{ref - value:.{fmt.digits}f}"
+
+
+_HARD_COLUMNS: tuple[tuple[str, Callable[[pd.Series, MetricFormat], Any]], ...] = (
+    ("Model", lambda r, f: r["model_name"]),
+    ("Scheme", lambda r, f: r["scheme"]),
+    ("Algorithms", lambda r, f: algorithms_label(r.get("params") if isinstance(r.get("params"), dict) else {})),
+    ("{metric}", lambda r, f: _fixed(_num(r, f"{_stage(r, f)}/{f.keys[0]}"), f.digits)),
+    ("Drop vs float", lambda r, f: _drop(r, f)),
+    ("ONNX {metric}", lambda r, f: _fixed(_num(r, f"onnx/{f.keys[0]}"), f.digits)),
+    ("SQNR vs float (dB)", lambda r, f: _fixed(_num(r, "fidelity/sqnr_db"), 1)),
+    ("Top-1 agree w/ float (%)", lambda r, f: _fixed(_num(r, "fidelity/agree_top1"), 2)),
+    ("ONNX max LSB err", lambda r, f: _fixed(_num(r, "onnx/max_lsb_err"), 0)),
+    ("ONNX parity (%)", lambda r, f: _fixed(_num(r, "onnx/parity_top1"), 2)),
+    *((header, lambda r, f, key=key: _secs(_num(r, key))) for header, key in ALGORITHM_TIMES),
+)
+
+
+def _format(runs: pd.DataFrame) -> MetricFormat:
+    primary = runs["primary_metric"].iloc[0] if len(runs) else "top1"
+    fmt = PRIMARY.get(primary)
+    if fmt is None:
+        raise KeyError(f"no table format for primary metric {primary!r}; known: {sorted(PRIMARY)}")
+    return fmt
+
+
+def hard_table(runs: pd.DataFrame) -> str:
+    """The hard grid's markdown table of ``runs`` (one row each, already ordered): per model x scheme the
+    algorithms, the task metric (fake-quant; float for the float row) and its drop from float, the ONNX
+    metric, output fidelity to float (``fidelity/sqnr_db``, ``fidelity/agree_top1``), exactness in
+    onnxruntime (``onnx/max_lsb_err``, ``onnx/parity_top1``) and each algorithm's time (``time/*_s``).
+    A metric the run did not log is a blank cell."""
+    fmt = _format(runs)
+    metric = fmt.header.split(" / ")[0]
+    headers = [name.format(metric=metric) for name, _ in _HARD_COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for _, row in runs.iterrows():
+        lines.append("| " + " | ".join(str(cell(row, fmt)) for _, cell in _HARD_COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -82,10 +82,10 @@ def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def _export_zero_point(qp: tuple) -> tuple[int, int]:
-    """(zero point, offset) in the domain onnxruntime computes in: int8 activations are exported
-    as uint8 with zero point + 128 (see export.py), so the kernel sees shifted values."""
+    """(zero point, offset) in the domain onnxruntime computes in: int8 (and int4) activations are
+    exported as uint8 with zero point + 128 (see export.py), so the kernel sees shifted values."""
     zp, dtype = int(qp[1]), qp[5]
-    return (zp + 128, 128) if dtype == "int8" else (zp, 0)
+    return (zp + 128, 128) if DTYPES[dtype].storage_name == "int8" else (zp, 0)
 
 
 def qadd(qa: torch.Tensor, a_qp: tuple, qb: torch.Tensor, b_qp: tuple, c_qp: tuple) -> torch.Tensor:
@@ -227,11 +227,34 @@ def _is_const_dq(gm: fx.GraphModule, node) -> bool:
             and get_attr_tensor(gm, node.args[0].target).numel() > 1)
 
 
+_BYTE_STORED = ("int8", "uint8")
+
+
+def _stored_like(const_dq: fx.Node, act_dq: fx.Node) -> bool:
+    """A constant of another 8-bit grid than the activation it meets (an int4 / int8 position
+    embedding added to uint4 / uint8 activations): the export stores such a constant, read only by
+    adds and muls, like the activation (int8 as uint8 + 128), so onnxruntime's QLinearAdd /
+    QLinearMul see one type, which is what :func:`qadd` / :func:`qmul` compute in."""
+    return (DTYPES[const_dq.args[6]].storage_name in _BYTE_STORED
+            and DTYPES[act_dq.args[6]].storage_name in _BYTE_STORED
+            and all(u.op == "call_function" and op_name(u) in ops_tagged("qlinear_binary") for u in const_dq.users))
+
+
 def _binary_operands(gm: fx.GraphModule, node: fx.Node) -> bool:
     dqa, dqb = node.args
     acts = [_is_act_dq(dqa), _is_act_dq(dqb)]
     consts = [_is_const_dq(gm, dqa), _is_const_dq(gm, dqb)]
-    return all(a or c for a, c in zip(acts, consts)) and any(acts) and dqa.args[6] == dqb.args[6]
+    if not (all(a or c for a, c in zip(acts, consts)) and any(acts)):
+        return False
+    if dqa.args[6] == dqb.args[6]:
+        return True
+    return op_name(node) in ops_tagged("qlinear_binary") and not all(acts) and (
+        _stored_like(dqb, dqa) if acts[0] else _stored_like(dqa, dqb))
+
+
+def _activation_operand(node: fx.Node) -> fx.Node:
+    dqa, dqb = node.args
+    return dqa if _is_act_dq(dqa) else dqb
 
 
 def _match_add(gm: fx.GraphModule, node: fx.Node):
@@ -247,7 +270,7 @@ def _match_add(gm: fx.GraphModule, node: fx.Node):
         # grid minimum that is the saturation itself (onnxruntime drops the relu and fuses the add);
         # otherwise an integer clamp after the add, which onnxruntime runs on integers too.
         relu, qc = qc, next(iter(qc.users))
-    if not _is(qc, quantize) or qc.args[3] is not None or qc.args[6] != dqa.args[6]:
+    if not _is(qc, quantize) or qc.args[3] is not None or qc.args[6] != _activation_operand(node).args[6]:
         return None
     return dqa, dqb, relu, qc
 

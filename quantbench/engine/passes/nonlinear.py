@@ -254,11 +254,16 @@ RESIZE_WEIGHT_BITS = 12
 NONLINEAR_KERNELS = (qlut, qsoftmax, qmean, qnorm, qnorm_int, qresize)
 
 
+def _int8_stored(dtype: str) -> bool:
+    """A grid stored in int8 (int8, int4): exported as uint8 + 128 with the activations."""
+    return DTYPES[dtype].storage_name == "int8"
+
+
 def export_offsets(gm: fx.GraphModule, node: fx.Node, shifted_input: bool, unsigned: bool) -> bool:
     """Rewrite a kernel node's offsets for export (in place); returns whether its output is shifted.
 
     ``shifted_input``: the kernel's integer input is exported as uint8 + 128;
-    ``unsigned``: int8 outputs are written as uint8 + 128 too.
+    ``unsigned``: int8 (and int4) outputs are written as uint8 + 128 too.
     """
     args = list(node.args)
     if node.target is qlut:
@@ -271,20 +276,20 @@ def export_offsets(gm: fx.GraphModule, node: fx.Node, shifted_input: bool, unsig
                 args[1] = gm.graph.get_attr(set_attr_tensor(
                     gm, f"{args[1].target}_u8", (table.to(torch.int16) + 128).to(torch.uint8), param=False))
     elif node.target is qsoftmax:
-        shift = unsigned and args[9] == "int8"
+        shift = unsigned and _int8_stored(args[9])
         args[8] = 128 if shift else 0
     elif node.target is qmean:
-        shift = unsigned and args[10] == "int8"
+        shift = unsigned and _int8_stored(args[10])
         args[9] = 128 if shift else 0
         if shifted_input:
             args[1] = args[1] + 128
     elif node.target is qnorm_int:
-        shift = unsigned and args[13] == "int8"
+        shift = unsigned and _int8_stored(args[13])
         args[12] = 128 if shift else 0
         if shifted_input:
             args[1] = args[1] + 128
     elif node.target is qresize:
-        shift = unsigned and args[10] == "int8"
+        shift = unsigned and _int8_stored(args[10])
         args[9] = 128 if shift else 0
         if shifted_input:
             args[1] = args[1] + 128

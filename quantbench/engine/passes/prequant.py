@@ -21,6 +21,7 @@ from quantbench.engine.passes.fold import (
 )
 
 __all__ = [
+    "BN_STATS_META",
     "functionalize_inplace",
     "remove_dropout",
     "fold_bn",
@@ -79,6 +80,19 @@ def _bn_params(gm: fx.GraphModule, bn: fx.Node, channels: int):
     return gamma, beta, mean_t, inv_std
 
 
+#: Node meta ``fold_bn`` leaves on a convolution: the folded BatchNorm's ``beta`` and ``|gamma|`` (the
+#: mean and standard deviation BN gives each output channel) and the folded ``weight_norm`` / ``bias``.
+BN_STATS_META = "qb_bn_output_stats"
+
+
+def _channel_norms(weight: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
+    """The L2 norm of each output channel's weights (a conv's dim 0; a transposed conv's per group)."""
+    w = weight.detach().float()
+    if transposed:
+        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2).reshape(groups * w.shape[1], -1)
+    return w.reshape(w.shape[0], -1).norm(dim=1)
+
+
 def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold an inference BatchNorm that follows a conv into the conv's weight and bias.
 
@@ -117,6 +131,11 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
             b_name = set_attr_tensor(gm, f"{w_node.target.rsplit('.', 1)[0]}.bias_bnfold", new_b, param=True)
             nw = gm.graph.get_attr(w_name)
             nb = gm.graph.get_attr(b_name)
+        # What BN says of each output channel (mean beta, std |gamma|), and the folded weight's channel
+        # norms and bias, so a later rescaling of the channel (equalization) can be traced back to it.
+        conv.meta[BN_STATS_META] = {"beta": beta.detach().clone(), "gamma": gamma.detach().abs().clone(),
+                                    "weight_norm": _channel_norms(new_w, transposed, conv_groups(conv)),
+                                    "bias": new_b.detach().clone()}
         args = list(conv.args)
         args += [None] * max(0, 3 - len(args))
         args[1], args[2] = nw, nb

@@ -1,0 +1,1 @@
+"""Advanced PTQ algorithms (CLE, bias correction, AdaRound, block reconstruction, sensitivity, mixed precision)."""
