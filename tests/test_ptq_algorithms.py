@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
+from engine_models import reestimate_bn, torchvision_model
 from torch import fx, nn
 
-from engine_models import reestimate_bn, torchvision_model
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
 from quantbench.engine.errors import CalibrationError, SpecError
 from quantbench.engine.graph import get_attr_tensor

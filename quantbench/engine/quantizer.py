@@ -529,7 +529,7 @@ class ModelQuantizer:
                 t0 = time.perf_counter()
                 report = equalize(g, iterations=a.get("iterations"), relu6=a.get("relu6"),
                                   absorb_bias=a.get("absorb_bias"), batches=batches)
-                if a.get("pow2_align"):  # one scalar per link puts its ranges just under powers of two
+                if a.get("pow2_align"):  # one scalar per group puts its ranges just under powers of two
                     qc = config.global_quant_config
                     report.pow2 = align_pow2(g, batches=batches,
                                              weight_qmax=qc.weight.qmax if qc.weight is not None else 127,

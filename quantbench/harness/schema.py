@@ -115,6 +115,9 @@ class SchemeConf:
         algorithms: advanced PTQ steps, in order, each ``{name: <algorithm>, <option>: value}``
             (``quantbench.engine.spec.ALGORITHMS``: cle, mixed_precision, bias_correction,
             adaround, brecq); the engine checks names, options and order.
+        algorithm_options: options laid over every entry of that algorithm, by name, so a sweep
+            changes them for all its schemes at once
+            (``scheme.algorithm_options={adaround:{iters:2000},brecq:{iters:5000}}``).
     """
 
     name: str = MISSING
@@ -129,6 +132,7 @@ class SchemeConf:
     fold_bn: bool | None = None
     exclude: List[str] | None = None
     algorithms: List[Dict[str, Any]] = field(default_factory=list)
+    algorithm_options: Any = None  # a mapping; typed Any so a command line can set it whole
 
 
 @dataclass

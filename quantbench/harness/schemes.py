@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from quantbench.engine.spec import Algorithm, Config, QuantizationConfig
+from quantbench.engine.spec import ALGORITHMS, Algorithm, Config, QuantizationConfig
 from quantbench.errors import ConfigError
+from quantbench.registry import close_matches
 
 __all__ = ["ROLES", "SchemeError", "engine_config"]
 
@@ -44,6 +45,12 @@ def _override_qconfig(qc: QuantizationConfig, scheme: Mapping[str, Any]) -> Quan
 def _all_qconfigs(config: Config) -> list[QuantizationConfig]:
     return [config.global_quant_config, *config.op_type_quant_config.values(),
             *config.node_name_quant_config.values()]
+
+
+def _with_options(algorithm: Algorithm, extra: Mapping[str, Any]) -> Algorithm:
+    """``algorithm`` with ``scheme.algorithm_options[<its name>]`` laid over its options."""
+    more = extra.get(algorithm.name) or {}
+    return Algorithm(algorithm.name, {**algorithm.options, **dict(more)}) if more else algorithm
 
 
 def engine_config(scheme: Mapping[str, Any]) -> Config:
@@ -75,7 +82,17 @@ def engine_config(scheme: Mapping[str, Any]) -> Config:
     changes.update({f: scheme[f] for f in _CONFIG_FIELDS if scheme.get(f) is not None})
     if "exclude" in changes:
         changes["exclude"] = tuple(changes["exclude"])
+    extra = scheme.get("algorithm_options") or {}
+    if not isinstance(extra, Mapping) or not all(isinstance(v, Mapping) for v in extra.values()):
+        raise SchemeError(f"scheme.algorithm_options={extra!r}: must map algorithm names to options, e.g. "
+                          "{adaround:{iters:2000}}")
     if scheme.get("algorithms"):
-        changes["algorithms"] = tuple(Algorithm.parse(dict(a) if isinstance(a, Mapping) else a)
+        changes["algorithms"] = tuple(_with_options(Algorithm.parse(dict(a) if isinstance(a, Mapping) else a),
+                                                    extra)
                                       for a in scheme["algorithms"])
+    for name in extra:
+        if name not in ALGORITHMS:
+            close = close_matches(str(name), list(ALGORITHMS))
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise SchemeError(f"scheme.algorithm_options.{name}: no such algorithm{hint}; one of {list(ALGORITHMS)}")
     return config.replace(**changes)

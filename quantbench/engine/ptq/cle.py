@@ -52,6 +52,11 @@ function changes where ``h < c`` and at those borders. Without ``batches`` nothi
 ``get_attr`` nodes read (the old tensors are not written to, so a model the graph shares its
 parameters with is left alone), replaced ReLU6 nodes call ``aten.relu``, and the graph is
 recompiled.
+
+:func:`align_pow2` (quantbench's own, on DFQ's equivariance) is for power-of-two scales: one positive scalar
+per group of tensors (a pair as above, joined by a ReLU6 / ``hardtanh(0, m)`` / ``clamp(0, m)`` too, whose clip
+scales with it, or a residual stream) chosen so that the per-tensor ranges land just under powers of two
+times ``qmax``; the function is kept exactly.
 """
 
 from __future__ import annotations
@@ -532,3 +537,382 @@ def equalize(gm: fx.GraphModule, *, iterations: int = 20, relu6: str = "relu", a
                      chains=[[chain[0].first.node.name] + [p.second.node.name for p in chain] for chain in chains])
 
 
+# -- power-of-two alignment -----------------------------------------------------------------------
+
+_POW2_GRID = 256
+"""Log-spaced scale candidates in [1, 2) per group and round (each tensor's own breakpoint added)."""
+_POW2_MARGIN = 2.0 ** -10
+"""Relative headroom kept under a power-of-two boundary: the objective sees every range this much wider, so a
+range placed just under a boundary stays under it after float32 rounding of the scaled weights and of the
+activations computed with them."""
+
+
+@dataclass
+class Pow2AlignReport:
+    """What :func:`align_pow2` did.
+
+    ``links``: groups scaled (a group is a CLE pair, or a residual stream: see :func:`align_pow2`);
+    ``gain_db``: predicted improvement, in dB, of the mean relative grid noise ``1 / u^2`` over the tensors the
+    groups move (``u = range / (qmax * pow2 scale)``, the grid utilisation); ``rows``: one per group:
+    ``producers`` / ``consumers`` (weighted-op node names), ``scale`` (the factor ``s``), ``bounds`` (the clips
+    of its ReLU6 / ``hardtanh(0, m)`` / ``clamp(0, m)`` nodes, as scaled), ``u_before`` / ``u_after`` (tensor ->
+    utilisation; ``weight:<op>`` and ``act:<node>``; a weight between two groups appears in both rows).
+    """
+
+    links: int
+    gain_db: float
+    rows: list[dict] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def mean(key: str) -> float:
+            us = {k: v for r in self.rows for k, v in r[key].items()}
+            return sum(us.values()) / len(us) if us else float("nan")
+
+        clips = sum(len(r["bounds"]) for r in self.rows if r["scale"] != 1.0)
+        return (f"pow2 alignment: {self.links} groups, {clips} clip bounds scaled, mean grid utilisation "
+                f"{mean('u_before'):.3f} -> {mean('u_after'):.3f}, predicted {self.gain_db:+.2f} dB")
+
+
+def _upper_bound(node: fx.Node) -> float | None:
+    """The clip ``m`` of a ReLU clipped at ``[0, m]`` (``relu6``, ``hardtanh(0, m)``, ``clamp(0, m)``), else None."""
+    if node.op != "call_function":
+        return None
+    if _clipped_relu(node):
+        if op_name(node) != "hardtanh":
+            return 6.0  # relu6
+        hi = _arg(node, 2, "max_val")
+        return 1.0 if hi is None else float(hi)
+    if op_name(node) == "clamp":
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+        if (isinstance(lo, (int, float)) and not isinstance(lo, bool) and lo == 0
+                and isinstance(hi, (int, float)) and not isinstance(hi, bool) and hi > 0):
+            return float(hi)
+    return None
+
+
+def _set_bound(node: fx.Node, bound: float) -> None:
+    """Clip ``node`` (relu6 / hardtanh(0, m) / clamp(0, m)) at ``[0, bound]``: a relu6 becomes a hardtanh."""
+    if op_name(node) == "clamp":
+        args = list(node.args) + [None] * max(0, 3 - len(node.args))
+        kwargs = dict(node.kwargs)
+        if args[1] is None:
+            args[1] = kwargs.pop("min", 0.0)
+        kwargs.pop("max", None)
+        args[2] = bound
+        node.args, node.kwargs = tuple(args), kwargs
+        return
+    node.target, node.args, node.kwargs = aten.hardtanh.default, (node.args[0], 0.0, bound), {}
+
+
+def _constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return op_kind(node) == "shape" or constant_value(gm, node) is not None
+
+
+def _scalar_homogeneous(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node]) -> bool:
+    """Whether ``node(s * x) = s * node(x)`` for a positive scalar ``s`` on all of ``inputs`` (its non-constant
+    tensor inputs), others held: a numeric probe in float64, as :func:`_probe` (exact for the linear and
+    piecewise-linear ops it accepts; rejects ``x * y``, ``x + constant``, normalisations, smooth activations)."""
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    try:
+        xs = {}
+        for a in inputs:
+            val = a.meta.get("val")
+            if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+                return False
+            xs[a] = torch.randn([_concrete(d) for d in val.shape], generator=gen, dtype=torch.float64) * 4
+        others = {}
+        for a in node.all_input_nodes:
+            if a in xs:
+                continue
+            v = _concrete(a.meta.get("val")) if op_kind(a) == "shape" else constant_value(gm, a)
+            others[a] = v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    except ValueError:
+        return False
+
+    def run(scale: float) -> Any:
+        env = {**others, **{a: x * scale for a, x in xs.items()}}
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        with torch.no_grad():
+            return node.target(*args, **kwargs)
+
+    try:
+        y, ys = run(1.0), run(1.7)
+    except Exception:  # an op that does not run on the probe (dtype, shape): not accepted
+        return False
+    return (isinstance(y, torch.Tensor) and isinstance(ys, torch.Tensor) and y.is_floating_point()
+            and y.shape == ys.shape and bool(y.abs().max() > 0)
+            and torch.allclose(ys, y * 1.7, rtol=1e-9, atol=1e-9))
+
+
+@dataclass
+class _Group:
+    """Tensors that one positive scalar scales together: the outputs of its producers (weighted ops whose weight
+    and bias it multiplies) and of the scale-equivariant ops they feed; its consumers' weights are divided."""
+
+    members: list[fx.Node] = field(default_factory=list)
+    producers: list[fx.Node] = field(default_factory=list)
+    consumers: list[fx.Node] = field(default_factory=list)
+    clips: list[fx.Node] = field(default_factory=list)
+    valid: bool = True
+
+
+def _find_groups(gm: fx.GraphModule) -> tuple[list[_Group], dict[fx.Node, _Layer]]:
+    """The groups whose every tensor can be scaled by one scalar with the function kept, and the weighted ops.
+
+    A weighted op whose weight and bias are its own constants starts a group at its output. An op joins the
+    group of its inputs when all its non-constant inputs are in groups (which it merges) and it is scale-
+    equivariant: ``relu``, a clip at ``[0, m]`` (``m`` scales with the group) or any op the scalar probe
+    accepts (pools, reshapes, ``x + y``, concat, multiplication by a constant). A group is kept when every user
+    of its tensors is in it, reads only its shape, or is a weighted op (of the same kind) taking it as its data
+    input (that op's weight is divided by the scalar); one that reaches a graph output or any other op is not.
+    A CLE pair (:func:`equalize`) is such a group with one producer and one consumer; a residual stream (the
+    projections that write it, the adds, the convolutions that read it) is another.
+    """
+    weighted = _weighted_ops()
+    attr_uses: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            attr_uses[n.target] = attr_uses.get(n.target, 0) + 1
+    layers: dict[fx.Node, _Layer] = {}
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in gm.graph.nodes:
+        layer = _layer(gm, n, weighted, attr_uses)
+        if layer is not None:
+            layers[n] = layer
+            parent[n] = n
+            continue
+        if n.op != "call_function" or op_kind(n) == "shape":
+            continue
+        inputs = [a for a in n.all_input_nodes if not _constant(gm, a)]
+        if not inputs or any(a not in parent for a in inputs):
+            continue
+        if not (op_name(n) == "relu" or _upper_bound(n) is not None or _scalar_homogeneous(gm, n, inputs)):
+            continue
+        parent[n] = n
+        for a in inputs:
+            parent[root(a)] = root(n)
+
+    groups: dict[fx.Node, _Group] = {}
+    for n in parent:  # graph order
+        g = groups.setdefault(root(n), _Group())
+        g.members.append(n)
+        if n in layers:
+            g.producers.append(n)
+        elif _upper_bound(n) is not None and op_name(n) != "relu":
+            g.clips.append(n)
+        for user in n.users:
+            if user in parent and user not in layers:
+                continue  # in the group (an equivariant op joins its inputs' group)
+            if op_kind(user) == "shape":
+                continue
+            if (user in layers and user.args[0] is n and n not in user.args[1:]
+                    and n not in user.kwargs.values()):
+                if user not in g.consumers:
+                    g.consumers.append(user)
+                continue
+            g.valid = False  # a graph output, or an op that is not scale-equivariant
+    return [g for g in groups.values() if g.valid and g.consumers], layers
+
+
+def _own_quantizer(node: fx.Node) -> bool:
+    """Whether ``node``'s output gets a quantizer (a grid) of its own: not one fused into a following ReLU-like op
+    (the annotator's fused pattern), not one that joins its input's group (max pool, reshape: same scale, a range
+    no wider than the input's), not a concat input (the concat's one grid covers them)."""
+    kind = op_kind(node)
+    if node.op == "call_function" and (kind == "shared" or kind in HELPER_KINDS):
+        return False
+    users = list(node.users)
+    if len(users) == 1 and op_name(users[0]) in ops_tagged("relu_like") and (
+            kind in FUSABLE_PRODUCERS or op_name(node) == "add"):
+        return False
+    return not (users and all(op_kind(u) == "cat" for u in users))
+
+
+class _Ranges(fx.Interpreter):
+    """Runs the graph and records ``max |x|`` of chosen nodes."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.nodes = nodes
+        self.amax: dict[fx.Node, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.nodes and isinstance(out, torch.Tensor) and out.numel():
+            self.amax[n] = max(self.amax.get(n, 0.0), float(out.detach().abs().max()))
+        return out
+
+
+@dataclass
+class _Term:
+    """A per-tensor range the scalars move: ``range * s[up] / s[down]``."""
+
+    name: str
+    range: float
+    qmax: int
+    up: int | None  # group whose scale multiplies the range (a weight's output group, an activation's group)
+    down: int | None  # group whose scale divides it (a weight's input group)
+
+    def at(self, s: list[float]) -> float:
+        return self.range * (s[self.up] if self.up is not None else 1.0) / (s[self.down] if self.down is not None
+                                                                            else 1.0)
+
+
+def _utilisation(r: torch.Tensor, qmax: Any, margin: float = 0.0) -> torch.Tensor:
+    """``u = r / (qmax * 2^e)``, ``2^e`` the non-overflow pow2 scale of the range ``r * (1 + margin)``."""
+    w = r * (1 + margin)
+    e = torch.ceil(torch.log2(w / qmax))
+    e = torch.where(w > qmax * torch.exp2(e), e + 1, e)  # log2 is inexact: fixed up by exact tests
+    e = torch.where(w <= qmax * torch.exp2(e - 1), e - 1, e)
+    return r / (qmax * torch.exp2(e))
+
+
+def _to_octave(s: torch.Tensor) -> torch.Tensor:
+    """``s * 2^k`` in [1, 2) (exact: a power-of-two factor)."""
+    return s * torch.exp2(-torch.floor(torch.log2(s)))
+
+
+def _descend(terms: list[_Term], touched: list[list[int]], rounds: int) -> list[float]:
+    """Coordinate descent on ``sum 1/u^2``: per group, the best of the grid, the breakpoints and its current scale."""
+    s = [1.0] * len(touched)
+    grid = torch.exp2(torch.arange(_POW2_GRID, dtype=torch.float64) / _POW2_GRID)
+    for _ in range(rounds):
+        for k, idx in enumerate(touched):
+            if not idx:
+                continue
+            mine = [terms[i] for i in idx]
+            up = torch.tensor([t.up == k for t in mine])
+            base = torch.tensor([t.at(s) / (s[k] if t.up == k else 1 / s[k]) for t in mine],
+                                dtype=torch.float64)  # each range at s_k = 1
+            qmax = torch.tensor([float(t.qmax) for t in mine], dtype=torch.float64)
+            # the s_k that puts one tensor two margins under a boundary qmax * 2^j (range * s, or range / s)
+            edge = torch.where(up, qmax / (base * (1 + 2 * _POW2_MARGIN)), base * (1 + 2 * _POW2_MARGIN) / qmax)
+            cand = torch.cat([grid, _to_octave(edge), torch.tensor([s[k]], dtype=torch.float64)])
+            r = torch.where(up[:, None], base[:, None] * cand[None, :], base[:, None] / cand[None, :])
+            cost = _utilisation(r, qmax[:, None], _POW2_MARGIN).pow(-2).sum(0)
+            best = int(torch.argmin(cost))
+            if float(cost[best]) < float(cost[-1]) * (1 - 1e-12):  # moves only when that lowers the sum
+                s[k] = float(cand[best])
+    return s
+
+
+def align_pow2(gm: fx.GraphModule, *, batches: list[tuple[torch.Tensor, ...]], weight_qmax: int = 127,
+               act_qmax: int = 127, rounds: int = 3) -> Pow2AlignReport:
+    """Scale groups of tensors by one factor each that puts their ranges just under powers of two, in place.
+
+    A per-tensor power-of-two scale (``2^ceil(log2(range / qmax))``) uses ``u = range / (qmax * scale)`` of its
+    grid, ``u`` in (0.5, 1]: a range just above a power of two times ``qmax`` wastes almost a bit (a ReLU6
+    output, range 6, on int8: u = 6 / 7.94 = 0.76). The scale-equivariance is DFQ's (Nagel et al.,
+    arXiv 1906.04721): in ``W2 f(W1 x + b1)`` with ``f`` positively homogeneous, ``W1 *= s, b1 *= s, W2 /= s``
+    keeps the function. With one scalar ``s`` per pair (not per channel) a clipped ReLU (``relu6``,
+    ``hardtanh(0, m)``, ``clamp(0, m)``) joins the pair too, exactly: its clip scales with it
+    (``min(max(y, 0), m) * s = min(max(y * s, 0), m * s)``), where CLE must replace it by a ReLU. The groups
+    (:func:`_find_groups`) are the pairs of :func:`equalize` and, more generally, every set of tensors one
+    scalar moves with the function kept: a residual stream (the projections that write it scaled, the
+    convolutions that read it divided) is one group.
+
+    The choice of the scalars is quantbench's own (not DFQ's): per group, ``s`` in [1, 2) (a factor 2 moves
+    every range by one exponent and changes nothing) minimising the sum of ``1 / u^2`` (relative noise power)
+    over the tensors it moves: the per-tensor range ``max |w|`` of each producer's and consumer's weight, and of
+    each activation in the group that gets a quantizer of its own (measured once on ``batches`` on the float
+    graph, what the activation observer sees; a clip bounds it). A weight between two groups moves with both,
+    so the scalars are found by coordinate descent: ``rounds`` sweeps over the groups, each a 1-D search over
+    256 log-spaced values of [1, 2) and the points that put one of the group's tensors just under a boundary
+    (a relative margin of 2^-10 is kept for float rounding); a scalar only moves when that lowers the sum, so the
+    predicted noise never rises.
+
+    Only per-tensor ranges are modelled: per-channel weight grids and activation ranges the observer clips
+    (percentile, MSE) are not. Run it after :func:`equalize` (CLE balances channels; this scales whole tensors)
+    and before quantizers are inserted.
+
+    Args:
+        gm: the float graph after the PTQ pre-quant passes (BatchNorm folded), as for :func:`equalize`.
+        batches: calibration inputs (each a tuple of the graph's inputs, a single tensor a 1-tuple) to measure
+            the activation ranges.
+        weight_qmax: the largest integer of the weight grid (127 for int8, 7 for int4).
+        act_qmax: ... of the activation grid.
+        rounds: coordinate-descent sweeps over the groups.
+
+    Returns:
+        :class:`Pow2AlignReport`: groups scaled, predicted gain, one row per group.
+
+    Raises:
+        CaptureError: ``gm`` is not a GraphModule.
+        ConfigError: no ``batches``, a ``qmax`` below 1, ``rounds`` negative.
+    """
+    require_graph(gm, "align_pow2")
+    for key, value in (("weight_qmax", weight_qmax), ("act_qmax", act_qmax)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"align_pow2: {key}={value!r}: must be a positive int (the grid's largest integer)")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ConfigError(f"align_pow2: rounds={rounds!r}: must be a non-negative integer")
+    if not batches:
+        raise ConfigError("align_pow2: needs calibration batches (to measure the activation ranges)")
+
+    groups, layers = _find_groups(gm)
+    if not groups:
+        return Pow2AlignReport(links=0, gain_db=0.0)
+    out_group = {p: k for k, g in enumerate(groups) for p in g.producers}
+    in_group = {c: k for k, g in enumerate(groups) for c in g.consumers}
+    acts = {k: [n for n in g.members if _own_quantizer(n)] for k, g in enumerate(groups)}
+    recorder = _Ranges(gm, {n for ns in acts.values() for n in ns})
+    with torch.no_grad():
+        for batch in batches:
+            recorder.run(*((batch,) if isinstance(batch, torch.Tensor) else tuple(batch)))
+
+    terms: list[_Term] = []
+    touched: list[list[int]] = [[] for _ in groups]  # group -> the terms it moves
+
+    def add(name: str, r: float, qmax: int, up: int | None, down: int | None) -> None:
+        if r > 0 and math.isfinite(r):
+            terms.append(_Term(name, r, qmax, up, down))
+            for k in (up, down):
+                if k is not None:
+                    touched[k].append(len(terms) - 1)
+
+    for node in [n for n in layers if n in out_group or n in in_group]:
+        add(f"weight:{node.name}", float(get_attr_tensor(gm, layers[node].weight).detach().abs().max()),
+            weight_qmax, out_group.get(node), in_group.get(node))
+    for k, nodes in acts.items():
+        for n in nodes:
+            add(f"act:{n.name}", recorder.amax.get(n, 0.0), act_qmax, k, None)
+
+    s = _descend(terms, touched, rounds)
+
+    # apply: a weight scales by s_out / s_in, a bias by s_out, a clip by its group's s
+    for node, layer in layers.items():
+        up = s[out_group[node]] if node in out_group else 1.0
+        down = s[in_group[node]] if node in in_group else 1.0
+        if up == 1.0 and down == 1.0:
+            continue
+        _write(gm, layer.weight, get_attr_tensor(gm, layer.weight).detach().double() * (up / down))
+        if layer.bias is not None and up != 1.0:
+            _write(gm, layer.bias, get_attr_tensor(gm, layer.bias).detach().double() * up)
+    for k, g in enumerate(groups):
+        for n in g.clips:
+            if s[k] != 1.0:
+                _set_bound(n, _upper_bound(n) * s[k])
+    finish_graph(gm)
+
+    one = [1.0] * len(groups)
+    before = {t.name: float(_utilisation(torch.tensor(t.at(one), dtype=torch.float64), t.qmax)) for t in terms}
+    after = {t.name: float(_utilisation(torch.tensor(t.at(s), dtype=torch.float64), t.qmax)) for t in terms}
+    rows = []
+    for k, g in enumerate(groups):
+        names = [terms[i].name for i in touched[k]]
+        rows.append({"producers": [n.name for n in g.producers], "consumers": [n.name for n in g.consumers],
+                     "scale": s[k], "bounds": [_upper_bound(n) for n in g.clips],
+                     "u_before": {n: before[n] for n in names}, "u_after": {n: after[n] for n in names}})
+    noise = [sum(u ** -2 for u in us.values()) for us in (before, after)]
+    gain = 10 * math.log10(noise[0] / noise[1]) if terms else 0.0
+    return Pow2AlignReport(links=len(groups), gain_db=gain, rows=rows)

@@ -57,6 +57,35 @@ def _view(t: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor
     return t.reshape(shape)
 
 
+class _SoftRound(torch.autograd.Function):
+    """``s * (clamp(floor + h(V), lo, hi) - zp)`` and, in the backward pass only, the gradient of the
+    rounding regularizer ``reg_weight * sum(1 - |2h - 1|^beta)`` added to ``V``'s.
+
+    One function for both, since the weight tensors are large and the work is memory bound: the
+    regularizer's value is never needed, only its gradient, and the few passes over ``V`` are shared.
+    """
+
+    @staticmethod
+    def forward(ctx, v, floor, scale, zero_point, lo, hi, beta, reg_weight):
+        sig = torch.sigmoid(v)
+        h = sig.mul(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
+        q = h.add(floor)
+        inside = (q >= lo) & (q <= hi) & (h > 0) & (h < 1)
+        ctx.save_for_backward(sig, h, inside, scale)
+        ctx.beta, ctx.reg_weight = beta, reg_weight
+        return q.clamp_(lo, hi).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        sig, h, inside, scale = ctx.saved_tensors
+        grad_h = grad_out * scale
+        if ctx.reg_weight:
+            t = h.mul(2).sub_(1)
+            grad_h.add_(t.abs().pow_(ctx.beta - 1).mul_(torch.sign(t)).mul_(-2 * ctx.beta * ctx.reg_weight))
+        dh = sig.mul(1 - sig).mul_(ZETA - GAMMA).mul_(inside)
+        return grad_h.mul_(dh), None, None, None, None, None, None, None
+
+
 class SoftRounding(nn.Module):
     """The learned rounding of one weight: ``s * (clamp(floor(w/s) + h(V) + zp, qmin, qmax) - zp)``."""
 
@@ -69,31 +98,21 @@ class SoftRounding(nn.Module):
         self.zero_point = _view(zero_point.to(w.device, torch.float32), w, axis)
         self.qmin, self.qmax = quantizer.spec.qmin, quantizer.spec.qmax
         ratio = w / self.scale
-        self.floor = torch.floor(ratio)
-        rest = (ratio - self.floor).clamp(1e-4, 1 - 1e-4)
+        self.floor = torch.floor(ratio) + self.zero_point
+        rest = (ratio + self.zero_point - self.floor).clamp(1e-4, 1 - 1e-4)
         # h(V) = rest at the start: V = -log((zeta - gamma) / (rest - gamma) - 1)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
-        self.hard = False
-
-    def h(self) -> torch.Tensor:
-        if self.hard:
-            return (self.v >= 0).float()
-        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-    def regularizer(self, beta: float) -> torch.Tensor:
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+        self.beta, self.reg_weight = 2.0, 0.0  # the regularizer's exponent and weight for this step
 
     def forward(self, _module: Any = None, _weight: Any = None) -> torch.Tensor:
-        q = torch.clamp(self.floor + self.h() + self.zero_point, self.qmin, self.qmax)
-        return (q - self.zero_point) * self.scale
+        return _SoftRound.apply(self.v, self.floor, self.scale, self.zero_point, self.qmin, self.qmax,
+                                self.beta, self.reg_weight)
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
-        self.hard = True
-        try:
-            return self.forward()
-        finally:
-            self.hard = False
+        """The weight with every element rounded the way it learned (``h >= 1/2``, i.e. ``V >= 0``)."""
+        q = (self.floor + (self.v >= 0).float()).clamp(self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
 
 
 class LearnedStep(nn.Module):
@@ -176,7 +195,7 @@ def reconstruct(replay: Replay, block: Block, *, iters: int, batch_size: int, lr
     params = [{"params": [r.v for r in rounding.values()], "lr": lr}]
     if steps:
         params.append({"params": [s.step for s in steps.values()], "lr": act_lr})
-    optimizer = torch.optim.Adam(params)
+    optimizer = torch.optim.Adam(params, fused=True)  # one kernel over V: the step is memory bound
     warm = int(warmup * iters)
     first = last = float("nan")
     try:
@@ -191,13 +210,12 @@ def reconstruct(replay: Replay, block: Block, *, iters: int, batch_size: int, lr
             state["drop"] = qdrop
             outs = replay.run(block.nodes, inputs, quantized=True, wanted=block.outputs)
             rec = sum((o.float() - tgt[idx].float()).pow(2).flatten(1).sum(1).mean() for o, tgt in zip(outs, targets))
-            loss = rec
-            if t >= warm:
-                progress_frac = (t - warm) / max(1, iters - warm)
-                beta = beta_end + (beta_start - beta_end) * (1 - progress_frac)
-                loss = rec + reg_weight * sum(r.regularizer(beta) for r in rounding.values())
+            if t >= warm:  # the regularizer, annealed: its gradient joins V's in the backward pass
+                beta = beta_end + (beta_start - beta_end) * (1 - (t - warm) / max(1, iters - warm))
+                for r in rounding.values():
+                    r.beta, r.reg_weight = beta, reg_weight
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            rec.backward()
             optimizer.step()
             if t == 0:
                 first = rec.item()
