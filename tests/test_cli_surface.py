@@ -50,6 +50,8 @@ def _runs(overrides: list[str]) -> list:
     (["run", "tracking.uri=foo://bar"], ["tracking.uri='foo://bar'", "sqlite:///"]),
     (["sweep", "digits", "tracking.uri=foo://bar"], ["tracking.uri='foo://bar'"]),
     (["run", "tracking.uri=sqlite://x.db"], ["three slashes"]),
+    (["run", "tracking.uri=file:///tmp/store"], ["tracking.uri='file:///tmp/store'", "sqlite:///"]),
+    (["analyze", "model=resnet18"], ["needs a quantized scheme", "scheme=ptq_w4a8"]),
 ])
 def test_config_errors_are_one_line_naming_the_override_and_the_fix(argv, expected, capsys):
     assert main(argv) == 2
@@ -94,6 +96,20 @@ def test_missing_data_or_a_refused_value_is_one_line_and_nothing_recorded(small,
         for text in expected:
             assert text in line, line
     assert _runs([*small, *extra]) == []
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["scheme=ptq_w4a8", "scheme.algorithms=[{name:adarond}]"], ["adarond", "did you mean 'adaround'"]),
+    (["scheme=ptq_w4a8_adaround", "scheme.algorithm_options={adaround:{iter:5}}"], ["'iter'", "did you mean 'iters'"]),
+    (["scheme=ptq_w4a8", "scheme.algorithm_options={adarond:{iters:5}}"], ["algorithm_options.adarond"]),
+    (["scheme=ptq_w4a8", "scheme.algorithms=[adaround,cle]"], ["'cle' cannot come after 'adaround'"]),
+    (["scheme=qat_lsq", "scheme.algorithms=[adaround]"], ["post-training steps"]),
+])
+def test_a_bad_algorithm_in_a_scheme_is_one_line_exit_2(small, extra, expected, capsys):
+    assert main(["run", *small, *extra]) == 2
+    line = _one_line("\n".join(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quantbench")))
+    for text in expected:
+        assert text in line, line
 
 
 def test_debug_adds_the_traceback_to_the_line(capsys, monkeypatch):

@@ -566,7 +566,7 @@ class ModelQuantizer:
             t0 = time.perf_counter()
             report = _run_weight_step(a, qmodel, batches)
             records.append(AlgorithmRecord(a.name, dict(a.options), time.perf_counter() - t0, str(report), report))
-            log.info("%s", report)
+            log.info("%s", str(report).splitlines()[0])  # the whole report: algorithms.txt of the run
         qmodel.meta["qb_config"] = config
         qmodel.meta["qb_algorithms"] = records
         return qmodel, len(batches)

@@ -39,7 +39,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench.errors import BadInputError, DataError, DeviceUnavailableError, UnsafeConfigError
+from quantbench.errors import BadInputError, ConfigError, DataError, DeviceUnavailableError, UnsafeConfigError
 from quantbench.harness.config import resolve_tree
 from quantbench.harness.pipeline import Context, execute
 from quantbench.harness.schema import TARGET_PACKAGES
@@ -170,8 +170,12 @@ def _seed(seed: int, threads: int) -> None:
 
 
 def _qat_recipe(tree: Mapping[str, Any], names: Mapping[str, str], chash: str) -> dict[str, Any]:
-    """``train.qat``, with a resume directory of its own per config (``run.resume_root``)."""
-    recipe = dict(tree["train"]["qat"])
+    """``train.qat`` with the scheme's ``qat_recipe`` laid over it (a 4-bit QAT needs more steps and a higher
+    rate than the task's 8-bit recipe), and a resume directory of its own per config (``run.resume_root``)."""
+    extra = tree["scheme"].get("qat_recipe") or {}
+    if not isinstance(extra, Mapping):
+        raise ConfigError(f"scheme.qat_recipe={extra!r}: must map train.qat keys to values, e.g. {{epochs: 10}}")
+    recipe = {**dict(tree["train"]["qat"]), **dict(extra)}
     root = tree["run"].get("resume_root")
     if root and tree["scheme"].get("qat") and recipe.get("resume_dir") is None:
         recipe["resume_dir"] = str(Path(root) / f"{names['task']}-{names['model']}-{names['scheme']}-{chash}")

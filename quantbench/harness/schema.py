@@ -29,7 +29,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, List
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -118,6 +118,8 @@ class SchemeConf:
         algorithm_options: options laid over every entry of that algorithm, by name, so a sweep
             changes them for all its schemes at once
             (``scheme.algorithm_options={adaround:{iters:2000},brecq:{iters:5000}}``).
+        qat_recipe: ``train.qat`` keys this scheme replaces, e.g. ``{epochs: 10, lr: 3e-4}`` for a
+            4-bit QAT that the task's 8-bit recipe under-trains.
     """
 
     name: str = MISSING
@@ -131,8 +133,9 @@ class SchemeConf:
     output_tensors: SpecOverride = field(default_factory=SpecOverride)  # type: ignore[valid-type]
     fold_bn: bool | None = None
     exclude: List[str] | None = None
-    algorithms: List[Dict[str, Any]] = field(default_factory=list)
+    algorithms: List[Any] = field(default_factory=list)  # names, or {name: ..., <option>: ...}
     algorithm_options: Any = None  # a mapping; typed Any so a command line can set it whole
+    qat_recipe: Any = None  # a mapping of train.qat keys this scheme replaces (the task's recipe checks them)
 
 
 @dataclass

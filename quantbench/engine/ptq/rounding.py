@@ -219,7 +219,7 @@ def reconstruct(replay: Replay, block: Block, *, iters: int, batch_size: int, lr
             optimizer.step()
             if t == 0:
                 first = rec.item()
-            last = rec.item()
+            last = rec.detach()  # read once at the end: no device sync per step
         state["drop"] = 0.0
         flipped = total = 0
         with torch.no_grad():
@@ -236,7 +236,7 @@ def reconstruct(replay: Replay, block: Block, *, iters: int, batch_size: int, lr
                 module.scale = step.step.detach().abs().clamp_min(lsq_min_step()).to(module.scale)
     finally:
         replay.overrides = {}
-    return {"block": block.name, "layers": len(block.layers), "loss_start": first, "loss_end": last,
+    return {"block": block.name, "layers": len(block.layers), "loss_start": first, "loss_end": float(last),
             "flipped": flipped / max(1, total), "learned_steps": len(steps)}
 
 
