@@ -20,10 +20,11 @@ SCHEMES = ("ptq_w4a8", "ptq_w4a8_adaround", "ptq_pow2_cle_bc", "ptq_w4a4_brecq",
 
 @pytest.mark.slow  # about a minute on 2 cores
 def test_a_shrunk_hard_sweep_runs_end_to_end_and_reports(digits_overrides, run_overrides, tmp_path):
-    args = [*digits_overrides, *run_overrides, *SHRUNK, f"scheme={','.join(SCHEMES)}"]
+    common = [*digits_overrides, *run_overrides, *SHRUNK]
+    args = [*common, f"scheme={','.join(SCHEMES)}"]
     outcome = sweep("digits", args, sweep_id="hard-e2e", grid="hard")
     assert outcome.exit_code == 0 and len(outcome.finished) == len(SCHEMES), outcome
-    tracking = OmegaConf.to_container(compose_config(["sweep=digits_hard", *args]).tracking, resolve=True)
+    tracking = OmegaConf.to_container(compose_config(["sweep=digits_hard", *common]).tracking, resolve=True)
     runs = {r.data.tags["scheme"]: r.data for r in Store.from_config(tracking).sweep_runs("hard-e2e")}
     assert set(runs) == set(SCHEMES)
     for scheme, data in runs.items():
