@@ -225,6 +225,17 @@ class QuantizationSpec:
         return dataclasses.replace(self, **changes)
 
 
+#: The options learned rounding takes, layer by layer (AdaRound) or block by block (BRECQ).
+_ROUNDING_OPTIONS: dict[str, tuple] = {
+    "batch_size": (int, 32, "a positive int: samples per step"),
+    "lr": (float, 1e-2, "a positive float: Adam's learning rate for the rounding variables"),
+    "reg_weight": (float, 0.01, "a positive float: lambda of the rounding regularizer"),
+    "warmup": (float, 0.2, "in [0, 1): the fraction of steps without the regularizer"),
+    "beta_start": (float, 20.0, "a positive float: the regularizer's annealed exponent at the start"),
+    "beta_end": (float, 2.0, "a positive float: ... at the end"),
+    "seed": (int, 0, "an int"),
+}
+
 #: The advanced PTQ algorithms a :class:`Config` may run, in the order of their stages, and the
 #: options each accepts: name -> (type, default, what it accepts). ``stage`` orders them: ``float``
 #: runs on the float graph before quantizers exist (CLE), ``allocate`` chooses per-layer bit widths
@@ -264,31 +275,19 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
         "stage": "weights",
         "doc": "layer-wise learned rounding of weights, scales fixed (Nagel et al., arXiv 2004.10568)",
         "options": {
+            **_ROUNDING_OPTIONS,
             "iters": (int, 1000, "a positive int: optimizer steps per layer"),
-            "batch_size": (int, 32, "a positive int: samples per step"),
-            "lr": (float, 1e-2, "a positive float: Adam's learning rate for the rounding variables"),
-            "reg_weight": (float, 0.01, "a positive float: lambda of the rounding regularizer"),
-            "warmup": (float, 0.2, "in [0, 1): the fraction of steps without the regularizer"),
-            "beta_start": (float, 20.0, "a positive float: the regularizer's annealed exponent at the start"),
-            "beta_end": (float, 2.0, "a positive float: ... at the end"),
-            "seed": (int, 0, "an int"),
         },
     },
     "brecq": {
         "stage": "weights",
         "doc": "block reconstruction (Li et al., BRECQ, arXiv 2102.05426) with QDrop (Wei et al., arXiv 2203.05740)",
         "options": {
+            **_ROUNDING_OPTIONS,
             "iters": (int, 2000, "a positive int: optimizer steps per block"),
-            "batch_size": (int, 32, "a positive int: samples per step"),
-            "lr": (float, 1e-2, "a positive float: Adam's learning rate for the rounding variables"),
             "act_lr": (float, 4e-5, "a float >= 0: learning rate of the activation steps (0: fixed)"),
-            "reg_weight": (float, 0.01, "a positive float: lambda of the rounding regularizer"),
-            "warmup": (float, 0.2, "in [0, 1): the fraction of steps without the regularizer"),
-            "beta_start": (float, 20.0, "a positive float"),
-            "beta_end": (float, 2.0, "a positive float"),
             "qdrop": (float, 0.5, "in [0, 1]: the probability of dropping an activation quantization (0: BRECQ)"),
             "max_block_layers": (int, 4, "a positive int: weighted layers per block at most"),
-            "seed": (int, 0, "an int"),
         },
     },
 }

@@ -36,6 +36,16 @@ __all__ = ["Block", "Layer", "Replay", "blocks", "weighted_layers"]
 Override = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
+def _constant_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes that read no input: parameters and what is computed from them alone (a weight's quantizer)."""
+    constant: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "get_attr" or (n.op in ("call_function", "call_module") and n.all_input_nodes
+                                  and all(a in constant for a in n.all_input_nodes)):
+            constant.add(n)
+    return constant
+
+
 def _is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantizeBase)
 
@@ -104,7 +114,7 @@ class Replay:
         self.batches = batches
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
         self.index = {n: i for i, n in enumerate(self.nodes)}
-        self.constant = self._constant_nodes()
+        self.constant = _constant_nodes(self.nodes)
         self.last_use = {}
         for i, n in enumerate(gm.graph.nodes):
             for a in n.all_input_nodes:
@@ -117,14 +127,6 @@ class Replay:
         # (on the grid, corrected), so the float side reads a copy taken before it starts.
         self.float_attrs = {n.target: get_attr_tensor(gm, n.target).detach().clone()
                             for n in self.nodes if n.op == "get_attr"}
-
-    def _constant_nodes(self) -> set[fx.Node]:
-        constant: set[fx.Node] = set()
-        for n in self.nodes:
-            if n.op == "get_attr" or (n.op in ("call_function", "call_module") and n.all_input_nodes
-                                      and all(a in constant for a in n.all_input_nodes)):
-                constant.add(n)
-        return constant
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, node: fx.Node, env: dict[fx.Node, Any], quantized: bool) -> Any:
@@ -196,8 +198,7 @@ def _users_outside(node: fx.Node, inside: set[fx.Node]) -> bool:
     return any(u not in inside for u in node.users)
 
 
-def _finish_block(gm: fx.GraphModule, nodes: list[fx.Node], constant: set[fx.Node],
-                  layers: dict[fx.Node, Layer]) -> Block:
+def _finish_block(nodes: list[fx.Node], constant: set[fx.Node], layers: dict[fx.Node, Layer]) -> Block:
     inside = set(nodes)
     inputs: list[fx.Node] = []
     for n in nodes:
@@ -208,8 +209,7 @@ def _finish_block(gm: fx.GraphModule, nodes: list[fx.Node], constant: set[fx.Nod
     return Block(nodes, inputs, outputs, [layers[n] for n in nodes if n in layers])
 
 
-def _layer_chain(gm: fx.GraphModule, layer: Layer, constant: set[fx.Node], include_output_quantizer: bool
-                 ) -> list[fx.Node]:
+def _layer_chain(gm: fx.GraphModule, layer: Layer, include_output_quantizer: bool) -> list[fx.Node]:
     """A weighted op and the single-user activations after it, up to (and maybe with) its output quantizer."""
     chain = [layer.node]
     node = layer.node
@@ -237,14 +237,10 @@ def blocks(gm: fx.GraphModule, *, max_layers: int = 4, layerwise: bool = False,
     is reconstructed layer by layer.
     """
     replay_nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    constant: set[fx.Node] = set()
-    for n in replay_nodes:
-        if n.op == "get_attr" or (n.op in ("call_function", "call_module") and n.all_input_nodes
-                                  and all(a in constant for a in n.all_input_nodes)):
-            constant.add(n)
+    constant = _constant_nodes(replay_nodes)
     layer_of = {layer.node: layer for layer in weighted_layers(gm)}
     if layerwise:
-        return [_finish_block(gm, _layer_chain(gm, layer, constant, include_output_quantizer), constant, layer_of)
+        return [_finish_block(_layer_chain(gm, layer, include_output_quantizer), constant, layer_of)
                 for layer in layer_of.values()]
     order = [n for n in replay_nodes if n not in constant and n.op != "placeholder"]
     position = {n: i for i, n in enumerate(order)}
@@ -253,10 +249,11 @@ def blocks(gm: fx.GraphModule, *, max_layers: int = 4, layerwise: bool = False,
     ph_last = max((position.get(u, len(order)) for p in placeholders for u in p.users), default=-1)
     pieces: list[list[fx.Node]] = []
     current: list[fx.Node] = []
+    live: set[fx.Node] = set()  # the values computed so far that a later node still reads
     for i, n in enumerate(order):
         current.append(n)
-        crossing = [m for m in order[: i + 1] if last_user[m] > i]
-        if crossing == [n] and ph_last <= i and _is_quantizer(gm, n):
+        live = {m for m in live if last_user[m] > i} | ({n} if last_user[n] > i else set())
+        if live == {n} and ph_last <= i and _is_quantizer(gm, n):
             pieces.append(current)
             current = []
     if current:
@@ -268,19 +265,19 @@ def blocks(gm: fx.GraphModule, *, max_layers: int = 4, layerwise: bool = False,
         n_layers = sum(1 for n in piece if n in layer_of)
         if n_layers > max_layers:
             if merged:
-                out.append(_finish_block(gm, merged, constant, layer_of))
+                out.append(_finish_block(merged, constant, layer_of))
                 merged, merged_layers = [], 0
             inside_layers = [layer_of[n] for n in piece if n in layer_of]
-            out.extend(_finish_block(gm, _layer_chain(gm, layer, constant, include_output_quantizer), constant,
+            out.extend(_finish_block(_layer_chain(gm, layer, include_output_quantizer), constant,
                                      layer_of) for layer in inside_layers)
             continue
         if merged and merged_layers + n_layers > max_layers:
-            out.append(_finish_block(gm, merged, constant, layer_of))
+            out.append(_finish_block(merged, constant, layer_of))
             merged, merged_layers = [], 0
         merged.extend(piece)
         merged_layers += n_layers
     if merged:
-        out.append(_finish_block(gm, merged, constant, layer_of))
+        out.append(_finish_block(merged, constant, layer_of))
     return [b for b in out if b.layers]
 
 
