@@ -14,9 +14,14 @@ GRID := $(if $(SWEEP),--grid $(SWEEP))
 JOBS ?= 1
 LAUNCHER ?=
 ARGS ?=
+# ENGINES=all (or a list: ENGINES=quantbench,ort): the engines a sweep / report / gate spans (conf/engine/).
+ENGINES ?=
+comma := ,
+ALL_ENGINES := quantbench$(comma)ort$(comma)torchao$(comma)nncf$(comma)quark
+ENGINE_ARG := $(if $(ENGINES),engine=$(if $(filter all,$(ENGINES)),$(ALL_ENGINES),$(ENGINES)))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint bench clean-venv sweep report gate ui server
+.PHONY: help install engines test test-slow lint bench clean-venv sweep report gate ui server
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +38,9 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 
 install: $(STAMP) ## create .venv and install quantbench (idempotent; reruns when pyproject/constraints change)
 
+engines: $(STAMP) ## the isolated engines' virtualenvs (.engines/quark: AMD Quark, pinned in engines/quark/requirements.txt; idempotent)
+	$(PY) -m quantbench.peers.venvs create quark
+
 test: $(STAMP) ## fast test suite (CPU, about 3 minutes on two cores: one pytest-xdist worker per core, up to 4)
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
@@ -48,19 +56,19 @@ bench: $(STAMP) ## engine, QAT and CLI start-up benchmarks -> reports/bench/{eng
 	$(PY) -m quantbench.bench.cli --out reports/bench/cli.md
 	$(PY) -m quantbench.bench.zoo --out reports/bench/zoo.md
 
-sweep: $(STAMP) ## models x schemes of TASK into MLflow: make sweep TASK=digits [SWEEP=hard] [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
-	$(QB) sweep $(TASK) $(GRID) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)
+sweep: $(STAMP) ## models x schemes [x engines] of TASK into MLflow: make sweep TASK=digits [SWEEP=hard|engines] [ENGINES=all] [JOBS=2] [LAUNCHER=slurm] [ARGS="model=resnet18 scheme=ptq_pow2,qat_tqt"]
+	$(QB) sweep $(TASK) $(GRID) --jobs $(JOBS) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ENGINE_ARG) $(ARGS)
 
 report: $(STAMP) ## reports/TASK.md (SWEEP=hard: reports/TASK_hard.md) + plots + README table from the newest complete sweep: make report TASK=digits [SWEEP=hard] [ARGS="--sweep ID"]
 	@# The README block is refreshed when README.md has one for TASK or TASK_SWEEP (digits, shapes, digits_hard,
 	@# shapes_hard); `--readme=` cannot swallow an override of ARGS, and a --readme in ARGS comes later, so it wins.
-	$(QB) report $(TASK) $(GRID) $(if $(shell grep -l 'quantbench:table:$(TASK)$(if $(SWEEP),_$(SWEEP)):start' README.md 2>/dev/null),--readme=README.md) $(ARGS)
+	$(QB) report $(TASK) $(GRID) $(if $(shell grep -l 'quantbench:table:$(TASK)$(if $(SWEEP),_$(SWEEP)):start' README.md 2>/dev/null),--readme=README.md) $(ENGINE_ARG) $(ARGS)
 
 gate: $(STAMP) ## accuracy gates (conf/gates/TASK.yaml; SWEEP=hard: TASK_hard.yaml) on the sweep a report reads; fails on a regression
-	$(QB) gate $(TASK) $(GRID) $(ARGS)
+	$(QB) gate $(TASK) $(GRID) $(ENGINE_ARG) $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1 against mlruns/ (prints the runs-table link; SWEEP=hard: the hard grid's)
-	$(QB) ui --task $(TASK) $(GRID) $(ARGS)
+	$(QB) ui --task $(TASK) $(GRID) $(ENGINE_ARG) $(ARGS)
 
 server: $(STAMP) ## shared MLflow tracking server on 127.0.0.1:5001 (sqlite; ARGS="--backend-store-uri postgresql://...")
 	$(QB) server $(ARGS)

@@ -22,8 +22,8 @@ from quantbench.harness.schemes import SchemeError, engine_config
 from quantbench.report.gate import load_gates
 from quantbench.training import TASK_KINDS, ModelConfig
 
-GROUPS = ("task", "data", "train", "model", "scheme", "tracking", "sweep", "experiment", "hydra/launcher")
-SCHEMA_GROUPS = ("task", "data", "train", "model", "scheme", "tracking")
+GROUPS = ("task", "data", "train", "model", "scheme", "tracking", "engine", "sweep", "experiment", "hydra/launcher")
+SCHEMA_GROUPS = ("task", "data", "train", "model", "scheme", "tracking", "engine")
 
 
 def _options() -> list[tuple[str, str]]:
@@ -43,7 +43,7 @@ def test_every_config_composes_and_resolves(group, option):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     for g in SCHEMA_GROUPS:  # each group node was built from its dataclass schema
         assert OmegaConf.get_type(cfg[g]) is not dict, f"{group}={option}: {g} has no schema"
-    if group in ("task", "model", "scheme"):
+    if group in ("task", "model", "scheme", "engine"):
         assert cfg[group].name == option, f"conf/{group}/{option}.yaml names itself {cfg[group].name!r}"
 
 

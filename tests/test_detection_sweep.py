@@ -40,7 +40,7 @@ def test_one_detection_run_end_to_end(shapes_overrides, run_overrides, tmp_path)
     store = Store.from_config(OmegaConf.to_container(compose_config(small).tracking, resolve=True))
     recorded = store.client.get_run(result.run_id)
     assert recorded.data.tags["primary_metric"] == "map50_95" and recorded.data.tags["status"] == "FINISHED"
-    path = store.client.download_artifacts(result.run_id, "model.onnx", str(tmp_path))
+    path = store.download_model(result.run_id, tmp_path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     cls, reg = session.run(None, {session.get_inputs()[0].name: torch.rand(2, 3, 64, 64).numpy()})
     assert cls.shape == (2, 5, 64 + 16 + 4) and reg.shape == (2, 36, 64 + 16 + 4)  # raw outputs: NMS is outside
@@ -83,7 +83,7 @@ def test_shapes_sweep_records_detection_metrics(det):
 @pytest.mark.slow
 def test_onnx_artifact_has_the_two_raw_outputs_quantized_all_through(det, tmp_path):
     """Class logits and box distributions, QDQ all through: what a deployment runtime gets."""
-    path = det.store.client.download_artifacts(det.runs["ptq_float"].info.run_id, "model.onnx", str(tmp_path))
+    path = det.store.download_model(det.runs["ptq_float"].info.run_id, tmp_path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     cls, reg = session.run(None, {session.get_inputs()[0].name: torch.rand(2, 3, 64, 64).numpy()})
     assert cls.shape[:2] == (2, 5) and reg.shape[:2] == (2, 36) and cls.shape[2] == reg.shape[2] == 64 + 16 + 4

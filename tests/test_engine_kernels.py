@@ -11,7 +11,7 @@ from test_integer_kernels import qdq_binary_session
 
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, presets
 from quantbench.engine.passes.integer import qadd, qlinear, qmatmul, qmul
-from quantbench.engine.passes.nonlinear import isqrt, qlut, qmean, qnorm, qnorm_int, qsoftmax
+from quantbench.engine.passes.nonlinear import isqrt, qlut, qmean, qmean_lut, qnorm, qnorm_int, qsoftmax
 from quantbench.engine.targets import check_hardware
 
 
@@ -69,7 +69,7 @@ def test_silu_and_squeeze_excitation_are_integer_and_exact(preset, tmp_path):
     _, quantizer, qmodel, frozen, report = _pipeline(TinyEfficientNet, preset, tmp_path)
     assert report.max_lsb_err == 0.0 and report.top1_agreement == 100.0, report
     targets = _targets(frozen)
-    assert targets.count(qmul) == 1 and targets.count(qmean) == 2 and targets.count(qadd) == 1
+    assert targets.count(qmul) == 1 and targets.count(qmean_lut) == 2 and targets.count(qadd) == 1
     assert targets.count(qlut) == 5  # three SiLU, the sigmoid gate, the hardswish
     assert targets.count(qnorm_int) == 1  # the GroupNorm
     assert quantizer.coverage(qmodel).float_nodes == []
@@ -250,3 +250,53 @@ def test_swin_window_moves_are_integer(tmp_path):
 
     cov = onnx_float_nodes(path)  # the pad, the roll (Slice + Concat) and the windows move integers
     assert cov.float_nodes == [] and cov.float_movement == [], str(cov)
+
+
+class _WindowMean(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("preset", ["int8_float", "int8_pow2", "uint8_asym"])
+@pytest.mark.parametrize("table", [True, False], ids=["table", "arithmetic"])
+def test_mean_requantization_is_a_table_exact_on_every_sum(preset, table, tmp_path, monkeypatch):
+    """A mean's requantization is one table lookup (no Mod / Div / Equal left in the ONNX graph); past
+    MEAN_TABLE_MAX (forced here) it is qmean's run-time arithmetic. Either way every sum of the 2 x 2
+    window, both ends included, is 0 LSB against onnxruntime and equals the exact rational
+    round_half_even(sum * s_x / (4 s_y)) + z_y, ties among them (s_y == s_x: a quarter)."""
+    from fractions import Fraction
+
+    import onnx
+
+    from quantbench.engine.passes import nonlinear
+
+    if not table:
+        monkeypatch.setattr(nonlinear, "MEAN_TABLE_MAX", 0)
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(8, 1, 1, 1, generator=g) * 3 + 2).expand(8, 1, 2, 2).contiguous() for _ in range(2)]
+    quantizer = ModelQuantizer(presets.get(preset))  # a constant window: the mean's range is the input's
+    qmodel = quantizer.quantize_model(capture(_WindowMean().eval(), (calib[0],)), calib)
+    assert quantizer.coverage(qmodel).float_nodes == []
+    frozen = quantizer.freeze(qmodel)
+    kernel = qmean_lut if table else qmean
+    node = next(n for n in frozen.graph.nodes if n.op == "call_function" and n.target in (qmean, qmean_lut))
+    assert node.target is kernel
+    (s_x, z_x, _, x_min, x_max, *_), (s_y, z_y, _, y_min, y_max, *_) = node.meta["qb_qparams"]
+    sums = list(range(4 * x_min, 4 * x_max + 1))
+    rows = [[s // 4 + (k < s % 4) for k in range(4)] for s in sums] + [[x_min, x_max, x_max, x_min]]
+    q = torch.tensor(rows, dtype=torch.float64).reshape(-1, 1, 2, 2)
+    x = ((q - z_x) * float(s_x)).float()
+    path = export_onnx(frozen, (x[:2],), tmp_path / "mean.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    arithmetic = {"Mod", "Div", "Equal", "Greater", "Sign", "Abs", "Mul"}
+    if table:
+        assert "GatherElements" in ops and not ops & arithmetic, sorted(ops)
+    else:
+        assert ops >= {"Mod", "Div", "Equal"}, sorted(ops)
+    report = check.compare(path, frozen, [x])
+    assert report.max_lsb_err == 0.0, report
+    got = (torch.round(frozen(x).double() / float(s_y)) + z_y).to(torch.int64).reshape(-1).tolist()
+    ratio = Fraction(float(s_x)) / (4 * Fraction(float(s_y)))
+    exact = [Fraction(sum(r) - 4 * z_x) * ratio for r in rows]
+    assert got == [min(max(round(v) + z_y, y_min), y_max) for v in exact]  # round(): half to even
+    assert sum(v.denominator == 2 for v in exact) >= 100  # ties: half-to-even decides them

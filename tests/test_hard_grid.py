@@ -48,8 +48,8 @@ def log_hard(store: Store, scheme: str, metrics: dict[str, float], *, sweep: str
     time.sleep(0.005)  # distinct start times
     rec = store.start_run("digits_hard", f"{model}-{scheme}", {
         "task": "digits", "model": model, "scheme": scheme, "sweep": sweep,
-        "config_hash": grid.hashes[(model, scheme)], "git_sha": "0123456789abcdef", "primary_metric": "top1"})
-    params = {**grid.params[(model, scheme)], "tracking.sweep_id": sweep, "run.force": "False"}
+        "config_hash": grid.hashes[grid.cell(model, scheme)], "git_sha": "0123456789abcdef", "primary_metric": "top1"})
+    params = {**grid.params[grid.cell(model, scheme)], "tracking.sweep_id": sweep, "run.force": "False"}
     if algorithms is not None:
         params["scheme.algorithms"] = algorithms
     rec.log_params(params)
@@ -68,7 +68,7 @@ def test_the_hard_grid_resolves_to_its_file_and_experiment(tracking_overrides, m
     assert sweep_file("digits", "hard").name == "digits_hard"
     assert sweep_file("digits", "hard").path == "conf/sweep/digits_hard.yaml"
     for task in ("digits", "shapes", "imagenet"):
-        assert (CONF_DIR / "sweep" / f"{task}_hard.yaml").is_file() and sweep_grids(task) == ["hard"]
+        assert (CONF_DIR / "sweep" / f"{task}_hard.yaml").is_file() and "hard" in sweep_grids(task)
         assert f"{task}_hard" not in sweep_tasks()
         models, schemes = sweep_grid(task, grid="hard")
         assert models == (["yolo_nas_nano"] if task == "shapes" else ["resnet18", "mobilenet_v2"])
@@ -84,7 +84,7 @@ def test_the_hard_grid_resolves_to_its_file_and_experiment(tracking_overrides, m
         hard, own = (resolve_tree(compose_config([f"sweep={s}", "model=resnet18", f"scheme={scheme}"]))
                      for s in ("digits_hard", "digits"))
         assert {k: v for k, v in hard.items() if k != "tracking"} == {k: v for k, v in own.items() if k != "tracking"}
-        assert hard_grid(*SHARED).hashes[("resnet18", scheme)] == grid_of(*SHARED).hashes[("resnet18", scheme)]
+        assert hard_grid(*SHARED).hashes[("resnet18", scheme, "quantbench")] == grid_of(*SHARED).hashes[("resnet18", scheme, "quantbench")]
 
     launched = []  # the command line: the grid's sweep file and a sweep id that names it
     sweep_module = importlib.import_module("quantbench.harness.sweep")  # the package exports the function `sweep`
@@ -101,7 +101,7 @@ def test_an_unknown_grid_is_one_line_exit_2_listing_the_grids(argv, capsys):
     assert main(argv) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"quantbench {argv[0]}: --grid hrd: no such grid of task 'digits' "
-                           "(conf/sweep/digits_hrd.yaml); did you mean hard? Grids of digits: hard")
+                           "(conf/sweep/digits_hrd.yaml); did you mean hard? Grids of digits: engines, hard")
     assert main(["sweep", "digits_hard"]) == 2  # the grid's file named as a task: how to name it
     line = _one_line(capsys.readouterr().err)
     assert "'digits_hard' is the hard grid of task 'digits'" in line and "quantbench sweep digits --grid hard" in line

@@ -29,7 +29,8 @@ LEAVES = ("quantbench.errors", "quantbench.registry", "quantbench.progress", "qu
 ALLOWED = {
     "quantbench.engine": (),
     "quantbench.training": ("quantbench.engine",),
-    "quantbench.harness": ("quantbench.training", "quantbench.engine"),
+    "quantbench.peers": ("quantbench.engine",),
+    "quantbench.harness": ("quantbench.training", "quantbench.engine", "quantbench.peers"),
     "quantbench.report": ("quantbench.harness", "quantbench.training", "quantbench.engine"),
     "quantbench.bench": ("quantbench.engine",),
     "quantbench.cli": ("quantbench.harness", "quantbench.report", "quantbench.training", "quantbench.engine"),
@@ -40,6 +41,8 @@ ALLOWED = {
 FORBIDDEN_PACKAGES = {
     "quantbench.engine": {"hydra", "omegaconf", "mlflow", "pandas", "timm", "pycocotools", "matplotlib"},
     "quantbench.training": {"hydra", "omegaconf", "mlflow", "pandas", "matplotlib"},
+    # an isolated engine's worker imports the peers package with only torch and its toolkit installed
+    "quantbench.peers": {"hydra", "omegaconf", "mlflow", "pandas", "matplotlib", "timm", "pycocotools"},
     "tasks": {"hydra", "omegaconf", "mlflow", "pandas", "matplotlib"},
 }
 
@@ -137,6 +140,9 @@ def test_the_checker_catches_a_wrong_way_import(tmp_path, monkeypatch):
     (["quantbench.engine"], ["hydra", "omegaconf", "mlflow", "pandas", "timm", "pycocotools", "matplotlib",
                             "quantbench.training", "quantbench.harness", "tasks"]),
     (["quantbench.training"], ["hydra", "omegaconf", "mlflow", "matplotlib", "quantbench.harness", "tasks"]),
+    (["quantbench.peers.worker", "quantbench.peers.runner", "quantbench.peers.mapping"],
+     ["hydra", "omegaconf", "mlflow", "pandas", "matplotlib", "onnxruntime", "quantbench.engine",
+      "quantbench.harness", "quantbench.training", "tasks"]),
     (["tasks.classification.adapter", "tasks.detection.adapter"],
      ["hydra", "omegaconf", "mlflow", "matplotlib", "quantbench.harness"]),
 ])

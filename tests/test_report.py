@@ -56,8 +56,8 @@ def log_run(store: Store, model: str, scheme: str, metrics: dict[str, float], *,
     grid = grid or grid_of()
     rec = store.start_run("digits", f"{model}-{scheme}", {
         "task": "digits", "model": model, "scheme": scheme, "sweep": sweep,
-        "config_hash": chash or grid.hashes[(model, scheme)], "git_sha": "0123456789abcdef"})
-    rec.log_params({**grid.params[(model, scheme)], "tracking.sweep_id": sweep, "run.force": str(force)})
+        "config_hash": chash or grid.hashes[grid.cell(model, scheme)], "git_sha": "0123456789abcdef"})
+    rec.log_params({**grid.params[grid.cell(model, scheme)], "tracking.sweep_id": sweep, "run.force": str(force)})
     rec.set_tags({"primary_metric": "top1"})
     rec.log_metrics(metrics)
     if fail:
@@ -103,8 +103,8 @@ def test_report_table_matches_logged_metrics(tmp_path: Path, tracking_overrides)
     assert header.startswith("| Model | Method | Acc@1 / Acc@5 | ONNX Acc@1 / Acc@5 |")
     rows = table_rows(text)
     grid = grid_of()
-    assert [(r[0], r[1]) for r in rows] == [(NAMES[m], grid.params[(m, s)]["scheme.method"]) for m, s in grid.cells]
-    for (model, scheme), row in zip(grid.cells, rows):
+    assert [(r[0], r[1]) for r in rows] == [(NAMES[m], grid.params[(m, s, e)]["scheme.method"]) for m, s, e in grid.cells]
+    for (model, scheme, _), row in zip(grid.cells, rows):
         m = logged[(model, scheme)]
         stage = "float" if scheme == "float" else "quant"
         assert row[2] == f"{m[f'{stage}/top1']:.2f} / {m[f'{stage}/top5']:.2f}"

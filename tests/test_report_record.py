@@ -47,7 +47,7 @@ def test_the_hash_of_a_cell_is_the_one_the_harness_gives_the_job(tracking_overri
     job = first_job_overrides(["sweep=digits", "tracking.sweep_id=s1", *tracking_overrides, "model=resnet18",
                                f"scheme={scheme}"])
     result = run(compose_config(job))
-    assert result.status == "SKIPPED" and result.config_hash == grid_of().hashes[("resnet18", scheme)]
+    assert result.status == "SKIPPED" and result.config_hash == grid_of().hashes[("resnet18", scheme, "quantbench")]
 
 
 def test_report_reads_the_newest_complete_sweep_only(tmp_path, tracking_overrides, capsys):
@@ -119,7 +119,7 @@ def test_no_complete_sweep_says_what_to_run(tmp_path, tracking_overrides, capsys
 
     adhoc = store_of([*tracking_overrides, "tracking.experiment=adhoc_only"])
     adhoc.start_run("adhoc_only", "x", {"model": "resnet18", "scheme": "float", "sweep": "adhoc-1",
-                                        "config_hash": grid.hashes[("resnet18", "float")]}).finish()
+                                        "config_hash": grid.hashes[grid.cell("resnet18", "float")]}).finish()
     with pytest.raises(ReportError, match="only ad-hoc runs .* never reported"):
         select("digits", [*tracking_overrides, *TWO, "tracking.experiment=adhoc_only"])
 

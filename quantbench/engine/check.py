@@ -114,6 +114,9 @@ def compare(onnx_path: str | Path, frozen: fx.GraphModule, inputs, *, float_mode
             session: ort.InferenceSession | None = None) -> ParityReport:
     """Run the ONNX model and the frozen graph on ``inputs`` (a tensor or batches) and compare.
 
+    ``frozen`` may also be any callable on a batch (a peer toolkit's torch-side model): its outputs
+    then have no known quantization step, and ``max_lsb_err`` is the absolute error.
+
     Every graph output is compared, each in units of its own quantization
     step; ``max_lsb_err`` is the worst over all of them. Top-1 agreement is
     the argmax over dim 1 of the first output, per row: per image for
@@ -122,7 +125,7 @@ def compare(onnx_path: str | Path, frozen: fx.GraphModule, inputs, *, float_mode
     """
     session = session or ort_session(onnx_path)
     predict = ort_predict_fn(session)
-    scales = output_scales(frozen)
+    scales = output_scales(frozen) if isinstance(frozen, fx.GraphModule) else None  # None: compare in abs error
     n = agree = samples = 0
     max_lsb = max_abs = 0.0
     refs, outs, onnx_outs = [], [], []
@@ -130,7 +133,7 @@ def compare(onnx_path: str | Path, frozen: fx.GraphModule, inputs, *, float_mode
         ts, os_ = _as_tuple(frozen(x)), _as_tuple(predict(x))
         if len(ts) != len(os_):
             raise ValueError(f"the ONNX model has {len(os_)} outputs but the frozen graph {len(ts)}")
-        for t, o, scale in zip(ts, os_, scales):
+        for t, o, scale in zip(ts, os_, scales or [None] * len(ts)):
             err = (o.float() - t.float()).abs().max().item() if t.numel() else 0.0
             max_abs = max(max_abs, err)
             max_lsb = max(max_lsb, err / scale if scale else err)

@@ -39,7 +39,8 @@ op is declared once::
                        kernel (QLinearAveragePool / QLinearGlobalAveragePool); a global one is the engine's
                        integer mean once frozen
     qlinear_binary     add, mul: onnxruntime's QLinearAdd / QLinearMul (passes/integer.qadd, qmul)
-    integer_mean       mean, adaptive_avg_pool2d: a global one is an integer mean once frozen (passes/nonlinear.qmean)
+    integer_mean       mean, adaptive_avg_pool2d: a global one is an integer mean once frozen
+                       (passes/nonlinear.qmean_lut, or qmean past its table bound)
     integer_movement   pad, roll, flip, pixel / channel shuffles, repeat: value-preserving ops that torch also
                        runs on integer tensors (the export moves integers through them, not floats)
     pad                constant_pad_nd, pad: a constant pad's value moves to the integer grid with the data

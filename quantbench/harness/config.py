@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantbench.harness.paths import CONF_DIR, known_options
 
-__all__ = ["CONF_DIR", "compose_config", "first_job_overrides", "known_options", "resolve_tree", "sweep_grid"]
+__all__ = ["CONF_DIR", "compose_config", "first_job_overrides", "known_options", "resolve_tree", "sweep_engines", "sweep_grid"]
 
 
 def compose_config(overrides: Iterable[str] = (), *, hydra_config: bool = False) -> DictConfig:
@@ -49,19 +49,16 @@ def _values(key: str, spec: str) -> list[str]:
     return [override.get_value_element_as_str()]
 
 
-def sweep_grid(task: str, overrides: Iterable[str] = (), *, grid: str | None = None) -> tuple[list[str], list[str]]:
-    """The models and schemes that ``quantbench sweep TASK [--grid GRID] <overrides>`` runs, in order.
+#: The config groups a sweep's grid spans: a report's rows and columns.
+GRID_AXES = ("model", "scheme", "engine")
 
-    The sweep file's lists (``conf/sweep/TASK.yaml``, or ``conf/sweep/TASK_GRID.yaml``), each replaced
-    by the overrides' value(s) of the same key (``model=resnet18``, ``scheme=float,ptq_pow2``), as
-    Hydra's basic sweeper does.
-    """
+
+def _swept(task: str, overrides: Iterable[str], grid: str | None, keys: tuple[str, ...]) -> dict[str, list[str]]:
     from quantbench.harness.preflight import sweep_file
 
-    keys = ("model", "scheme")
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     name = sweep_file(task, grid).name
-    cfg = compose_config([f"sweep={name}", *(o.input_line for o in parsed if o.key_or_group not in keys)],
+    cfg = compose_config([f"sweep={name}", *(o.input_line for o in parsed if o.key_or_group not in GRID_AXES)],
                          hydra_config=True)
     params = cfg.hydra.sweeper.params or {}
     values = {g: _values(g, str(params[g])) if g in params else [str(cfg[g].name)] for g in keys}
@@ -69,4 +66,21 @@ def sweep_grid(task: str, overrides: Iterable[str] = (), *, grid: str | None = N
         if o.key_or_group in keys:
             values[o.key_or_group] = ([str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override()
                                       else [o.get_value_element_as_str()])
+    return values
+
+
+def sweep_engines(task: str, overrides: Iterable[str] = (), *, grid: str | None = None) -> list[str]:
+    """The engines that ``quantbench sweep TASK [--grid GRID] <overrides>`` runs, in order (``engine=`` of the
+    sweep file or the overrides; ``quantbench`` alone by default)."""
+    return _swept(task, overrides, grid, ("engine",))["engine"]
+
+
+def sweep_grid(task: str, overrides: Iterable[str] = (), *, grid: str | None = None) -> tuple[list[str], list[str]]:
+    """The models and schemes that ``quantbench sweep TASK [--grid GRID] <overrides>`` runs, in order.
+
+    The sweep file's lists (``conf/sweep/TASK.yaml``, or ``conf/sweep/TASK_GRID.yaml``), each replaced
+    by the overrides' value(s) of the same key (``model=resnet18``, ``scheme=float,ptq_pow2``), as
+    Hydra's basic sweeper does.
+    """
+    values = _swept(task, overrides, grid, ("model", "scheme"))
     return values["model"], values["scheme"]

@@ -57,6 +57,15 @@ class Context:
     frozen: torch.fx.GraphModule | None = None
     onnx_path: Path | None = None
     fp32_path: Path | None = None
+    # A peer engine's run (harness/engines.py): the resolved engine node, its scheme mapping, its
+    # record, its torch-side model, the validation inputs an isolated engine is given; ``stopped``
+    # ends the run after the current stage (a scheme the engine cannot express).
+    engine: dict[str, Any] = field(default_factory=lambda: {"name": "quantbench"})
+    mapping: Any = None
+    peer: Any = None
+    peer_model: Any = None
+    eval_inputs: list | None = None
+    stopped: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -269,12 +278,26 @@ def freeze_and_export(ctx: Context) -> None:
         ctx.onnx_path = export_onnx(ctx.frozen, ctx.example, ctx.workdir / "int8" / "model.onnx")
     else:
         ctx.frozen, ctx.onnx_path = ctx.gm, ctx.fp32_path
-    ctx.recorder.log_artifact(ctx.onnx_path)
+    log_model(ctx)
+
+
+def log_model(ctx: Context) -> None:
+    """The run's ONNX model as an MLflow model (the UI's Models column, the registry), with its signature."""
+    ctx.recorder.log_onnx_model(ctx.onnx_path, [t.detach().cpu().numpy() for t in ctx.example])
 
 
 def evaluate_onnx(ctx: Context) -> None:
+    """The ONNX model in onnxruntime on the task's metric; a quantized one's fidelity to the float model over
+    the same data too (``fidelity/onnx_sqnr_db``, ``fidelity/onnx_agree_top1``: what every engine deploys,
+    measured alike)."""
     session = check.ort_session(ctx.onnx_path, threads=ctx.settings["threads"])
-    ctx.log(_prefixed("onnx", ctx.task.evaluate(check.ort_predict_fn(session), desc="onnxruntime")))
+    predict = check.ort_predict_fn(session)
+    if not ctx.quantized:
+        ctx.log(_prefixed("onnx", ctx.task.evaluate(predict, desc="onnxruntime")))
+        return
+    fidelity = _Fidelity(predict, _torch_predict(ctx.gm))
+    ctx.log(_prefixed("onnx", ctx.task.evaluate(fidelity, desc="onnxruntime")))
+    ctx.log({k.replace("fidelity/", "fidelity/onnx_"): v for k, v in fidelity.metrics().items()})
 
 
 def _parity_inputs(ctx: Context) -> list[Any]:
@@ -341,12 +364,20 @@ STAGES: tuple[Callable[[Context], None], ...] = (
 
 
 def execute(ctx: Context) -> dict[str, float]:
-    """Run every stage in order; returns all metrics logged (also in MLflow already)."""
+    """Run every stage in order (a peer engine's: ``harness/engines.py``); returns all metrics logged
+    (also in MLflow already)."""
+    stages = STAGES
+    if ctx.engine.get("name", "quantbench") != "quantbench":
+        from quantbench.harness.engines import PEER_STAGES
+
+        stages = PEER_STAGES
     total = time.perf_counter()
-    for stage in STAGES:
+    for stage in stages:
         start = time.perf_counter()
         stage(ctx)
         log.info("stage %s done in %.1f s", stage.__name__, time.perf_counter() - start)
+        if ctx.stopped:
+            break
     ctx.log({"time/total_s": time.perf_counter() - total})
     return dict(ctx.metrics)
 

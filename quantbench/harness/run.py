@@ -83,10 +83,11 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     error_kind: str | None = None
+    engine: str = "quantbench"
 
     @property
     def label(self) -> str:
-        return f"{self.model} x {self.scheme}"
+        return f"{self.model} x {self.scheme}" + (f" x {self.engine}" if self.engine != "quantbench" else "")
 
 
 #: Keys the harness reads itself and does not pass to the task adapter.
@@ -192,8 +193,9 @@ def _start(store: Store, tree: Mapping[str, Any], names: Mapping[str, str], chas
     store.reap_stale(track["experiment"], chash, float(track["stale_after_s"]))
     tags = {**names, "sweep": track["sweep_id"], "config_hash": chash, "git_sha": git_sha()}
     recorder = store.start_run(track["experiment"], f"{names['model']}-{names['scheme']}", tags,
-                               heartbeat_s=float(track["heartbeat_s"]))
+                               heartbeat_s=float(track["heartbeat_s"]), parent_run=track.get("parent_run"))
     recorder.log_params(flatten(tree))
+    recorder.log_data_inputs(tree)  # the eval (and calibration) data sets: the UI's Dataset column
     recorder.log_text(OmegaConf.to_yaml(OmegaConf.create(tree)), "config.yaml")
     return recorder
 
@@ -207,7 +209,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
     """
     tree = resolve_tree(cfg)
     check_config(tree)
-    names = {"task": tree["task"]["name"], "model": tree["model"]["name"], "scheme": tree["scheme"]["name"]}
+    engine = dict(tree.get("engine") or {"name": "quantbench"})
+    names = {"task": tree["task"]["name"], "model": tree["model"]["name"], "scheme": tree["scheme"]["name"],
+             "engine": engine["name"]}
     chash = run_hash(tree)
     track, settings = tree["tracking"], dict(tree["run"])
     settings["threads"] = resolve_threads(int(settings["threads"]))
@@ -230,6 +234,17 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
         task.load_data()
         if tree["model"].get("checkpoint"):  # not there, or not a checkpoint (whether it fits: when built)
             read_state_dict(tree["model"]["checkpoint"], key="model.checkpoint")
+        if engine["name"] != "quantbench":  # a peer toolkit that is not installed: one line on how to get it
+            from quantbench.peers.runner import check_available
+
+            check_available(engine["name"], isolated=bool(engine.get("isolated")), venv=engine.get("venv"))
+        else:
+            from quantbench.harness.engines import engine_options
+
+            if engine_options(engine):
+                raise ConfigError(f"engine.options={engine['options']}: quantbench's own engine takes its options "
+                                  "from the scheme (scheme.*); engine.options are a peer engine's "
+                                  "({ort: {...}, torchao: {...}} in a sweep over engines)")
     except BadInputError as exc:
         if isinstance(exc, DataError) or not _in_multirun():
             raise
@@ -242,7 +257,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
     try:
         with tempfile.TemporaryDirectory(prefix="quantbench-") as tmp:
             recorder.set_tags({"primary_metric": task.primary_metric})
-            ctx = Context(task=task, scheme=tree["scheme"], qat_recipe=qat_recipe,
+            ctx = Context(task=task, scheme=tree["scheme"], qat_recipe=qat_recipe, engine=engine,
                           settings=settings, workdir=Path(tmp), recorder=recorder)
             metrics = execute(ctx)
     except BaseException as exc:

@@ -42,6 +42,7 @@ from quantbench.training import TASK_KINDS, ModelConfig
 __all__ = [
     "HASH_EXCLUDE",
     "TARGET_PACKAGES",
+    "EngineConf",
     "QuantbenchConf",
     "RunConf",
     "SchemeConf",
@@ -59,7 +60,8 @@ TARGET_PACKAGES = ("tasks.", "quantbench.")
 #: whether to rerun it, how many threads or where checkpoints go, what a corrupt
 #: image does); they are left out of the config hash that resume uses, so a
 #: sweep rerun with another JOBS or launcher completes only what is missing.
-HASH_EXCLUDE = ("tracking", "run.force", "run.threads", "run.resume_root", "data.on_corrupt",
+HASH_EXCLUDE = ("tracking", "engine.venv", "engine.timeout_s", "engine.isolated", "engine.eval_inputs_max_mb",
+                "run.force", "run.threads", "run.resume_root", "data.on_corrupt",
                 "train.baseline.resume_dir", "train.baseline.checkpoint_steps",
                 "train.qat.resume_dir", "train.qat.checkpoint_steps")
 
@@ -139,6 +141,27 @@ class SchemeConf:
 
 
 @dataclass
+class EngineConf:
+    """Which toolkit quantizes the model (``conf/engine/*.yaml``; ``quantbench.peers``).
+
+    ``quantbench`` is this project's engine. A peer (``ort``, ``torchao``, ``nncf``, ``quark``) runs
+    through its own public API on the same float model and calibration batches, and its output is
+    scored by the same task code; ``quantbench.peers.mapping`` turns the scheme into its options
+    (or records why it cannot run the scheme), and ``options`` are laid over them.
+    ``isolated`` runs it in its own virtualenv ``venv`` (``make engines``) as a subprocess,
+    killed after ``timeout_s``; its torch-side model is scored on the validation inputs handed to it
+    (``eval.pt``), up to ``eval_inputs_max_mb`` of them (a larger validation set: its ONNX model only).
+    """
+
+    name: str = "quantbench"
+    isolated: bool = False
+    venv: str | None = None
+    timeout_s: float = 1800.0
+    eval_inputs_max_mb: float = 2048.0
+    options: Any = None  # a mapping of the engine's own option names, laid over the mapping table's
+
+
+@dataclass
 class TrackingConf:
     """Where runs are logged. ``None`` paths default to ``<project>/mlruns``.
 
@@ -147,6 +170,8 @@ class TrackingConf:
     ``heartbeat`` tag every ``heartbeat_s``; a RUNNING record whose process is
     gone (same host), or whose heartbeat is older than ``stale_after_s``
     (another host), is marked FAILED (killed) and redone by the next sweep.
+    ``parent_run``: the id of the sweep's parent run, which ``quantbench sweep`` sets on every job; the
+    run is tagged ``mlflow.parentRunId`` with it (``tracking`` is not hashed: it changes no run's hash).
     """
 
     uri: str | None = None
@@ -155,6 +180,7 @@ class TrackingConf:
     sweep_id: str = "adhoc-${now:%Y%m%d-%H%M%S}"
     heartbeat_s: float = 60.0
     stale_after_s: float = 600.0
+    parent_run: str | None = None
 
 
 @dataclass
@@ -199,6 +225,7 @@ class QuantbenchConf:
     train: Any = MISSING
     tracking: TrackingConf = MISSING
     run: RunConf = field(default_factory=RunConf)
+    engine: EngineConf = field(default_factory=EngineConf)
 
 
 _SCHEMAS: dict[tuple[str | None, str], type] = {
@@ -207,6 +234,7 @@ _SCHEMAS: dict[tuple[str | None, str], type] = {
     ("model", "base_model"): ModelConfig,
     ("scheme", "base_scheme"): SchemeConf,
     ("tracking", "base_tracking"): TrackingConf,
+    ("engine", "base_engine"): EngineConf,
 }
 
 

@@ -18,31 +18,44 @@ would race to create its schema), and RUNNING records left by a killed sweep
 are marked FAILED, so the jobs redo them. A local parallel sweep also puts
 QAT jobs first and trains missing float baselines with every core before the
 jobs start (:mod:`quantbench.harness.warmup`).
+
+Each sweep id has one *parent run* in the sweep's experiment (tags ``sweep=<id>``,
+``quantbench.kind=sweep``; the task, the grid and the overrides as params, tags and
+``sweep.yaml``), created by the first invocation and reused when the same ``--id`` runs
+again. Every job gets its id as ``tracking.parent_run`` (left out of the config hash, like
+all of ``tracking``) and is tagged ``mlflow.parentRunId``, so the MLflow UI nests a sweep's
+runs under it. It ends FINISHED when every job finished or was skipped, FAILED when one
+failed, KILLED on Ctrl-C, with the counts as metrics (``runs_finished``, ``runs_failed``,
+``runs_skipped``, ``jobs``). It is never a result: the store's searches leave it out.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import yaml
 from omegaconf import OmegaConf
 
-from quantbench.errors import UsageError
+from quantbench.errors import ArtifactWriteError, UsageError
 from quantbench.harness.callbacks import count_jobs
 from quantbench.harness.config import CONF_DIR, compose_config, first_job_overrides, resolve_tree
 from quantbench.harness.preflight import check_group_values, check_overrides, parse, sweep_file
 from quantbench.harness.run import build_task, check_config, resolve_threads
-from quantbench.harness.tracking import Store
+from quantbench.harness.tracking import RunRecorder, Store, error_line
 from quantbench.harness.warmup import longest_first, sweep_values, warm_baselines
 
 __all__ = ["LAUNCHERS", "SweepOutcome", "UsageError", "launch", "launcher_overrides", "sweep"]
 
 #: ``--launcher`` names: files of conf/hydra/launcher.
 LAUNCHERS = ("basic", "parallel", "slurm", "slurm_local")
+
+log = logging.getLogger(__name__)
 
 _SWEEP_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _CLOCK_SLACK_MS = 1000  # runs on other nodes stamp their start with their own clocks
@@ -143,6 +156,35 @@ def _collect(outcome: SweepOutcome, store: Store, since_ms: int) -> SweepOutcome
     return outcome
 
 
+def _start_parent(store: Store, experiment: str, sweep_id: str, task: str, grid_file: str,
+                  overrides: Sequence[str], params: dict, jobs: int, launcher: Sequence[str]) -> RunRecorder:
+    """The sweep's parent run (created, or reused for the same id), RUNNING, with what this invocation runs:
+    the task, the sweep file (``grid``) and its lists (``grid.model``, ``grid.scheme``), the overrides."""
+    grid_lists = {f"grid.{k}": str(v) for k, v in params.items()}
+    joined = " ".join(overrides)
+    launcher_name = next((o.split("=", 1)[1] for o in launcher if o.startswith("hydra/launcher=")), "basic")
+    parent = store.start_sweep(experiment, sweep_id,
+                               tags={"task": task, "grid": grid_file, "overrides": joined[:5000], "jobs": str(jobs),
+                                     "launcher": launcher_name},
+                               params={"task": task, "grid": grid_file, "overrides": joined[:6000], **grid_lists})
+    text = yaml.safe_dump({"sweep_id": sweep_id, "task": task, "grid": grid_file, "grid_lists": grid_lists,
+                           "overrides": list(overrides), "jobs": jobs, "launcher": list(launcher)}, sort_keys=False)
+    try:
+        parent.log_text(text, "sweep.yaml")
+    except ArtifactWriteError as exc:  # a full disk fails the jobs' runs, each in one line; this is a note
+        log.warning("sweep %s: sweep.yaml not written: %s", sweep_id, exc)
+    return parent
+
+
+def _end_parent(parent: RunRecorder, outcome: SweepOutcome) -> None:
+    parent.log_metrics({"jobs": outcome.jobs or 0, "runs_finished": len(outcome.finished),
+                        "runs_failed": len(outcome.failed), "runs_skipped": outcome.skipped or 0})
+    status = "FINISHED" if outcome.ok else "FAILED"
+    error = {} if outcome.ok else {"error": (f"{len(outcome.failed)} of {outcome.jobs} runs FAILED" if outcome.failed
+                                            else f"the multirun exited with status {outcome.exit_code}")}
+    parent.end(status, error)
+
+
 def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: str | None = None,
           launcher: str | None = None, grid: str | None = None) -> SweepOutcome:
     """Run the sweep of ``task`` (its named ``grid``: ``conf/sweep/<task>_<grid>.yaml``) with extra Hydra
@@ -175,14 +217,28 @@ def sweep(task: str, overrides: Sequence[str] = (), *, jobs: int = 1, sweep_id: 
         build_task(resolve_tree(config))
     tracking = OmegaConf.to_container(first.tracking, resolve=True)
     store = Store.from_config(tracking)  # a server that is down fails here; a new sqlite store is created once
-    store.experiment_id(str(tracking["experiment"]))
-    store.reap_stale(str(tracking["experiment"]), stale_after_s=float(tracking["stale_after_s"]))
+    experiment = str(tracking["experiment"])
+    store.experiment_id(experiment)
+    store.reap_stale(experiment, stale_after_s=float(tracking["stale_after_s"]))
+    store.reap_stale_parents(experiment)
     params = dict(first.hydra.sweeper.params or {})
     total = count_jobs(params or None, base)
-    if "hydra/launcher=parallel" in hydra_launcher:  # N jobs on this machine: see quantbench.harness.warmup
-        values = sweep_values(params, base)
-        base = [*base, *longest_first(values, first_job_overrides(base))]
-        warm_baselines(first_job_overrides(base), values, store, jobs)
-    since_ms = int(time.time() * 1000) - _CLOCK_SLACK_MS
-    code = launch(["--multirun", *hydra_launcher, *base])
-    return _collect(SweepOutcome(sweep_id, code, total), store, since_ms)
+    parent = _start_parent(store, experiment, sweep_id, task, name, overrides, params, jobs, hydra_launcher)
+    base = [*base, f"tracking.parent_run='{parent.run_id}'"]  # quoted: an id of digits is still a string
+    try:
+        if "hydra/launcher=parallel" in hydra_launcher:  # N jobs on this machine: see quantbench.harness.warmup
+            values = sweep_values(params, base)
+            base = [*base, *longest_first(values, first_job_overrides(base))]
+            warm_baselines(first_job_overrides(base), values, store, jobs)
+        since_ms = int(time.time() * 1000) - _CLOCK_SLACK_MS
+        code = launch(["--multirun", *hydra_launcher, *base])
+        outcome = _collect(SweepOutcome(sweep_id, code, total), store, since_ms)
+    except BaseException as exc:
+        try:
+            parent.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", {"error": error_line(exc)})
+        except Exception as end_error:  # the error that stopped the sweep is the one to report
+            log.warning("could not end the parent run %s of sweep %s: %s", parent.run_id, sweep_id,
+                        error_line(end_error))
+        raise
+    _end_parent(parent, outcome)
+    return outcome

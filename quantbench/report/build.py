@@ -24,21 +24,33 @@ import pandas as pd
 
 from quantbench.harness.preflight import SweepFile, sweep_file
 from quantbench.harness.tracking import project_root
-from quantbench.report.plots import accuracy_plot, node_sqnr_plot
+from quantbench.report.plots import accuracy_plot, engines_plot, node_sqnr_plot
 from quantbench.report.record import ReportError, Selection, select
-from quantbench.report.table import PRIMARY, hard_table, readme_markers, replace_block, results_table
+from quantbench.report.table import (
+    PRIMARY,
+    engines_table,
+    hard_table,
+    readme_markers,
+    replace_block,
+    results_table,
+)
 
 __all__ = ["TABLES", "Report", "ReportError", "check_readme", "write_report"]
 
 #: The table of a task's named grid (``--grid``); the task's own sweep and any other grid get
 #: :func:`~quantbench.report.table.results_table`.
-TABLES: dict[str, Callable[[pd.DataFrame], str]] = {"hard": hard_table}
+TABLES: dict[str, Callable[[pd.DataFrame], str]] = {"hard": hard_table, "engines": engines_table}
 
 #: What a grid's report says under its table, after the sweep and the store.
 _NOTES = {
     None: ("Accuracy: the fake-quant model (float for the float row); "
            "ONNX: the exported model in onnxruntime; parity: top-1 agreement of onnxruntime with "
            "the frozen torch graph; speedup: ORT fp32 / ORT int8 latency."),
+    "engines": ("Every engine starts from the same float model and the same calibration batches (the same "
+                "images in the same order) and is scored by the same task code; the scheme maps to each "
+                "engine's own options through `quantbench/peers/mapping.py` (an approximation is named in the "
+                "run's `engine.txt`). SQNR: the ONNX model's outputs against the float model's on the parity "
+                "batches. Parity: onnxruntime against the engine's own torch-side model (top-1 agreement)."),
     "hard": ("Algorithms: the scheme's PTQ steps in order (`scheme.algorithms`; bc: bias correction, "
              "mixed: mixed precision). The task metric is the fake-quant model's (float for the float "
              "row), its drop the float model's minus it; ONNX: the exported model in onnxruntime. SQNR "
@@ -74,11 +86,11 @@ def _provenance(selection: Selection) -> str:
     record = selection.record
     started = record.first_start.strftime("%Y-%m-%d %H:%M UTC")
     line = (f"Sweep of record: `{record.sweep_id}` (started {started}; git {', '.join(record.git_shas())}; "
-            f"{len(record.finished)} of {len(record.grid.cells)} model x scheme cells FINISHED).")
+            f"{record.summary().split(' (')[0]}).")
     if record.reused:
         by_sweep: dict[str, list[str]] = {}
-        for (model, scheme), donor in record.reused.items():
-            by_sweep.setdefault(donor, []).append(f"{model} x {scheme}")
+        for cell, donor in record.reused.items():
+            by_sweep.setdefault(donor, []).append(" x ".join(c for c in cell if c != "quantbench"))
         line += " " + "; ".join(f"{', '.join(cells)} from sweep `{donor}`" for donor, cells in by_sweep.items()) + \
             " (the same config: the sweep skipped them as already FINISHED)."
     if selection.partial:
@@ -93,7 +105,7 @@ def _markdown(source: SweepFile, table: str, plots: list[Path], n: int, selectio
              _provenance(selection), "", table, ""]
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     store_uri = selection.store.uri.replace(f"{project_root()}/", "")
-    parts += ["", f"One run per model x scheme of sweep `{selection.record.sweep_id}` ({n} rows) in `{store_uri}`. "
+    parts += ["", f"One run per model x scheme{' x engine' if len(selection.record.grid.engines) > 1 else ''} of sweep `{selection.record.sweep_id}` ({n} rows) in `{store_uri}`. "
               + _NOTES.get(source.grid, _NOTES[None]), ""]
     return "\n".join(parts)
 
@@ -150,14 +162,20 @@ def write_report(task: str, overrides: Iterable[str] = (), *, out_dir: Path | No
     if runs.empty:
         raise ReportError(f"sweep {record.sweep_id!r} of {source.describe()} has no FINISHED run: "
                           f"{record.summary()}; run `{source.make('sweep')}`")
-    table = TABLES.get(grid or "", results_table)(runs)
+    several_engines = len(record.grid.engines) > 1
+    table = (engines_table if several_engines else TABLES.get(grid or "", results_table))(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = PRIMARY[runs["primary_metric"].iloc[0]].keys[0]
-    plots = [out_dir / f"{name}_accuracy.png"]
-    accuracy_plot(runs, plots[0], metric)
-    sqnr = out_dir / f"{name}_node_sqnr.png"
-    if node_sqnr_plot(selection.store, runs, sqnr):
-        plots.append(sqnr)
+    plots: list[Path] = []
+    if several_engines:  # accuracy against int8 speedup, one marker per engine
+        if engines_plot(runs, out_dir / f"{name}_speed.png", metric):
+            plots.append(out_dir / f"{name}_speed.png")
+    else:
+        plots.append(out_dir / f"{name}_accuracy.png")
+        accuracy_plot(runs, plots[0], metric)
+        sqnr = out_dir / f"{name}_node_sqnr.png"
+        if node_sqnr_plot(selection.store, runs, sqnr):
+            plots.append(sqnr)
     markdown = out_dir / f"{name}.md"
     markdown.write_text(_markdown(source, table, plots, len(runs), selection))
     if readme is not None:

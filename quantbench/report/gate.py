@@ -35,7 +35,6 @@ from quantbench.harness.config import CONF_DIR
 from quantbench.harness.preflight import sweep_file
 from quantbench.registry import suggest
 from quantbench.report.record import Selection, select
-from quantbench.report.runs import latest
 
 __all__ = ["GateCheck", "GateFile", "GateOutcome", "GateResult", "check_gate", "evaluate_gates", "format_results",
            "load_gates", "passed", "run_gate"]
@@ -43,22 +42,29 @@ __all__ = ["GateCheck", "GateFile", "GateOutcome", "GateResult", "check_gate", "
 
 @dataclass
 class GateCheck:
-    """One check: ``metric >= min``, ``metric <= max`` and/or ``float/<name> - metric <= max_drop``.
+    """One check: ``metric >= min``, ``metric <= max``, ``float/<name> - metric <= max_drop`` and/or
+    ``metric - (the best other engine's metric on the same model x scheme) >= min_vs_peers``.
 
     Drops are in the metric's own unit: percentage points for top-1, mAP
-    (a fraction) for detection.
+    (a fraction) for detection. ``engines`` selects the runs of an engines grid the check applies
+    to (``[quantbench]``); ``min_vs_peers`` compares with the engines that ran the same model x
+    scheme exactly (an engine that cannot express the scheme, or only approximates it, is no peer
+    there; with no peer the comparison is not made).
     """
 
     metric: str = "quant/top1"
     models: list[str] = field(default_factory=lambda: ["*"])
     schemes: list[str] = field(default_factory=lambda: ["*"])
+    engines: list[str] = field(default_factory=lambda: ["*"])
     min: float | None = None
     max: float | None = None
     max_drop: float | None = None
+    min_vs_peers: float | None = None
 
-    def applies(self, model: str, scheme: str) -> bool:
+    def applies(self, model: str, scheme: str, engine: str = "quantbench") -> bool:
         return (any(fnmatch.fnmatchcase(model, p) for p in self.models)
-                and any(fnmatch.fnmatchcase(scheme, p) for p in self.schemes))
+                and any(fnmatch.fnmatchcase(scheme, p) for p in self.schemes)
+                and any(fnmatch.fnmatchcase(engine, p) for p in self.engines))
 
 
 @dataclass
@@ -78,6 +84,7 @@ class GateResult:
     value: str
     limit: str
     passed: bool
+    engine: str = "quantbench"
 
 
 def _shown(path: Path) -> str:
@@ -148,13 +155,13 @@ def load_gates(path: Path) -> GateFile:
 
     def check_value(where: tuple, value: Any) -> Any:
         key = where[-1]
-        if key in ("min", "max", "max_drop"):
+        if key in ("min", "max", "max_drop", "min_vs_peers"):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise fail(where, f"{value!r} is not a number; give a number, e.g. {key}: 1.0")
             return None if value is None else float(value)
         if key == "metric" and not (isinstance(value, str) and value):
             raise fail(where, f"{value!r}: name a logged metric, e.g. quant/top1")
-        if key in ("models", "schemes") and value is not None and not (
+        if key in ("models", "schemes", "engines") and value is not None and not (
                 isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise fail(where, f"{value!r} is not a list of names; write e.g. [{'resnet18' if key == 'models' else 'ptq_*'}]")
         return value
@@ -174,8 +181,8 @@ def load_gates(path: Path) -> GateFile:
         for key in check:
             if key not in _fields(GateCheck):
                 raise fail(("checks", i, key), suggest(str(key), _fields(GateCheck), "gate check key"))
-        if all(check.get(k) is None for k in ("min", "max", "max_drop")):
-            raise fail(("checks", i), "checks nothing; give it min:, max: or max_drop:")
+        if all(check.get(k) is None for k in ("min", "max", "max_drop", "min_vs_peers")):
+            raise fail(("checks", i), "checks nothing; give it min:, max:, max_drop: or min_vs_peers:")
         parsed.append(GateCheck(**{k: check_value(("checks", i, k), v) for k, v in check.items()}))
     return GateFile(models=check_value(("models",), data.get("models")),
                     schemes=check_value(("schemes",), data.get("schemes")), checks=parsed)
@@ -191,7 +198,8 @@ def _show(value: float | None) -> str:
     return "missing" if value is None else f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
 
 
-def _check(row: pd.Series, check: GateCheck, model: str, scheme: str) -> list[GateResult]:
+def _check(row: pd.Series, check: GateCheck, model: str, scheme: str,
+           peers: dict[str, pd.Series] | None = None) -> list[GateResult]:
     results = []
     value = _value(row, check.metric)
     shown = _show(value)
@@ -207,31 +215,72 @@ def _check(row: pd.Series, check: GateCheck, model: str, scheme: str) -> list[Ga
         ok = drop is not None and drop <= check.max_drop
         results.append(GateResult(model, scheme, f"drop of {check.metric} from float",
                                   _show(drop), f"{check.max_drop:g}", ok))
+    if check.min_vs_peers is not None:
+        scores = {e: _value(r, check.metric) for e, r in (peers or {}).items()}
+        scores = {e: v for e, v in scores.items() if v is not None}
+        if scores:
+            best = max(scores, key=scores.get)
+            margin = None if value is None else value - scores[best]
+            ok = margin is not None and margin >= check.min_vs_peers
+            results.append(GateResult(model, scheme, f"{check.metric} - best peer's ({best})", _show(margin),
+                                      f">= {check.min_vs_peers:g}", ok))
     return results
 
 
-def evaluate_gates(gates: GateFile, runs: pd.DataFrame, models: list[str], schemes: list[str]) -> list[GateResult]:
-    """Apply ``gates`` to the newest run (any status) in ``runs`` of every model x scheme."""
-    newest = latest(runs, finished_only=False).set_index(["model", "scheme"]) if len(runs) else None
+def _engine(value: Any) -> str:
+    return value if isinstance(value, str) and value else "quantbench"
+
+
+def _unsupported(row: pd.Series) -> bool:
+    return row.get("engine_status") == "unsupported"
+
+
+def _exact(row: pd.Series) -> bool:
+    """A run of the scheme itself: quantbench's, or a peer's whose mapping is exact (not approximate)."""
+    return row.get("engine_status") in (None, "", "supported") or (
+        isinstance(row.get("engine_status"), float) and pd.isna(row.get("engine_status")))
+
+
+def evaluate_gates(gates: GateFile, runs: pd.DataFrame, models: list[str], schemes: list[str],
+                   engines: Iterable[str] = ("quantbench",)) -> list[GateResult]:
+    """Apply ``gates`` to the newest run (any status) in ``runs`` of every model x scheme (x engine).
+
+    A peer engine's run of a scheme it cannot express (``engine_status=unsupported``) needs only to
+    have FINISHED: its metrics do not exist, and it is no peer in a ``min_vs_peers`` comparison."""
+    engines = list(engines)
+    newest: dict[tuple[str, str, str], pd.Series] = {}
+    if len(runs):
+        frame = runs.assign(_engine=[_engine(e) for e in (runs["engine"] if "engine" in runs else [None] * len(runs))])
+        for _, row in frame.sort_values("start_time", ascending=False).iterrows():
+            newest.setdefault((row["model"], row["scheme"], row["_engine"]), row)
     results = []
     for model in models:
         for scheme in schemes:
-            checks = [c for c in gates.checks if c.applies(model, scheme)]
-            row = newest.loc[(model, scheme)] if newest is not None and (model, scheme) in newest.index else None
-            if row is None:
-                results.append(GateResult(model, scheme, "run exists", "missing", "a FINISHED run", False))
-            elif row["status"] != "FINISHED":
-                results.append(GateResult(model, scheme, "run FINISHED", row["status"],
-                                          (row.get("error") or "")[:80], False))
-            else:
-                results.extend(r for c in checks for r in _check(row, c, model, scheme))
+            for engine in engines:
+                row = newest.get((model, scheme, engine))
+                if row is None:
+                    results.append(GateResult(model, scheme, "run exists", "missing", "a FINISHED run", False, engine))
+                elif row["status"] != "FINISHED":
+                    results.append(GateResult(model, scheme, "run FINISHED", row["status"],
+                                              (row.get("error") or "")[:80], False, engine))
+                elif not _unsupported(row):
+                    peers = {e: r for e in engines if e != engine and (r := newest.get((model, scheme, e))) is not None
+                             and r["status"] == "FINISHED" and _exact(r)}
+                    for c in gates.checks:
+                        if c.applies(model, scheme, engine):
+                            for r in _check(row, c, model, scheme, peers):
+                                r.engine = engine
+                                results.append(r)
     return results
 
 
 def format_results(results: Iterable[GateResult]) -> str:
     """A plain-text pass/fail table."""
-    frame = pd.DataFrame([{"model": r.model, "scheme": r.scheme, "check": r.check, "value": r.value,
-                           "limit": r.limit, "result": "PASS" if r.passed else "FAIL"} for r in results])
+    results = list(results)
+    several = any(r.engine != "quantbench" for r in results)
+    frame = pd.DataFrame([{"model": r.model, "scheme": r.scheme, **({"engine": r.engine} if several else {}),
+                           "check": r.check, "value": r.value, "limit": r.limit,
+                           "result": "PASS" if r.passed else "FAIL"} for r in results])
     return frame.to_string(index=False) if len(frame) else "(no checks)"
 
 
@@ -271,7 +320,7 @@ def check_gate(task: str, overrides: Iterable[str] = (), *, path: Path | None = 
                        schemes=gates.schemes, newest_if_none_complete=True, grid=grid)
     grid = selection.record.grid
     runs = selection.record.frame(finished_only=False)
-    return GateOutcome(evaluate_gates(gates, runs, list(grid.models), list(grid.schemes)), selection)
+    return GateOutcome(evaluate_gates(gates, runs, list(grid.models), list(grid.schemes), grid.engines), selection)
 
 
 def run_gate(task: str, overrides: Iterable[str] = (), *, path: Path | None = None,

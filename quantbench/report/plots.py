@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from quantbench.harness.tracking import Store
 
-__all__ = ["accuracy_plot", "node_sqnr_plot"]
+__all__ = ["accuracy_plot", "engines_plot", "node_sqnr_plot"]
 
 log = logging.getLogger(__name__)
 
@@ -116,5 +116,38 @@ def node_sqnr_plot(store: Store, runs: pd.DataFrame, path: Path, layers: int = 1
         ax.set_ylabel("SQNR vs float (dB)")
         ax.set_title(f"{name}: the {layers} worst tensors per scheme")
         ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def engines_plot(runs: pd.DataFrame, path: Path, metric: str = "top1") -> bool:
+    """Accuracy of the deployed ONNX model against its int8 speedup in onnxruntime, one marker per engine
+    (one point per model x scheme it ran); False (nothing written) when no run has both."""
+    rows = []
+    for _, r in runs.iterrows():
+        if r.get("engine_status") == "unsupported":
+            continue
+        acc, fp32, int8 = r.get(f"onnx/{metric}"), r.get("latency/ort_fp32_ms"), r.get("latency/ort_int8_ms")
+        if any(v is None or pd.isna(v) for v in (acc, fp32, int8)) or not int8:
+            continue
+        engine = r.get("engine") if isinstance(r.get("engine"), str) and r.get("engine") else "quantbench"
+        rows.append((engine, f"{r['model']} {r['scheme']}", float(fp32) / float(int8), float(acc)))
+    if not rows:
+        return False
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    engines = list(dict.fromkeys(e for e, *_ in rows))
+    for i, engine in enumerate(engines):
+        pts = [(x, y) for e, _, x, y in rows if e == engine]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[i % len(_MARKERS)], s=45,
+                   label=engine, alpha=0.8)
+    ax.set_xlabel("int8 speedup over fp32 (onnxruntime)")
+    ax.set_ylabel(f"ONNX {metric}")
+    ax.set_title("accuracy vs int8 speedup, per engine")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     return True

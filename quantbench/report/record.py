@@ -49,7 +49,14 @@ import numpy as np
 import pandas as pd
 
 from quantbench.errors import BadInputError
-from quantbench.harness.config import CONF_DIR, compose_config, resolve_tree, sweep_grid
+from quantbench.harness.config import (
+    CONF_DIR,
+    GRID_AXES,
+    compose_config,
+    resolve_tree,
+    sweep_engines,
+    sweep_grid,
+)
 from quantbench.harness.paths import project_root
 from quantbench.harness.preflight import parse, sweep_file
 from quantbench.harness.tracking import Store, flatten, hashed, run_exclude, run_hash
@@ -60,10 +67,12 @@ __all__ = ["ADHOC_PREFIX", "Grid", "ReportError", "Selection", "SweepRecord", "i
 
 #: The ``sweep`` tag of a run that ``quantbench run`` made outside a sweep (``tracking.sweep_id``'s default).
 ADHOC_PREFIX = "adhoc-"
-GRID_KEYS = ("model", "scheme")
+GRID_KEYS = GRID_AXES
+#: The engine of a run that logged none (before engines were an axis): quantbench's own.
+NATIVE = "quantbench"
 _SHOWN = 4  # cells, sweeps or keys named in one line before "..."
 
-Cell = tuple[str, str]
+Cell = tuple[str, str, str]  # model, scheme, engine
 
 
 class ReportError(BadInputError):
@@ -80,8 +89,21 @@ def _shorten(items: Sequence[str], n: int = _SHOWN) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
+def _engine_of(value: object) -> str:
+    return str(value) if isinstance(value, str) and value else NATIVE
+
+
+def _row_cell(row) -> Cell:
+    return (row["model"], row["scheme"], _engine_of(row.get("engine")))
+
+
+def _run_cells(runs: pd.DataFrame) -> list[Cell]:
+    engines = runs["engine"] if "engine" in runs else [NATIVE] * len(runs)
+    return [(m, s, _engine_of(e)) for m, s, e in zip(runs["model"], runs["scheme"], engines)]
+
+
 def _label(cell: Cell) -> str:
-    return f"{cell[0]} x {cell[1]}"
+    return f"{cell[0]} x {cell[1]}" + (f" x {cell[2]}" if cell[2] != NATIVE else "")
 
 
 @dataclass(frozen=True)
@@ -94,11 +116,15 @@ class Grid:
     hashes: Mapping[Cell, str]
     params: Mapping[Cell, Mapping[str, str]] = field(repr=False)  # each cell's logged params, for messages
     excluded: Mapping[Cell, tuple[str, ...]] = field(repr=False)  # what each cell's hash leaves out
+    engines: tuple[str, ...] = (NATIVE,)
 
     @property
     def cells(self) -> list[Cell]:
-        """Model-major, in the sweep file's (or the overrides') order: the table's row order."""
-        return [(m, s) for m in self.models for s in self.schemes]
+        """Model-major, then scheme, then engine, in the sweep file's (or the overrides') order: the table's order."""
+        return [(m, s, e) for m in self.models for s in self.schemes for e in self.engines]
+
+    def cell(self, model: str, scheme: str, engine: str = NATIVE) -> Cell:
+        return (model, scheme, engine)
 
 
 def resolve_grid(task: str, overrides: Iterable[str] = (), *, models: Sequence[str] | None = None,
@@ -119,11 +145,13 @@ def resolve_grid(task: str, overrides: Iterable[str] = (), *, models: Sequence[s
     swept_models, swept_schemes = sweep_grid(task, [o.input_line for o in parsed], grid=grid)
     models = tuple(models or swept_models)
     schemes = tuple(schemes or swept_schemes)
+    engines = tuple(sweep_engines(task, [o.input_line for o in parsed], grid=grid))
     # The tracking node is left out of every hash (HASH_EXCLUDE) and of the differences messages name,
     # so the cells are composed without its overrides, and once per process for the same conf/ files.
     untracked = tuple(o.input_line for o in parse(list(base[1:])) if o.key_or_group.split(".")[0] != "tracking")
-    hashes, params, excluded = _cells(name, untracked, tuple((m, s) for m in models for s in schemes), _conf_stamp())
-    return Grid(task, models, schemes, hashes, params, excluded)
+    hashes, params, excluded = _cells(name, untracked, tuple((m, s, e) for m in models for s in schemes
+                                                             for e in engines), _conf_stamp())
+    return Grid(task, models, schemes, hashes, params, excluded, engines)
 
 
 def _conf_stamp() -> int:
@@ -138,7 +166,8 @@ def _cells(name: str, overrides: tuple[str, ...], cells: tuple[Cell, ...],
     of sweep file ``name``."""
     hashes, params, excluded = {}, {}, {}
     for cell in cells:
-        job = compose_config([f"sweep={name}", *overrides, f"model={cell[0]}", f"scheme={cell[1]}"])
+        job = compose_config([f"sweep={name}", *overrides, f"model={cell[0]}", f"scheme={cell[1]}",
+                              f"engine={cell[2]}"])
         tree = resolve_tree(job)
         hashes[cell], params[cell], excluded[cell] = run_hash(tree), flatten(tree), run_exclude(tree)
     return hashes, params, excluded
@@ -164,13 +193,15 @@ class SweepRecord:
         return len(self.finished) == len(self.grid.cells)
 
     def gaps(self) -> list[str]:
-        """``model x scheme STATUS`` of every cell without a FINISHED run (``missing``: no run at all)."""
+        """``model x scheme [x engine] STATUS`` of every cell without a FINISHED run (``missing``: no run at all)."""
         return [f"{_label(c)} {self.cells[c]['status'] if c in self.cells else 'missing'}"
                 for c in self.grid.cells if c not in self.finished]
 
     def summary(self) -> str:
-        """``3 of 14 model x scheme cells FINISHED`` (and what the others are)."""
-        text = f"{len(self.finished)} of {len(self.grid.cells)} model x scheme cells FINISHED"
+        """``3 of 14 model x scheme cells FINISHED`` (``model x scheme x engine`` in an engines grid), and what
+        the others are."""
+        axes = "model x scheme" + (" x engine" if len(self.grid.engines) > 1 else "")
+        text = f"{len(self.finished)} of {len(self.grid.cells)} {axes} cells FINISHED"
         gaps = self.gaps()
         return text + (f" ({_shorten(gaps)})" if gaps else "")
 
@@ -179,7 +210,7 @@ class SweepRecord:
         rows = [self.cells[c].copy() for c in self.grid.cells
                 if c in self.cells and (not finished_only or self.cells[c]["status"] == "FINISHED")]
         for row in rows:
-            row["reused_from"] = self.reused.get((row["model"], row["scheme"]), "")
+            row["reused_from"] = self.reused.get(_row_cell(row), "")
         return pd.DataFrame(rows).reset_index(drop=True)
 
     def git_shas(self) -> list[str]:
@@ -192,7 +223,7 @@ def sweep_records(runs: pd.DataFrame, grid: Grid) -> list[SweepRecord]:
     """Every sweep with a run of the grid's config, newest first (by its newest run's start)."""
     if runs.empty:
         return []
-    runs = runs.assign(_cell=list(zip(runs["model"], runs["scheme"])))
+    runs = runs.assign(_cell=_run_cells(runs))
     keep = [grid.hashes.get(c) == h and is_sweep_id(s) for c, h, s in zip(runs["_cell"], runs["config_hash"],
                                                                           runs["sweep"])]
     swept = runs.loc[np.array(keep, dtype=bool)].sort_values("start_time", ascending=False, kind="stable")
@@ -249,13 +280,13 @@ def _sweep_ids(runs: pd.DataFrame) -> list[str]:
 def _config_difference(sweep_id: str, runs: pd.DataFrame, grid: Grid) -> str:
     """How sweep ``sweep_id``'s runs differ from the grid's config, in a few ``key=value`` words."""
     own = runs.loc[(runs["sweep"] == sweep_id).to_numpy(dtype=bool)]
-    inside = own.loc[np.array([(m, s) in grid.hashes for m, s in zip(own["model"], own["scheme"])], dtype=bool)]
+    inside = own.loc[np.array([c in grid.hashes for c in _run_cells(own)], dtype=bool)]
     if inside.empty:
-        cells = list(dict.fromkeys(f"{m} x {s}" for m, s in zip(own["model"], own["scheme"])))
+        cells = list(dict.fromkeys(_label(c) for c in _run_cells(own)))
         return (f"its cells ({_shorten(cells, 2)}) are not in the grid "
                 f"({','.join(grid.models)} x {','.join(grid.schemes)}): pass its model=/scheme= overrides")
     row = inside.iloc[0]
-    cell = (row["model"], row["scheme"])
+    cell = _row_cell(row)
     expected, logged = grid.params[cell], row["params"]
     keys = sorted(k for k in set(expected) | set(logged)
                   if expected.get(k) != logged.get(k) and hashed(k, grid.excluded[cell]))

@@ -1,12 +1,15 @@
 """MLflow runs of one task -> a pandas DataFrame, one row per run.
 
-Columns: ``run_id``, ``start_time``, ``status``, ``model``, ``scheme``,
+Columns: ``run_id``, ``start_time``, ``status``, ``model``, ``scheme``, ``engine`` (``quantbench`` for
+a run that logged none) with ``engine_status`` / ``engine_reason`` / ``engine_version`` (a peer's),
 ``model_name`` (the display name), ``method``, ``primary_metric``, the tags
 ``sweep``, ``config_hash`` and ``git_sha``, ``force`` (``run.force``), ``params``
 (the logged params, a dict) and one column per logged metric under its own key
 (``float/top1``, ``onnx/top1``, ...). Which runs a report or gate reads is
 decided in :mod:`quantbench.report.record` (one sweep's); :func:`latest` keeps
-the newest run of each model x scheme of a frame.
+the newest run of each model x scheme of a frame. A sweep's parent run
+(``quantbench.kind=sweep``: it only groups the sweep's runs in the MLflow UI) is
+never a row.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from omegaconf import OmegaConf
 
 from quantbench.harness.config import compose_config, first_job_overrides
 from quantbench.harness.preflight import sweep_file
-from quantbench.harness.tracking import Store
+from quantbench.harness.tracking import Store, is_sweep_parent
 
 __all__ = ["BASE_COLUMNS", "latest", "load_runs", "order_rows", "task_store"]
 
-BASE_COLUMNS = ("run_id", "start_time", "status", "error", "model", "scheme", "model_name", "method",
+BASE_COLUMNS = ("run_id", "start_time", "status", "error", "model", "scheme", "engine", "engine_status",
+                "engine_reason", "engine_version", "engine_notes", "model_name", "method",
                 "primary_metric", "sweep", "config_hash", "git_sha", "force", "params")
 
 
@@ -37,9 +41,11 @@ def task_store(task: str, overrides: Iterable[str] = (), *, grid: str | None = N
 
 
 def load_runs(store: Store, experiment: str) -> pd.DataFrame:
-    """Every run of ``experiment`` (newest first) as a DataFrame."""
+    """Every run of ``experiment`` (newest first) as a DataFrame; sweeps' parent runs are not runs of record."""
     rows = []
     for run in store.search("", [experiment]):
+        if is_sweep_parent(run):  # Store.search leaves them out already; a parent is never a result
+            continue
         tags, params = run.data.tags, run.data.params
         rows.append({
             "run_id": run.info.run_id,
@@ -48,6 +54,11 @@ def load_runs(store: Store, experiment: str) -> pd.DataFrame:
             "error": tags.get("error", ""),
             "model": tags.get("model", params.get("model.name", "")),
             "scheme": tags.get("scheme", params.get("scheme.name", "")),
+            "engine": tags.get("engine", params.get("engine.name", "quantbench")),
+            "engine_status": tags.get("engine_status", ""),
+            "engine_reason": tags.get("engine_reason", ""),
+            "engine_version": tags.get("engine_version", ""),
+            "engine_notes": tags.get("engine_notes", ""),
             "model_name": params.get("model.display_name") or tags.get("model", ""),
             "method": params.get("scheme.method") or tags.get("scheme", ""),
             "primary_metric": tags.get("primary_metric", "top1"),

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
-__all__ = ["ALGORITHM_TIMES", "PRIMARY", "MetricFormat", "algorithm_names", "algorithms_label", "hard_table",
+__all__ = ["ALGORITHM_TIMES", "PRIMARY", "MetricFormat", "algorithm_names", "algorithms_label", "engines_table",
+           "hard_table",
            "readme_markers", "replace_block", "results_table"]
 
 _NA = "—"
@@ -224,3 +225,105 @@ def replace_block(text: str, task: str, block: str) -> str | None:
     if not pattern.search(text):
         return None
     return pattern.sub(lambda _: f"{start}\n{block.strip()}\n{end}", text, count=1)
+
+
+# -- the engines grid: quantbench against the peer toolkits ---------------------------------------------
+
+def _engine(row: pd.Series) -> str:
+    value = row.get("engine")
+    return value if isinstance(value, str) and value else "quantbench"
+
+
+def _unsupported(row: pd.Series) -> bool:
+    return row.get("engine_status") == "unsupported"
+
+
+def _metric(row: pd.Series, fmt: MetricFormat) -> float | None:
+    """The deployed model's task metric: onnxruntime's, else the torch side's (float for the float row)."""
+    for stage in ("onnx", "quant", "float"):
+        value = _num(row, f"{stage}/{fmt.keys[0]}")
+        if value is not None:
+            return value
+    return None
+
+
+def _engine_cell(row: pd.Series | None, fmt: MetricFormat, notes: dict[str, int]) -> str:
+    """``metric · SQNR dB · speedup`` of one run; ``n/a [k]`` (footnote k: the reason) where unsupported."""
+    if row is None:
+        return _NA
+    if _unsupported(row):
+        reason = str(row.get("engine_reason") or "unsupported")
+        k = notes.setdefault(reason, len(notes) + 1)
+        return f"n/a [{k}]"
+    if row.get("status") != "FINISHED":
+        return str(row.get("status") or _NA)
+    metric, sqnr = _metric(row, fmt), _sqnr(row)
+    parts = [_fixed(metric, fmt.digits) or _NA]
+    if sqnr is not None:
+        parts.append(f"{sqnr:.1f} dB")
+    speed = _speedup(row)
+    if speed != _NA:
+        parts.append(speed)
+    text = " · ".join(parts)
+    if row.get("engine_status") == "approximate":
+        note = str(row.get("engine_notes") or "an approximation of the scheme")
+        text = f"≈ {text} [{notes.setdefault(note, len(notes) + 1)}]"
+    return text
+
+
+def _sqnr(row: pd.Series) -> float | None:
+    """The deployed model's output SQNR vs float: over the validation set, else on the parity batches."""
+    value = _num(row, "fidelity/onnx_sqnr_db")
+    return value if value is not None else _num(row, "onnx/sqnr_db")
+
+
+def _best_marks(cells: dict[str, pd.Series | None], fmt: MetricFormat) -> set[str]:
+    """The engines of a row with the highest ONNX SQNR (the fidelity the gates compare)."""
+    scores = {e: _sqnr(r) for e, r in cells.items() if r is not None and not _unsupported(r)}
+    scores = {e: v for e, v in scores.items() if v is not None}
+    if len(scores) < 2:
+        return set()
+    best = max(scores.values())
+    return {e for e, v in scores.items() if v >= best - 1e-9}
+
+
+def engines_table(runs: pd.DataFrame) -> str:
+    """The side-by-side table of an engines grid: model x scheme rows, one column per engine, each cell
+    ``metric · SQNR vs float · int8 speedup`` of the engine's ONNX model in onnxruntime (the best SQNR of a
+    row in bold), ``n/a [k]`` where the engine cannot express the scheme (footnote k gives the reason);
+    then the detail table, one row per run."""
+    fmt = _format(runs)
+    engines = list(dict.fromkeys(_engine(r) for _, r in runs.iterrows()))
+    keyed = {(r["model"], r["scheme"], _engine(r)): r for _, r in runs.iterrows()}
+    rows = list(dict.fromkeys((r["model"], r["scheme"]) for _, r in runs.iterrows()))
+    names = {r["model"]: r["model_name"] for _, r in runs.iterrows()}
+    methods = {r["scheme"]: r["method"] for _, r in runs.iterrows()}
+    notes: dict[str, int] = {}
+    metric = fmt.header.split(" / ")[0]
+    lines = ["| Model | Method | " + " | ".join(engines) + " |", "|---|---|" + "---|" * len(engines)]
+    for model, scheme in rows:
+        cells = {e: keyed.get((model, scheme, e)) for e in engines}
+        best = _best_marks(cells, fmt)
+        shown = [(f"**{_engine_cell(r, fmt, notes)}**" if e in best else _engine_cell(r, fmt, notes))
+                 for e, r in cells.items()]
+        lines.append(f"| {names.get(model, model)} | {methods.get(scheme, scheme)} | " + " | ".join(shown) + " |")
+    out = ["\n".join(lines), "",
+           f"Each cell: ONNX {metric} in onnxruntime · its output SQNR vs the float model over the validation set "
+           "(dB) · int8 speedup over the same fp32 export (ORT, interleaved). Bold: the best SQNR of the row. "
+           "≈: the engine ran an approximation of the scheme (the footnote says how it differs); n/a: it cannot "
+           "express the scheme (the footnote says why)."]
+    if notes:
+        out += [""] + [f"[{k}] {reason}" for reason, k in notes.items()]
+    detail = [f"| Model | Method | Engine | Version | {metric} (torch) | ONNX {metric} | SQNR vs float (dB) | ONNX parity "
+              "(top-1 agree w/ torch) | Int8 speedup | Quantize time |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in runs.iterrows():
+        if _unsupported(r):
+            continue
+        detail.append("| " + " | ".join([
+            str(r["model_name"]), str(r["method"]), _engine(r), str(r.get("engine_version") or "") or _NA,
+            _fixed(_num(r, f"quant/{fmt.keys[0]}"), fmt.digits) or _NA, _fixed(_num(r, f"onnx/{fmt.keys[0]}"),
+                                                                               fmt.digits) or _NA,
+            _fixed(_sqnr(r), 1) or _NA, _parity(r), _speedup(r), _quantize_time(r)]) + " |")
+    out += ["", "\n".join(detail)]
+    return "\n".join(out)

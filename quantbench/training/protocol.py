@@ -65,3 +65,6 @@ class TaskAdapter(Protocol):
 
     def train(self, model: torch.nn.Module, recipe: Any, *, qat: bool) -> TrainResult:
         """Float-baseline or QAT training with the given recipe."""
+
+    # Optional: ``train_batches(recipe, *, qat) -> Iterable[(inputs, class labels)]``, one epoch of what
+    # ``train`` would train on, for a peer engine that trains in its own process (``harness/engines.py``).

@@ -244,6 +244,12 @@ class ClassificationTask:
             {"classes": splits.classes, "n_train": len(splits.train), "n_val": len(splits.val)}, self.train_config,
         )
 
+    def train_batches(self, recipe: Any = None, *, qat: bool) -> DataLoader:
+        """One epoch of the (augmented, shuffled) batches ``train`` trains on with ``recipe``: what a peer
+        engine that trains in its own process is handed (``harness/engines.py``)."""
+        return self.train_loader(coerce(QatConfig, recipe, self.qat_config) if qat
+                                 else coerce(LoopConfig, recipe, self.train_config))
+
     def train(self, model: nn.Module, recipe: Any = None, *, qat: bool) -> TrainResult:
         """Float-baseline (``qat=False``) or QAT training through the training layer's one loop.
 

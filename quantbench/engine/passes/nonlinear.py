@@ -17,8 +17,12 @@ onnxruntime run the *same* arithmetic and agree to the bit:
   table (``round(exp(-k * s_x) * 2^16)``), the row sum is an exact integer sum,
   and the output integer is ``round_half_even(e / (sum * s_y)) + z_y``, computed
   as an exact rational in int64 (``s_y = m * 2^E``): no float op at all.
-* :func:`qmean`: a mean (global pooling, token pooling) as an exact integer sum and an exact
-  rational requantization, ``round_half_even(sum * s_x / (N * s_y))``.
+* :func:`qmean_lut`: a mean (global pooling, token pooling) as an exact integer sum and a
+  table of its requantization: the output integer ``round_half_even(sum * s_x / (N * s_y)) + z_y``
+  is a function of the sum alone, and the sum of ``N`` integers on the grid takes at most
+  ``N * (qmax - qmin) + 1`` values, so it is looked up (:func:`lookup`, as :func:`qlut`), the table
+  built with the same exact integer arithmetic. :func:`qmean` computes that arithmetic at run time,
+  where the table would be too long (:data:`MEAN_TABLE_MAX`).
 * :func:`qnorm_int`: LayerNorm and GroupNorm in integer arithmetic only: exact statistics
   (``S1 = sum(x)``, ``V = N * sum(x^2) - S1^2`` in int64), an integer square root
   (:func:`isqrt`: Newton steps on integers) and a fixed-point per-channel affine.
@@ -48,11 +52,17 @@ from quantbench.engine.ops import ops_of_kind, ops_tagged
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
 
-__all__ = ["qlut", "qsoftmax", "qmean", "qnorm", "qnorm_int", "qresize", "isqrt", "fuse_nonlinear_kernels",
-           "SOFTMAX_EXP_BITS", "NONLINEAR_KERNELS", "export_offsets", "EXPORT_TRANSLATIONS", "floor_div", "int_clip"]
+__all__ = ["qlut", "qsoftmax", "qmean", "qmean_lut", "qnorm", "qnorm_int", "qresize", "isqrt",
+           "fuse_nonlinear_kernels", "SOFTMAX_EXP_BITS", "MEAN_TABLE_MAX", "NONLINEAR_KERNELS", "export_offsets",
+           "EXPORT_TRANSLATIONS", "floor_div", "int_clip", "lookup"]
 
 SOFTMAX_EXP_BITS = 16
 """Fixed-point bits of the softmax exp table: entries ``round(exp(-k s_x) 2^16)``."""
+
+MEAN_TABLE_MAX = 1 << 20
+"""Most entries of a mean's requantization table (:func:`qmean_lut`), ``N * (qmax - qmin) + 1``: a mean of
+up to 4112 int8 values (a 64 x 64 global pool) or 16 int16 values; a longer one keeps :func:`qmean`'s
+run-time arithmetic."""
 
 
 def _storage(dtype: str, off: int) -> torch.dtype:
@@ -61,11 +71,11 @@ def _storage(dtype: str, off: int) -> torch.dtype:
 
 def qlut(q: torch.Tensor, table: torch.Tensor, in_base: int) -> torch.Tensor:
     """Look up ``table[q - in_base]``; the table holds the output integers in their storage type
-    (one ONNX ``GatherND`` on integers)."""
-    idx = q.to(torch.int64)
+    (:func:`lookup`: one ONNX ``GatherElements`` on integers; int32 indices, as a 16-bit grid needs no more)."""
+    idx = q.to(torch.int32)
     if in_base:
         idx = idx - in_base
-    return table[idx]
+    return torch.ops.quantbench.lookup(table, idx)
 
 
 @torch.library.custom_op("quantbench::floor_div", mutates_args=())
@@ -108,8 +118,32 @@ def _int_clip_onnx(q, lo: int, hi: int):
     return op.Clip(q, op.CastLike(lo, q), op.CastLike(hi, q))
 
 
+@torch.library.custom_op("quantbench::lookup", mutates_args=())
+def lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for a 1-D table and integer (int32, int64) indices of any shape.
+
+    An op of its own so that the ONNX export writes one ``GatherElements`` on the flattened indices
+    (and two free ``Reshape``): onnxruntime's ``GatherElements`` is a typed loop, some 10x faster on
+    one-byte entries than its ``Gather`` and ``GatherND`` (one ``memcpy`` per index), which the
+    exporter's translations of ``table[idx]`` and ``index_select`` are."""
+    return table[idx]
+
+
+@lookup.register_fake
+def _(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.empty(idx.shape, dtype=table.dtype, device=idx.device)
+
+
+def _lookup_onnx(table, idx):
+    from onnxscript import opset18 as op
+
+    flat = op.Reshape(idx, op.Constant(value_ints=[-1]))
+    return op.Reshape(op.GatherElements(table, flat, axis=0), op.Shape(idx))
+
+
 EXPORT_TRANSLATIONS = {torch.ops.quantbench.floor_div.default: _floor_div_onnx,
-                       torch.ops.quantbench.int_clip.default: _int_clip_onnx}
+                       torch.ops.quantbench.int_clip.default: _int_clip_onnx,
+                       torch.ops.quantbench.lookup.default: _lookup_onnx}
 """ONNX translations of this module's own ops, for ``torch.onnx.export(custom_translation_table=...)``."""
 
 
@@ -141,20 +175,51 @@ def qsoftmax(q: torch.Tensor, table: torch.Tensor, dim: int, num_shift: int, den
     """
     i = q.to(torch.int64)
     d = i.amax(dim, keepdim=True) - i  # >= 0: independent of the zero point and the export offset
-    e = torch.index_select(table, 0, d.reshape(-1)).reshape(q.shape)
+    e = torch.ops.quantbench.lookup(table, d)
     total = e.sum(dim, keepdim=True)
     y = _div_half_even(e * (2 ** num_shift), total * den_mult)
     return _store(y, y_zp, y_min, y_max, out_off, out_dtype)
+
+
+def _requantize_sum(total: torch.Tensor, num_mult: int, den_mult: int, y_zp: int, y_min: int, y_max: int,
+                    out_off: int, out_dtype: str) -> torch.Tensor:
+    """The output integers of a mean whose exact integer sum is ``total``: what :func:`qmean` computes
+    at run time and what :func:`qmean_lut`'s table holds."""
+    return _store(_signed_div_half_even(total * num_mult, den_mult), y_zp, y_min, y_max, out_off, out_dtype)
 
 
 def qmean(q: torch.Tensor, in_zp: int, dims: list[int], keepdim: bool, num_mult: int, den_mult: int, y_zp: int,
           y_min: int, y_max: int, out_off: int, out_dtype: str) -> torch.Tensor:
     """Integer mean: ``round_half_even(sum(x - z_x) * s_x / (N * s_y)) + z_y`` as an exact rational,
     ``num_mult / den_mult == s_x / (N * s_y)`` (both scales are dyadic rationals); rounding is
-    symmetric around zero, as half-to-even is."""
+    symmetric around zero, as half-to-even is. Some 15 int64 ops on the output: where the sum's
+    range is short enough, the frozen graph holds :func:`qmean_lut` instead."""
     total = (q.to(torch.int64) - in_zp).sum(dims, keepdim=keepdim)
-    y = _signed_div_half_even(total * num_mult, den_mult)
-    return _store(y, y_zp, y_min, y_max, out_off, out_dtype)
+    return _requantize_sum(total, num_mult, den_mult, y_zp, y_min, y_max, out_off, out_dtype)
+
+
+def qmean_lut(q: torch.Tensor, table: torch.Tensor, dims: list[int], keepdim: bool, in_min: int,
+              count: int) -> torch.Tensor:
+    """Integer mean as :func:`qmean`, its requantization looked up: ``table[sum(q) - count * in_min]``.
+
+    ``count`` integers are summed, each in ``[in_min, in_max]``, so the sum's offset from its least
+    value indexes ``table`` (``count * (in_max - in_min) + 1`` output integers in their storage type,
+    built by :func:`qmean`'s arithmetic from the sums ``count * (in_min - z_x) + k``): the input's zero
+    point is folded into the table, and the export writes ``Cast``, ``ReduceSum``, ``Sub`` (none when
+    the exported ``in_min`` is 0, as for int8 written as uint8 + 128) and :func:`lookup`. The sum is
+    int32 (onnxruntime's int32 ``ReduceSum`` is some 4x faster than its int64 one) unless ``count``
+    is 2^15 or more.
+    """
+    acc = torch.int32 if count < 2 ** 15 else torch.int64  # |sum| < count * 2^16: int32 holds it
+    total = q.to(acc)
+    if count > 1:
+        total = total.sum(dims, keepdim=keepdim, dtype=acc)
+    elif not keepdim:  # a mean of one value (a 1 x 1 global pool): no sum to run
+        total = total.squeeze(dims)
+    base = count * in_min
+    if base:
+        total = total - base
+    return torch.ops.quantbench.lookup(table, total)
 
 
 def _statistics(q: torch.Tensor, in_zp: int, dims: list[int], groups: int):
@@ -251,7 +316,7 @@ def qresize(q: torch.Tensor, in_zp: int, rows: torch.Tensor, cols: torch.Tensor,
 RESIZE_WEIGHT_BITS = 12
 
 
-NONLINEAR_KERNELS = (qlut, qsoftmax, qmean, qnorm, qnorm_int, qresize)
+NONLINEAR_KERNELS = (qlut, qsoftmax, qmean, qmean_lut, qnorm, qnorm_int, qresize)
 
 
 def _int8_stored(dtype: str) -> bool:
@@ -266,9 +331,10 @@ def export_offsets(gm: fx.GraphModule, node: fx.Node, shifted_input: bool, unsig
     ``unsigned``: int8 (and int4) outputs are written as uint8 + 128 too.
     """
     args = list(node.args)
-    if node.target is qlut:
-        if shifted_input:
-            args[2] = args[2] + 128
+    if node.target in (qlut, qmean_lut):
+        if shifted_input:  # qlut's in_base, qmean_lut's in_min
+            at = 2 if node.target is qlut else 4
+            args[at] = args[at] + 128
         table = get_attr_tensor(gm, args[1].target)
         shift = unsigned and table.dtype == torch.int8
         if shift:  # int8 outputs are written as uint8 + 128: so are the table's entries
@@ -482,15 +548,25 @@ def _fuse_means(gm: fx.GraphModule) -> None:
             den <<= x_shift - y_shift
         else:
             num <<= y_shift - x_shift
-        bound = (int(x.args[5]) - int(x.args[4])) * n  # the largest |sum|
+        x_zp, x_min, x_max = int(x.args[2]), int(x.args[4]), int(x.args[5])
+        bound = (x_max - x_min) * n  # the largest |sum|
         if bound * num >= 2 ** 62 or den >= 2 ** 62:
             continue  # int64 would overflow: left in float (coverage names it)
         y_qp = qy.args[1:]
+        requant = (num, den, int(y_qp[1]), int(y_qp[3]), int(y_qp[4]), 0, y_qp[5])
+        entries = n * (x_max - x_min) + 1  # every sum of n integers in [x_min, x_max]
         with graph.inserting_before(qy):
-            fused = graph.call_function(qmean, (x.args[0], int(x.args[2]), dims, keepdim, num, den, int(y_qp[1]),
-                                                int(y_qp[3]), int(y_qp[4]), 0, y_qp[5]))
+            if entries <= MEAN_TABLE_MAX:
+                sums = torch.arange(entries, dtype=torch.int64) + n * (x_min - x_zp)  # sum(x - z_x)
+                table = _requantize_sum(sums, *requant)
+                tnode = graph.get_attr(set_attr_tensor(gm, f"{node.name}_mean_table", table, param=False))
+                fused = graph.call_function(qmean_lut, (x.args[0], tnode, dims, keepdim, x_min, n))
+                kernel = "integer mean (requantization table)"
+            else:
+                fused = graph.call_function(qmean, (x.args[0], x_zp, dims, keepdim, *requant))
+                kernel = "integer mean"
         fused.meta["val"] = qy.meta.get("val")
-        fused.meta.update(qb_source_node=node.name, qb_kernel="integer mean", qb_source_op=op_name(node), qb_qparams=(tuple(x.args[1:]), tuple(y_qp)))
+        fused.meta.update(qb_source_node=node.name, qb_kernel=kernel, qb_source_op=op_name(node), qb_qparams=(tuple(x.args[1:]), tuple(y_qp)))
         qy.replace_all_uses_with(fused)
         graph.erase_node(qy)
         graph.erase_node(node)
