@@ -217,3 +217,19 @@ def test_every_installed_engine_runs_a_tiny_model_through_the_harness(small, mon
         if engine in ("torchao", "quark"):  # a torch-side model: scored by the same task code
             assert math.isfinite(m["quant/top1"]) and m["onnx/parity_top1"] >= 0
     assert code == (0 if quark_here else 2)
+
+
+def test_a_fixed_batch_onnx_model_is_scored_and_logged_at_any_batch(tmp_path):
+    """A peer's static-graph export (Quark's) has a fixed batch: onnxruntime runs it in chunks (the last one
+    padded), and its MLflow signature is found at that batch."""
+    from quantbench.engine import check, export_onnx
+    from quantbench.harness.tracking import onnx_signature
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    path = export_onnx(model, (torch.randn(4, 3, 6, 6),), tmp_path / "m.onnx", dynamic_batch=False)
+    predict = check.ort_predict_fn(check.ort_session(path))
+    x = torch.randn(7, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(predict(x), model(x), atol=1e-5) and predict(x[:4]).shape[0] == 4
+    signature = onnx_signature(path, x[:3].numpy())
+    assert signature.inputs.inputs[0].shape == (-1, 3, 6, 6)

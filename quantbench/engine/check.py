@@ -57,11 +57,29 @@ def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool 
 
 
 def ort_predict_fn(session: ort.InferenceSession) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]:
-    """Torch tensor in, torch tensor out through onnxruntime (a tuple, in graph order, for several outputs)."""
+    """Torch tensor in, torch tensor out through onnxruntime (a tuple, in graph order, for several outputs).
+
+    A model whose batch dimension is fixed (a peer toolkit's static-graph export) is run in chunks of
+    that size, the last one padded by repeating its first image, and its outputs cut back to the batch.
+    """
     name = session.get_inputs()[0].name
+    dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    fixed = dim if isinstance(dim, int) and dim > 0 else None
+
+    def run(x: torch.Tensor) -> list[np.ndarray]:
+        return session.run(None, {name: x.detach().cpu().contiguous().numpy()})
 
     def predict(x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        out = session.run(None, {name: x.detach().cpu().contiguous().numpy()})
+        if fixed is None or x.shape[0] == fixed:
+            out = run(x)
+        else:
+            parts = []
+            for chunk in x.split(fixed):
+                pad = fixed - chunk.shape[0]
+                if pad:
+                    chunk = torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])])
+                parts.append(run(chunk))
+            out = [np.concatenate([p[i] for p in parts])[: x.shape[0]] for i in range(len(parts[0]))]
         return torch.from_numpy(out[0]) if len(out) == 1 else tuple(torch.from_numpy(o) for o in out)
 
     return predict

@@ -147,7 +147,8 @@ def _collect(outcome: SweepOutcome, store: Store, since_ms: int) -> SweepOutcome
         if key in seen:
             continue
         seen.add(key)
-        label = f"{tags.get('model')} x {tags.get('scheme')}"
+        label = f"{tags.get('model')} x {tags.get('scheme')}" + (
+            f" x {tags['engine']}" if tags.get("engine", "quantbench") != "quantbench" else "")
         if tags.get("status") == "FINISHED":
             outcome.finished.append(label)
         elif tags.get("status") in ("FAILED", "KILLED"):

@@ -328,6 +328,9 @@ def onnx_signature(path: str | os.PathLike, example: Any) -> Any:
                          f"({', '.join(i.name for i in inputs)}), the example has {len(arrays)}")
     if all(a.ndim and not isinstance((meta.shape or [1])[0], int) for meta, a in zip(inputs, arrays)):
         arrays = [a[:1] for a in arrays]  # a symbolic batch: one sample tells the types and shapes
+    else:  # a fixed batch (a peer's static-graph export): the example's samples repeated to that size
+        arrays = [np.resize(a, (meta.shape[0], *a.shape[1:])) if a.ndim and isinstance((meta.shape or [None])[0], int)
+                  and meta.shape[0] > 0 and a.shape[0] != meta.shape[0] else a for meta, a in zip(inputs, arrays)]
     outputs = session.run(None, {meta.name: a for meta, a in zip(inputs, arrays)})
     return ModelSignature(
         inputs=Schema([_tensor_spec(meta, a) for meta, a in zip(inputs, arrays)]),

@@ -90,7 +90,7 @@ def config_features(config) -> Features:
 
 
 _FLOAT = No("the float reference does not depend on the engine: engine=quantbench runs it")
-_PTQ_ONLY = "is post-training only here: LSQ / TQT learn their steps by backprop in quantbench's QAT loop"
+_PTQ_ONLY = "is post-training only (no QAT)"
 
 #: engine -> feature -> value -> options | Approx | No. ``*`` matches any value not listed.
 TABLE: dict[str, dict[str, dict[Any, Any]]] = {
@@ -117,8 +117,8 @@ TABLE: dict[str, dict[str, dict[Any, Any]]] = {
     },
     "torchao": {
         "quantized": {False: _FLOAT, True: {}},
-        "qat": {"none": {}, "*": No(f"torchao PT2E with X86InductorQuantizer {_PTQ_ONLY} (its QAT observers "
-                                     "have no learned step)")},
+        "qat": {"none": {}, "*": No("this engine runs torchao's post-training flow only (its prepare_qat_pt2e "
+                                     "observers learn no step for LSQ / TQT, and static QAT is not wired)")},
         "scale": {"float": {}, "pow2": No("X86InductorQuantizer has no power-of-two scale option")},
         "weight_dtype": {"int8": {}, "*": No("X86InductorQuantizer is int8 only")},
         "act_dtype": {"int8": Approx({}, "activations are uint8 asymmetric (X86InductorQuantizer's only "

@@ -122,14 +122,27 @@ def ort_preprocess(src: Path, dst: Path, notes: list[str], who: str = "onnxrunti
     """onnxruntime's quantization pre-processing of ``src`` into ``dst``; ``src`` itself (and a note) on failure."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(src), str(dst))
-        return dst
-    except Exception as exc:  # the documented fallback: quantize the export as it is
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        notes.append(f"{who}: quant_pre_process failed ({type(exc).__name__}: {msg[:200]}); "
-                     "the raw fp32.onnx was quantized (BatchNormalization not folded)")
-        return src
+    # In the job directory: a failed attempt can leave external-data files behind in the working directory.
+    with contextlib.chdir(dst.parent):
+        try:
+            quant_pre_process(str(src), str(dst))
+            return dst
+        except Exception as exc:  # symbolic shape inference gives up on some graphs (a detector's head)
+            first = _first_line(exc)
+        try:  # onnxruntime's documented switch for that case: ONNX shape inference only, still optimized
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            notes.append(f"{who}: quant_pre_process's symbolic shape inference failed ({first}); "
+                         "pre-processed with skip_symbolic_shape=True")
+            return dst
+        except Exception as exc:  # the documented fallback: quantize the export as it is
+            notes.append(f"{who}: quant_pre_process failed ({first}; then {_first_line(exc)}); "
+                         "the raw fp32.onnx was quantized (BatchNormalization not folded)")
+            return src
+
+
+def _first_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg[:200]}"
 
 
 def quantize(job: PeerJob, model=None) -> PeerOutput:
