@@ -162,11 +162,7 @@ def _qat_data(ctx: Context) -> tuple[dict[str, Any], list | None]:
     batches = getattr(ctx.task, "train_batches", None)
     if batches is None:
         return recipe, None
-    train = []
-    for batch in batches(ctx.qat_recipe, qat=True):
-        x, y = batch[0], batch[1]
-        train.append((x, y))
-    return recipe, train
+    return recipe, [(batch[0], batch[1]) for batch in batches(ctx.qat_recipe, qat=True)]
 
 
 def peer_quantize(ctx: Context) -> None:
