@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from quantbench.engine import check
+from quantbench.engine.quantizer import batch_inputs
 from quantbench.errors import ConfigError
 from quantbench.harness.pipeline import (
     Context,
@@ -67,10 +68,6 @@ def resolve_mapping(scheme: dict[str, Any], engine: dict[str, Any]):
     if mapping.supported:
         mapping.options.update(engine_options(engine))
     return mapping
-
-
-def _batch_input(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 def _key(x: torch.Tensor) -> str:
@@ -146,6 +143,10 @@ def _float_with_inputs(ctx: Context) -> None:
               flush=True)
 
 
+def _one(inputs: tuple[torch.Tensor, ...]):
+    return inputs[0] if len(inputs) == 1 else inputs
+
+
 def _input_names(path) -> list[str]:
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
@@ -171,7 +172,8 @@ def peer_quantize(ctx: Context) -> None:
         return
     ctx.fp32_path = _export_fp32(ctx)
     n = int(ctx.scheme.get("calib_batches") or 0)
-    calib = [_batch_input(b) for b in islice(ctx.task.calib_loader(), n)] if n else [ctx.example[0]]
+    # the inputs quantbench's own engine calibrates on (quantizer.batch_inputs), batch for batch
+    calib = [_one(batch_inputs(b)) for b in islice(ctx.task.calib_loader(), n)] if n else [ctx.example[0]]
     root = ctx.workdir / "engine"
     isolated = bool(ctx.engine.get("isolated"))
     qat, train = _qat_data(ctx)

@@ -35,6 +35,7 @@ from quantbench.harness.config import CONF_DIR
 from quantbench.harness.preflight import sweep_file
 from quantbench.registry import suggest
 from quantbench.report.record import Selection, select
+from quantbench.report.runs import engine_of, is_unsupported
 
 __all__ = ["GateCheck", "GateFile", "GateOutcome", "GateResult", "check_gate", "evaluate_gates", "format_results",
            "load_gates", "passed", "run_gate"]
@@ -227,18 +228,10 @@ def _check(row: pd.Series, check: GateCheck, model: str, scheme: str,
     return results
 
 
-def _engine(value: Any) -> str:
-    return value if isinstance(value, str) and value else "quantbench"
-
-
-def _unsupported(row: pd.Series) -> bool:
-    return row.get("engine_status") == "unsupported"
-
-
 def _exact(row: pd.Series) -> bool:
     """A run of the scheme itself: quantbench's, or a peer's whose mapping is exact (not approximate)."""
-    return row.get("engine_status") in (None, "", "supported") or (
-        isinstance(row.get("engine_status"), float) and pd.isna(row.get("engine_status")))
+    status = row.get("engine_status")
+    return not isinstance(status, str) or status in ("", "supported")
 
 
 def evaluate_gates(gates: GateFile, runs: pd.DataFrame, models: list[str], schemes: list[str],
@@ -250,7 +243,7 @@ def evaluate_gates(gates: GateFile, runs: pd.DataFrame, models: list[str], schem
     engines = list(engines)
     newest: dict[tuple[str, str, str], pd.Series] = {}
     if len(runs):
-        frame = runs.assign(_engine=[_engine(e) for e in (runs["engine"] if "engine" in runs else [None] * len(runs))])
+        frame = runs.assign(_engine=[engine_of(e) for e in (runs["engine"] if "engine" in runs else [None] * len(runs))])
         for _, row in frame.sort_values("start_time", ascending=False).iterrows():
             newest.setdefault((row["model"], row["scheme"], row["_engine"]), row)
     results = []
@@ -263,7 +256,7 @@ def evaluate_gates(gates: GateFile, runs: pd.DataFrame, models: list[str], schem
                 elif row["status"] != "FINISHED":
                     results.append(GateResult(model, scheme, "run FINISHED", row["status"],
                                               (row.get("error") or "")[:80], False, engine))
-                elif not _unsupported(row):
+                elif not is_unsupported(row):
                     peers = {e: r for e in engines if e != engine and (r := newest.get((model, scheme, e))) is not None
                              and r["status"] == "FINISHED" and _exact(r)}
                     for c in gates.checks:

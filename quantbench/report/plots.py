@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from quantbench.harness.tracking import Store
+from quantbench.report.runs import engine_of, is_unsupported
 
 __all__ = ["accuracy_plot", "engines_plot", "node_sqnr_plot"]
 
@@ -128,13 +129,12 @@ def engines_plot(runs: pd.DataFrame, path: Path, metric: str = "top1") -> bool:
     (one point per model x scheme it ran); False (nothing written) when no run has both."""
     rows = []
     for _, r in runs.iterrows():
-        if r.get("engine_status") == "unsupported":
+        if is_unsupported(r):
             continue
         acc, fp32, int8 = r.get(f"onnx/{metric}"), r.get("latency/ort_fp32_ms"), r.get("latency/ort_int8_ms")
         if any(v is None or pd.isna(v) for v in (acc, fp32, int8)) or not int8:
             continue
-        engine = r.get("engine") if isinstance(r.get("engine"), str) and r.get("engine") else "quantbench"
-        rows.append((engine, f"{r['model']} {r['scheme']}", float(fp32) / float(int8), float(acc)))
+        rows.append((engine_of(r), f"{r['model']} {r['scheme']}", float(fp32) / float(int8), float(acc)))
     if not rows:
         return False
     fig = Figure(figsize=(7, 4.5), layout="constrained")

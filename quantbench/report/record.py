@@ -60,7 +60,8 @@ from quantbench.harness.config import (
 from quantbench.harness.paths import project_root
 from quantbench.harness.preflight import parse, sweep_file
 from quantbench.harness.tracking import Store, flatten, hashed, run_exclude, run_hash
-from quantbench.report.runs import load_runs, task_store
+from quantbench.report.runs import NATIVE_ENGINE as NATIVE
+from quantbench.report.runs import engine_of, load_runs, task_store
 
 __all__ = ["ADHOC_PREFIX", "Grid", "ReportError", "Selection", "SweepRecord", "is_sweep_id", "resolve_grid",
            "select", "sweep_records"]
@@ -68,8 +69,6 @@ __all__ = ["ADHOC_PREFIX", "Grid", "ReportError", "Selection", "SweepRecord", "i
 #: The ``sweep`` tag of a run that ``quantbench run`` made outside a sweep (``tracking.sweep_id``'s default).
 ADHOC_PREFIX = "adhoc-"
 GRID_KEYS = GRID_AXES
-#: The engine of a run that logged none (before engines were an axis): quantbench's own.
-NATIVE = "quantbench"
 _SHOWN = 4  # cells, sweeps or keys named in one line before "..."
 
 Cell = tuple[str, str, str]  # model, scheme, engine
@@ -89,17 +88,13 @@ def _shorten(items: Sequence[str], n: int = _SHOWN) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def _engine_of(value: object) -> str:
-    return str(value) if isinstance(value, str) and value else NATIVE
-
-
 def _row_cell(row) -> Cell:
-    return (row["model"], row["scheme"], _engine_of(row.get("engine")))
+    return (row["model"], row["scheme"], engine_of(row))
 
 
 def _run_cells(runs: pd.DataFrame) -> list[Cell]:
-    engines = runs["engine"] if "engine" in runs else [NATIVE] * len(runs)
-    return [(m, s, _engine_of(e)) for m, s, e in zip(runs["model"], runs["scheme"], engines)]
+    engines = runs["engine"] if "engine" in runs else [None] * len(runs)
+    return [(m, s, engine_of(e)) for m, s, e in zip(runs["model"], runs["scheme"], engines)]
 
 
 def _label(cell: Cell) -> str:

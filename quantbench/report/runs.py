@@ -14,7 +14,7 @@ never a row.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -23,7 +23,11 @@ from quantbench.harness.config import compose_config, first_job_overrides
 from quantbench.harness.preflight import sweep_file
 from quantbench.harness.tracking import Store, is_sweep_parent
 
-__all__ = ["BASE_COLUMNS", "latest", "load_runs", "order_rows", "task_store"]
+__all__ = ["BASE_COLUMNS", "NATIVE_ENGINE", "engine_of", "is_unsupported", "latest", "load_runs", "order_rows",
+           "task_store"]
+
+#: The engine of a run that logged none (before engines were an axis): quantbench's own.
+NATIVE_ENGINE = "quantbench"
 
 BASE_COLUMNS = ("run_id", "start_time", "status", "error", "model", "scheme", "engine", "engine_status",
                 "engine_reason", "engine_version", "engine_notes", "model_name", "method",
@@ -54,7 +58,7 @@ def load_runs(store: Store, experiment: str) -> pd.DataFrame:
             "error": tags.get("error", ""),
             "model": tags.get("model", params.get("model.name", "")),
             "scheme": tags.get("scheme", params.get("scheme.name", "")),
-            "engine": tags.get("engine", params.get("engine.name", "quantbench")),
+            "engine": tags.get("engine", params.get("engine.name", NATIVE_ENGINE)),
             "engine_status": tags.get("engine_status", ""),
             "engine_reason": tags.get("engine_reason", ""),
             "engine_version": tags.get("engine_version", ""),
@@ -70,6 +74,17 @@ def load_runs(store: Store, experiment: str) -> pd.DataFrame:
             **run.data.metrics,
         })
     return pd.DataFrame(rows, columns=None if rows else list(BASE_COLUMNS))
+
+
+def engine_of(row_or_value: Any) -> str:
+    """The engine of a run row (or of an ``engine`` value): quantbench's own where none is named."""
+    value = row_or_value.get("engine") if isinstance(row_or_value, (pd.Series, dict)) else row_or_value
+    return value if isinstance(value, str) and value else NATIVE_ENGINE
+
+
+def is_unsupported(row: Any) -> bool:
+    """A peer engine's run of a scheme it cannot express (``engine_status=unsupported``): no metrics."""
+    return row.get("engine_status") == "unsupported"
 
 
 def latest(runs: pd.DataFrame, *, finished_only: bool = True) -> pd.DataFrame:

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from quantbench.report.runs import engine_of, is_unsupported
+
 __all__ = ["ALGORITHM_TIMES", "PRIMARY", "MetricFormat", "algorithm_names", "algorithms_label", "engines_table",
            "hard_table",
            "readme_markers", "replace_block", "results_table"]
@@ -229,15 +231,6 @@ def replace_block(text: str, task: str, block: str) -> str | None:
 
 # -- the engines grid: quantbench against the peer toolkits ---------------------------------------------
 
-def _engine(row: pd.Series) -> str:
-    value = row.get("engine")
-    return value if isinstance(value, str) and value else "quantbench"
-
-
-def _unsupported(row: pd.Series) -> bool:
-    return row.get("engine_status") == "unsupported"
-
-
 def _metric(row: pd.Series, fmt: MetricFormat) -> float | None:
     """The deployed model's task metric: onnxruntime's, else the torch side's (float for the float row)."""
     for stage in ("onnx", "quant", "float"):
@@ -251,7 +244,7 @@ def _engine_cell(row: pd.Series | None, fmt: MetricFormat, notes: dict[str, int]
     """``metric · SQNR dB · speedup`` of one run; ``n/a [k]`` (footnote k: the reason) where unsupported."""
     if row is None:
         return _NA
-    if _unsupported(row):
+    if is_unsupported(row):
         reason = str(row.get("engine_reason") or "unsupported")
         k = notes.setdefault(reason, len(notes) + 1)
         return f"n/a [{k}]"
@@ -279,7 +272,7 @@ def _sqnr(row: pd.Series) -> float | None:
 
 def _best_marks(cells: dict[str, pd.Series | None], fmt: MetricFormat) -> set[str]:
     """The engines of a row with the highest ONNX SQNR (the fidelity the gates compare)."""
-    scores = {e: _sqnr(r) for e, r in cells.items() if r is not None and not _unsupported(r)}
+    scores = {e: _sqnr(r) for e, r in cells.items() if r is not None and not is_unsupported(r)}
     scores = {e: v for e, v in scores.items() if v is not None}
     if len(scores) < 2:
         return set()
@@ -293,8 +286,8 @@ def engines_table(runs: pd.DataFrame) -> str:
     row in bold), ``n/a [k]`` where the engine cannot express the scheme (footnote k gives the reason);
     then the detail table, one row per run."""
     fmt = _format(runs)
-    engines = list(dict.fromkeys(_engine(r) for _, r in runs.iterrows()))
-    keyed = {(r["model"], r["scheme"], _engine(r)): r for _, r in runs.iterrows()}
+    engines = list(dict.fromkeys(engine_of(r) for _, r in runs.iterrows()))
+    keyed = {(r["model"], r["scheme"], engine_of(r)): r for _, r in runs.iterrows()}
     rows = list(dict.fromkeys((r["model"], r["scheme"]) for _, r in runs.iterrows()))
     names = {r["model"]: r["model_name"] for _, r in runs.iterrows()}
     methods = {r["scheme"]: r["method"] for _, r in runs.iterrows()}
@@ -318,10 +311,10 @@ def engines_table(runs: pd.DataFrame) -> str:
               "(top-1 agree w/ torch) | Int8 speedup | Quantize time |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in runs.iterrows():
-        if _unsupported(r):
+        if is_unsupported(r):
             continue
         detail.append("| " + " | ".join([
-            str(r["model_name"]), str(r["method"]), _engine(r), str(r.get("engine_version") or "") or _NA,
+            str(r["model_name"]), str(r["method"]), engine_of(r), str(r.get("engine_version") or "") or _NA,
             _fixed(_num(r, f"quant/{fmt.keys[0]}"), fmt.digits) or _NA, _fixed(_num(r, f"onnx/{fmt.keys[0]}"),
                                                                                fmt.digits) or _NA,
             _fixed(_sqnr(r), 1) or _NA, _parity(r), _speedup(r), _quantize_time(r)]) + " |")
