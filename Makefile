@@ -50,9 +50,12 @@ test-slow: $(STAMP) ## slow end-to-end tests only
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check quantbench tasks tests
 
-bench: $(STAMP) ## engine, QAT and CLI start-up benchmarks -> reports/bench/{engine,qat,cli}.md
+bench: $(STAMP) ## engine, deploy (onnxruntime + OpenVINO), fake-quant, export, QAT and CLI benchmarks -> reports/bench/*.md
+	$(PY) -m quantbench.bench.deploy --out reports/bench/deploy.md
 	$(PY) -m quantbench.bench.engine --out reports/bench/engine.md
 	$(PY) -m quantbench.bench.qat --out reports/bench/qat.md
+	$(PY) -m quantbench.bench.fakequant --out reports/bench/fakequant.md
+	$(PY) -m quantbench.bench.export --out reports/bench/export.md
 	$(PY) -m quantbench.bench.cli --out reports/bench/cli.md
 	$(PY) -m quantbench.bench.zoo --out reports/bench/zoo.md
 

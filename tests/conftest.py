@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import pytest  # noqa: E402
+from harness_overrides import DEPLOY_FAST
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +149,7 @@ def shapes_tiny_overrides(shapes_tiny_root, session_cache) -> tuple[str, ...]:
 
 
 def _run_overrides(empty_store_db: Path, tmp: Path, fp32_cache: Path) -> list[str]:
-    return [*_fresh_store(empty_store_db, tmp), "run.latency_iters=2", "run.latency_batch=4",
+    return [*_fresh_store(empty_store_db, tmp), "run.latency_iters=2", *DEPLOY_FAST, "run.latency_batch=4",
             f"run.fp32_onnx_cache={fp32_cache}", f"run.resume_root={tmp}/resume", f"hydra.sweep.dir={tmp}/multirun",
             f"hydra.run.dir={tmp}/outputs"]
 

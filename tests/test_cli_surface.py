@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness_overrides import DEPLOY_FAST
 from omegaconf import OmegaConf
 
 from quantbench.cli import main
@@ -77,7 +78,7 @@ def test_help_and_typos_are_answered_before_torch_is_imported():
 @pytest.fixture
 def small(digits_overrides, run_overrides) -> list[str]:
     return [*digits_overrides, *run_overrides, "scheme=float", "data.val_fraction=0.1", "data.calib_size=16",
-            "data.calib_batch_size=16", "run.latency_iters=1", "run.latency_batch=2"]
+            "data.calib_batch_size=16", "run.latency_iters=1", *DEPLOY_FAST, "run.latency_batch=2"]
 
 
 @pytest.mark.parametrize("extra, expected, commands", [
@@ -187,7 +188,7 @@ def test_detection_data_errors_exit_2_like_classification(shapes_overrides, run_
 def test_a_sweep_and_its_report_print_no_warning_a_user_cannot_act_on(digits_overrides, run_overrides, tmp_path):
     """What a user sees of `make sweep` and `make report`: progress, results, no library noise."""
     args = [*digits_overrides, *run_overrides, "scheme=float,ptq_pow2", "data.val_fraction=0.1",
-            "data.calib_size=16", "data.calib_batch_size=16", "run.latency_iters=1", "run.latency_batch=2"]
+            "data.calib_size=16", "data.calib_batch_size=16", "run.latency_iters=1", *DEPLOY_FAST, "run.latency_batch=2"]
     qb = str(Path(sys.executable).with_name("quantbench"))
     env = {**__import__("os").environ, "CI": "true"}
     env.pop("QUANTBENCH_VERBOSE", None)

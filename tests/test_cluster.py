@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from harness_overrides import DEPLOY_FAST
 from test_faults import check_concurrent_logging
 
 from quantbench.harness.tracking import Store
@@ -47,7 +48,7 @@ def _store_args(where: Path) -> list[str]:
 def _common(digits_root: Path, cache: Path, tmp: Path) -> list[str]:
     return ["model=test_resnet", f"data.root={digits_root}", "data.generate=null", "data.calib_size=64",
             f"task.cache_dir={cache}", "task.device=cpu", "train.baseline.epochs=2", "scheme.calib_batches=2",
-            "run.latency_iters=2", "run.latency_batch=8", "run.threads=1", f"run.fp32_onnx_cache={cache}/fp32",
+            "run.latency_iters=2", *DEPLOY_FAST, "run.latency_batch=8", "run.threads=1", f"run.fp32_onnx_cache={cache}/fp32",
             f"run.resume_root={tmp}/resume", f"hydra.sweep.dir={tmp}/multirun", f"hydra.run.dir={tmp}/outputs"]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness_overrides import DEPLOY_FAST
 from omegaconf import OmegaConf
 
 from quantbench.cli import main
@@ -26,7 +27,7 @@ from quantbench.report.record import select
 
 SCHEMES = sorted(p.stem for p in (CONF_DIR / "scheme").glob("*.yaml"))
 SMALL = ("data.val_fraction=0.15", "data.calib_size=32", "data.calib_batch_size=16", "scheme.calib_batches=1",
-         "run.latency_iters=2", "run.latency_batch=4")
+         "run.latency_iters=2", *DEPLOY_FAST, "run.latency_batch=4")
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from harness_overrides import DEPLOY_FAST
 from omegaconf import OmegaConf
 
 from quantbench.cli import main
@@ -31,7 +32,7 @@ from quantbench.harness.tracking import Store, safe_artifact_path
 def small(digits_overrides, run_overrides) -> list[str]:
     """A float run of conftest's digits task on a tenth of val, into a fresh store."""
     return [*digits_overrides, *run_overrides, "scheme=float", "data.val_fraction=0.1", "data.calib_size=16",
-            "data.calib_batch_size=16", "run.latency_iters=1", "run.latency_batch=2"]
+            "data.calib_batch_size=16", "run.latency_iters=1", *DEPLOY_FAST, "run.latency_batch=2"]
 
 
 def _store(overrides: list[str]) -> Store:

@@ -4,6 +4,7 @@ the exported ONNX checked in onnxruntime, and the hard report that reads them ba
 from __future__ import annotations
 
 import pytest
+from harness_overrides import DEPLOY_FAST
 from omegaconf import OmegaConf
 
 from quantbench.harness.config import compose_config
@@ -13,7 +14,7 @@ from quantbench.report import write_report
 
 #: The tiny Test-ResNet on a slice of digits, the learned-rounding steps shortened for every scheme at once.
 SHRUNK = ("data.val_fraction=0.15", "data.calib_size=32", "data.calib_batch_size=16", "train.qat.steps=2",
-          "run.latency_iters=1", "run.latency_batch=2",
+          "run.latency_iters=1", *DEPLOY_FAST, "run.latency_batch=2",
           "scheme.algorithm_options={adaround:{iters:100},brecq:{iters:100}}")
 SCHEMES = ("ptq_w4a8", "ptq_w4a8_adaround", "ptq_pow2_cle_bc", "ptq_w4a4_brecq", "ptq_mixed")
 

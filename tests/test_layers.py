@@ -32,7 +32,7 @@ ALLOWED = {
     "quantbench.peers": ("quantbench.engine",),
     "quantbench.harness": ("quantbench.training", "quantbench.engine", "quantbench.peers"),
     "quantbench.report": ("quantbench.harness", "quantbench.training", "quantbench.engine"),
-    "quantbench.bench": ("quantbench.engine",),
+    "quantbench.bench": ("quantbench.engine", "tasks"),  # tasks' models, to benchmark the detector
     "quantbench.cli": ("quantbench.harness", "quantbench.report", "quantbench.training", "quantbench.engine"),
     "tasks": ("quantbench.training", "quantbench.engine"),
 }

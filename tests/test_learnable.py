@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 
+from quantbench.engine import learnable
 from quantbench.engine.learnable import (
     lsq_fake_quantize,
     lsq_grad_scale,
@@ -386,3 +387,106 @@ def test_lsq_tqt_cuda_match_cpu():
         torch.testing.assert_close(gp_g, gp_c, rtol=1e-4, atol=1e-6)
     mantissa, _ = torch.frexp(tqt_scale(torch.linspace(-30, 30, 601, device="cuda"), -128))
     assert (mantissa == 0.5).all()
+
+
+# ----------------------------------------------------------------------------- fast path = reference path
+
+
+def _floats_around(v: float, dtype: torch.dtype, k: int = 8) -> torch.Tensor:
+    """The k floats of ``dtype`` below ``v``, ``v`` and the k above."""
+    c = torch.tensor([v], dtype=dtype)
+    out = [c]
+    for _ in range(k):
+        out.append(torch.nextafter(out[-1], torch.tensor([math.inf], dtype=dtype)))
+        out.insert(0, torch.nextafter(out[0], torch.tensor([-math.inf], dtype=dtype)))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("round_method", ["half_even", "half_up", "floor"])
+def test_unclamped_interval_is_the_rounded_test(dtype, round_method):
+    """``lo < x < hi`` selects exactly the x whose rounded value the clamp leaves alone, ties included."""
+    gen = torch.Generator().manual_seed(10)
+    scales = [2.0 ** e for e in (-20, -7, 0, 3)] + torch.exp(torch.rand(12, generator=gen) * 24 - 16).tolist()
+    for (qmin, qmax), zp in (((-128, 127), 0.0), ((-127, 127), 0.0), ((-8, 7), 3.0), ((0, 255), 0.0),
+                             ((0, 255), 128.0), ((-2**31, 2**31 - 1), 0.0)):
+        for scale in scales:
+            scale = float(torch.tensor(scale, dtype=dtype))
+            bounds = learnable._unclamped_interval(scale, zp, qmin, qmax, round_method, dtype)
+            assert bounds is not None, (scale, qmin, qmax, zp)
+            ends = [(qmin - zp - 0.5) * scale, (qmax - zp + 0.5) * scale, (qmin - zp) * scale,
+                    (qmax - zp + 1) * scale, 0.0]
+            x = torch.cat([_floats_around(e, dtype) for e in ends]
+                          + [torch.randn(256, generator=gen, dtype=dtype) * scale * 200])
+            zpt = None if zp == 0.0 else torch.tensor(zp, dtype=dtype)
+            _, r = learnable._to_grid(x, torch.tensor(scale, dtype=dtype), zpt, qmin, qmax, round_method)
+            ones = torch.ones_like(x)
+            expected = learnable._inside(ones, r, learnable._rounded_bounds(qmin, qmax))
+            assert torch.equal(learnable._inside(ones, x, bounds), expected), (scale, qmin, qmax, zp)
+
+
+def _near_ends_and_ties(n: int, scale: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Half-integer multiples of the step (ties), nudged by a few ulps, and a wide normal spread."""
+    k = torch.randint(-140, 141, (n,), generator=gen).to(dtype)
+    ties = (k + 0.5) * scale
+    ties = ties + torch.randint(-2, 3, (n,), generator=gen).to(dtype) * torch.finfo(dtype).eps * ties.abs()
+    return torch.cat([ties, torch.randn(n, generator=gen, dtype=dtype) * scale * 100])
+
+
+def _run(method: str, x0: torch.Tensor, p0: torch.Tensor, w: torch.Tensor):
+    x, p = x0.clone().requires_grad_(True), p0.clone().requires_grad_(method != "ste")
+    if method == "ste":
+        y = ste_fake_quantize(x, p, torch.tensor(5), -128, 127, round_method="half_even")
+    elif method == "lsq":
+        y = lsq_fake_quantize(x, p, -128, 127, grad_scale=0.3)
+    else:
+        y = tqt_fake_quantize(x, p, -128, 127)
+    (w * y).sum().backward()
+    with torch.no_grad():  # the forward-only path
+        if method == "ste":
+            y_eval = ste_fake_quantize(x0, p0, torch.tensor(5), -128, 127)
+        elif method == "lsq":
+            y_eval = lsq_fake_quantize(x0, p0, -128, 127, grad_scale=0.3)
+        else:
+            y_eval = tqt_fake_quantize(x0, p0, -128, 127)
+    return y.detach(), y_eval, x.grad, p.grad
+
+
+@pytest.mark.parametrize("method", ["ste", "lsq", "tqt"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("cut", [True, False])
+def test_fast_path_equals_reference_path(method, dtype, cut, monkeypatch):
+    """The per-tensor CPU path (x tested against an interval, one allocation, ``dx = grad`` when the clamp
+    cut nothing) and the reference path (the rounded value saved and tested everywhere) give the same
+    values and gradients, bit for bit, with and without clipped elements."""
+    gen = torch.Generator().manual_seed(11)
+    for scale in (0.0371, 2.0 ** -5, 0.4113, 3.1e-4):
+        x = _near_ends_and_ties(2000, scale, dtype, gen)
+        x = (x if cut else x.clamp(-120 * scale, 120 * scale)).reshape(4, 10, 100)
+        w = torch.randn(x.shape, generator=gen, dtype=dtype)
+        p = torch.tensor(math.log2(scale) + 7.3 if method == "tqt" else scale, dtype=dtype)
+        s = (tqt_scale(p, -128) if method == "tqt" else p).to(dtype)
+        bounds = learnable._unclamped_x(x, s, None, -128, 127, "half_even")
+        assert bounds is not None and learnable._all_inside(x, bounds) is not cut
+        fast = _run(method, x, p, w)
+        with monkeypatch.context() as m:
+            m.setattr(learnable, "_unclamped_x", lambda *args: None)
+            m.setattr(learnable, "_all_inside", lambda *args: False)
+            reference = _run(method, x, p, w)
+        for a, b in zip(fast, reference):
+            assert (a is None and b is None) or (torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()))
+        assert torch.equal(fast[0], fast[1])
+
+
+@pytest.mark.parametrize("method", ["lsq", "tqt"])
+def test_sliced_scale_gradient_equals_one_sum(method, monkeypatch):
+    """The per-tensor scale gradient, summed slice by slice through a small buffer, is the one-pass sum."""
+    gen = torch.Generator().manual_seed(12)
+    x = _near_ends_and_ties(5000, 0.05, F64, gen).reshape(10, 1000)
+    w = torch.randn(x.shape, generator=gen, dtype=F64)
+    p = torch.tensor(math.log2(0.05) + 7.3 if method == "tqt" else 0.05, dtype=F64)
+    whole = _run(method, x, p, w)
+    monkeypatch.setattr(learnable, "_SLICE", 999)  # 11 slices, the last one short
+    sliced = _run(method, x, p, w)
+    assert torch.equal(whole[0], sliced[0]) and torch.equal(whole[2], sliced[2])
+    assert sliced[3].item() == pytest.approx(whole[3].item(), rel=1e-12)

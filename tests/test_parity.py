@@ -81,6 +81,8 @@ def test_onnx_is_qdq_with_integer_weights(int8_float_onnx):
     import onnx
     from onnx import numpy_helper
 
+    from quantbench.engine.export import default_unsigned_weights
+
     path = int8_float_onnx
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -91,9 +93,63 @@ def test_onnx_is_qdq_with_integer_weights(int8_float_onnx):
         w_dq = producers[conv.input[1]]
         b_dq = producers[conv.input[2]]
         assert w_dq.op_type == b_dq.op_type == "DequantizeLinear"
-        assert str(inits[w_dq.input[0]].dtype) == "int8"
+        # uint8 + 128 where this CPU's onnxruntime kernels could saturate on int8 weights (no VNNI); a conv
+        # reading a ReLU's output (0..127) cannot, and keeps int8
+        assert str(inits[w_dq.input[0]].dtype) in (("uint8", "int8") if default_unsigned_weights() else ("int8",))
         assert str(inits[b_dq.input[0]].dtype) == "int32"
+    stem = producers[convs[0].input[1]]  # reads the network input, which spans the whole grid
+    assert str(inits[stem.input[0]].dtype) == ("uint8" if default_unsigned_weights() else "int8")
     assert not [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4]
+
+
+def test_unsigned_weights_are_the_same_integers_and_exact_on_any_cpu(resnet18, tmp_path):
+    """uint8 weights (zero point + 128) are the int8 ones shifted: the same QDQ graph in value, and
+    onnxruntime's U8U8 kernels cannot saturate, so the export is exact on a CPU without VNNI too."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from quantbench.engine.export import signed_weights
+
+    x = torch.randn(2, 3, 16, 16)
+    gm = capture(resnet18, (x,))
+    quantizer = ModelQuantizer(presets.get("int8_float_perchannel"))
+    frozen = quantizer.freeze(quantizer.quantize_model(gm, batches(2, (8, 3, 16, 16), seed=1)))
+    paths = {flag: export_onnx(frozen, (x,), tmp_path / f"u{int(flag)}.onnx", unsigned_weights=flag)
+             for flag in (False, True)}
+    weights = {}
+    for flag, path in paths.items():
+        proto = onnx.load(str(path))
+        inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        producers = {o: n for n in proto.graph.node for o in n.output}
+        dqs = [producers[n.input[1]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+        weights[flag] = [(inits[d.input[0]], inits[d.input[2]]) for d in dqs]
+    assert weights[False] and len(weights[False]) == len(weights[True])
+    shifted = 0
+    for (w8, z8), (wu, zu) in zip(weights[False], weights[True]):
+        assert w8.dtype == np.int8
+        if wu.dtype == np.int8:  # a conv reading a ReLU's output (0..127): U8S8 cannot saturate there
+            np.testing.assert_array_equal(wu, w8)
+            continue
+        assert wu.dtype == np.uint8 and zu.dtype == np.uint8
+        np.testing.assert_array_equal(wu.astype(np.int16) - 128, w8)
+        np.testing.assert_array_equal(zu.astype(np.int16) - 128, z8)
+        shifted += 1
+    assert 0 < shifted < len(weights[True])  # the stem and the convs after a residual add; not the rest
+    feed = batches(1, (4, 3, 16, 16), seed=5)[0]
+    reference = [check.ort_predict_fn(check.ort_session(p, optimize=False))(feed) for p in paths.values()]
+    torch.testing.assert_close(reference[0], reference[1], rtol=0, atol=0)  # the same graph, in value
+    report = check.compare(paths[True], frozen, [feed], float_model=gm)
+    assert report.max_lsb_err == 0 and report.top1_agreement == 100.0, report
+    # signed_weights (what OpenVINO reads) is the exact inverse: int8 weights again, the same values
+    proto = onnx.load(str(paths[True]))
+    assert signed_weights(proto) == shifted
+    onnx.checker.check_model(proto)
+    assert not [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 4]
+    signed = tmp_path / "signed.onnx"
+    onnx.save(proto, str(signed))
+    again = check.ort_predict_fn(check.ort_session(signed, optimize=False))(feed)
+    torch.testing.assert_close(again, reference[0], rtol=0, atol=0)
 
 
 def test_every_conv_runs_as_an_integer_kernel(int8_float_onnx, tmp_path):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from harness_overrides import DEPLOY_FAST
 from omegaconf import OmegaConf
 
 from quantbench.engine import ModelQuantizer, capture, presets
@@ -166,7 +167,7 @@ def test_corrupt_qat_checkpoint_is_detected_and_rebuilt(task, tmp_path, caplog):
 def test_same_config_and_seed_give_identical_metrics(digits_overrides, run_overrides, tmp_path):
     overrides = [*digits_overrides, *run_overrides, "scheme=qat_lsq", "data.val_fraction=0.15",
                  "data.calib_size=32", "data.calib_batch_size=16", "train.qat.steps=3", "scheme.calib_batches=1",
-                 "run.latency_iters=1", "run.latency_batch=2", "run.force=true"]
+                 "run.latency_iters=1", *DEPLOY_FAST, "run.latency_batch=2", "run.force=true"]
     first = run(compose_config(overrides))
     second = run(compose_config(overrides))
     assert first.status == second.status == "FINISHED", (first.error, second.error)

@@ -29,7 +29,7 @@ import quantbench  # noqa: E402, F401  (torchvision import shim)
 from quantbench.bench.common import random_bn_model  # noqa: E402
 from quantbench.engine import ModelQuantizer, capture, presets, qat  # noqa: E402
 
-__all__ = ["MODELS", "PRESETS", "RUNS", "bench_model", "main", "make_step"]
+__all__ = ["MODELS", "PRESETS", "RUNS", "bench_model", "interleaved_median_ms", "main", "make_step"]
 
 MODELS = ("resnet18", "mobilenet_v2")
 RUNS = ("resnet18@32", "mobilenet_v2@32", "resnet18@64")
@@ -59,8 +59,10 @@ def make_step(model: nn.Module, params: list, x: torch.Tensor, y: torch.Tensor) 
     return step
 
 
-def _interleaved_median_ms(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
-                           iters: int) -> dict[str, float]:
+def interleaved_median_ms(steps: dict[str, Callable[[], None]], warmup: int, iters: int,
+                          device: torch.device | None = None) -> dict[str, float]:
+    """Median milliseconds of each call, the calls interleaved (a, b, c, a, b, c, ...) after ``warmup`` rounds."""
+    device = device or torch.device("cpu")
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -88,7 +90,7 @@ def bench_model(name: str, device: torch.device, *, size: int = 32, batch: int =
         qmodel = ModelQuantizer(presets.get(preset)).quantize_model(gm, calib).to(device)
         qmodel.train()
         steps[preset] = make_step(qmodel, qat.weight_parameters(qmodel) + qat.quantizer_parameters(qmodel), x, y)
-    ms = _interleaved_median_ms(steps, device, warmup=2, iters=iters)
+    ms = interleaved_median_ms(steps, warmup=2, iters=iters, device=device)
     return [{"model": name, "size": size, "device": device.type, "preset": p, "float_ms": ms["float"],
              "qat_ms": ms[p], "ratio": ms[p] / ms["float"]} for p in presets_]
 
@@ -118,12 +120,14 @@ def _table(rows: list[dict], threads: int, batch: int) -> str:
                      f"{r['float_ms']:.1f} | {r['qat_ms']:.1f} | {r['ratio']:.2f}x |")
     lines += [
         "",
-        "Where the extra time goes: every fake-quant costs about eight elementwise passes over its "
-        "tensor (forward and backward), and BN folding two or three more over each conv weight. "
-        "At 32x32 resnet18's 11M weights outweigh its activations per batch, so the weight path "
-        "dominates; at 64x64 activations (and the convolutions) grow and the ratio falls. LSQ/TQT "
+        "Where the extra time goes: a fake-quant allocates only its output (then rounds, clamps and "
+        "rescales it in place), and its backward passes the gradient as is where the clamp cut nothing "
+        "(LSQ/TQT add two passes for the scale's gradient, through a small reused buffer); BN folding "
+        "adds a pass or two over each conv weight, and in training a division of each conv output and "
+        "of its gradient. At 32x32 resnet18's 11M weights outweigh its activations per batch, so the weight "
+        "path dominates; at 64x64 activations (and the convolutions) grow and the ratio falls. LSQ/TQT "
         "also learn the scale of the network input, which costs the first convolution its "
-        "input-gradient pass (the float step skips it).",
+        "input-gradient pass (the float step skips it). At 224x224: `reports/bench/fakequant.md`.",
     ]
     return "\n".join(lines) + "\n"
 

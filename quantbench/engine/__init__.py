@@ -10,8 +10,8 @@ The flow (see :mod:`quantbench.engine.quantizer` for details)::
     export_onnx(frozen, (x,), "model.onnx")
     print(check.compare("model.onnx", frozen, x, float_model=gm))
 
-The engine depends on torch, torchao, onnx and onnxruntime only: never on
-hydra, omegaconf, mlflow, pandas, timm or pycocotools.
+The engine depends on torch, torchao, onnx and onnxruntime only (and OpenVINO, imported when
+a runtime session asks for it): never on hydra, omegaconf, mlflow, pandas, timm or pycocotools.
 
 Layers, bottom to top (a module imports only modules listed before it;
 ``tests/test_engine_layers.py`` checks that there is no cycle)::
@@ -27,6 +27,8 @@ Layers, bottom to top (a module imports only modules listed before it;
     finite, passes.freeze         NaN / inf checks; fake-quant graph -> integer Q/DQ graph
     quantizer                     ModelQuantizer, coverage (what runs on integers in the export)
     check, onnx_coverage          onnxruntime parity, SQNR, latency; the float nodes of the ONNX graph
+    runtimes                      the ONNX model in onnxruntime or OpenVINO: predict, interleaved latency
+                                  (machine, a leaf beside errors: the CPU, its int8 ISA, installed runtimes)
 
 Names load on first use (PEP 562): importing a light module such as
 :mod:`quantbench.engine.spec` does not import torch, onnx or torchao, so the
@@ -62,15 +64,17 @@ __all__ = [
     "export_onnx",
     "modes",
     "onnx_float_nodes",
+    "machine",
     "ops",
     "presets",
     "qat",
+    "runtimes",
 ]
 
 
 #: exported name -> the module that defines it (a submodule itself when the name is a module)
 _WHERE = {
-    "check": None, "modes": None, "ops": None, "presets": None, "qat": None,
+    "check": None, "machine": None, "modes": None, "ops": None, "presets": None, "qat": None, "runtimes": None,
     "CalibrationError": "errors", "CaptureError": "errors", "ExportError": "errors", "HardwareError": "errors",
     "NonFiniteError": "errors", "QuantizationError": "errors", "SpecError": "errors",
     "export_onnx": "export", "onnx_float_nodes": "onnx_coverage",

@@ -1,4 +1,4 @@
-"""QDQ ONNX export with the dynamo-based ``torch.onnx.export``.
+"""QDQ ONNX export with the translator of the dynamo-based ``torch.onnx.export``.
 
 A frozen graph's :func:`~quantbench.engine.qdq.quantize` /
 :func:`~quantbench.engine.qdq.dequantize` calls are swapped for
@@ -11,12 +11,18 @@ QuantizeLinear to the storage type followed by an integer ``Clip`` to the grid
 (:func:`_narrow_to_grid`): the same integers, and onnxruntime still fuses
 ``DQ -> Conv -> Q`` into its integer kernel in front of the Clip. A float graph
 or module exports as plain fp32 ONNX (the latency baseline).
+
+A graph goes to torch's translator without the exporter's re-tracing
+(:mod:`~quantbench.engine.translate`): the same ONNX graph in a fifth of the time
+on a small CNN. The model is optimized, given one DequantizeLinear per consumer,
+checked and written once, in memory until then.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 from pathlib import Path
 
 import onnx
@@ -26,14 +32,16 @@ from torch import fx
 from quantbench.engine.errors import CaptureError, ExportError, example_tuple
 from quantbench.engine.finite import check_finite_qdq
 from quantbench.engine.graph import copy_graph, get_attr_tensor, op_name, quiet_pytree_copies, set_attr_tensor
-from quantbench.engine.ops import op_kind, ops_tagged
+from quantbench.engine.machine import describe
+from quantbench.engine.ops import op_kind, ops_of_kind, ops_tagged
 from quantbench.engine.passes.integer import expand_integer_kernels, int_clamp
 from quantbench.engine.passes.nonlinear import EXPORT_TRANSLATIONS, NONLINEAR_KERNELS, export_offsets
 from quantbench.engine.qdq import dequantize, quantize
 from quantbench.engine.spec import DTYPES
+from quantbench.engine.translate import Untranslatable, batch_dim, timed, to_onnx
 from quantbench.quiet import quiet_loggers
 
-__all__ = ["export_onnx", "ExportError", "ONNX_ACTIVATION_DTYPES"]
+__all__ = ["export_onnx", "ExportError", "ONNX_ACTIVATION_DTYPES", "default_unsigned_weights", "signed_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +53,15 @@ ONNX_ACTIVATION_DTYPES = frozenset(name for name, t in DTYPES.items() if t.stora
 
 
 def _decomposed_ops():
-    # torchao's public pt2e package registers the quantized_decomposed op library on import
-    # (torch 2.13 moved it out of torch.ao); this is its one use in the engine. Importing it logs
-    # warnings nobody here can act on: its CUDA/cutlass kernels do not load on a CPU build, there is
-    # no Triton, and torch notes that an Enum it registers needs no registration: quiet, unless -v.
-    with quiet_loggers("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
-        import torchao.quantization.pt2e  # noqa: F401
+    # torch's quantized_decomposed op library, which the exporter translates to QuantizeLinear /
+    # DequantizeLinear; torchao's pt2e package registers it by importing this same module, at 1-2 s
+    # of import (its kernels, its logs) that the export does not need: torchao only where a torch
+    # without the module leaves no other way.
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+    except ImportError:  # pragma: no cover - a torch that moved it out for good
+        with quiet_loggers("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+            import torchao.quantization.pt2e  # noqa: F401
 
     return torch.ops.quantized_decomposed
 
@@ -81,7 +92,79 @@ def _const_as_activation(node: fx.Node) -> bool:
             and all(u.op == "call_function" and u.target in _BINARY_TARGETS for u in node.users))
 
 
-def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: bool):
+def _saturating_weight(node: fx.Node, nonnegative: set[fx.Node]) -> bool:
+    """A dequantize of a constant read only by integer GEMM ops (conv, linear, matmul) as their weight,
+    one of which multiplies it with activations that may exceed 128 on the uint8 grid: where
+    onnxruntime's U8S8 kernels can saturate (:func:`default_unsigned_weights`). A conv whose input
+    is :func:`_nonnegative_activations` (a ReLU's, on [0, 127]) cannot: 2 x 128 x 128 fits int16."""
+    def reads_as_weight(user: fx.Node) -> bool:
+        if user.op != "call_function":
+            return False
+        name = op_name(user)
+        if name in ops_of_kind("matmul"):
+            return True  # either operand multiplies in the kernel
+        return name in ops_tagged("integer_kernel") and len(user.args) > 1 and user.args[1] is node  # not the bias
+
+    def small_input(user: fx.Node) -> bool:
+        return op_name(user) in ops_tagged("integer_kernel") and user.args[0] in nonnegative
+
+    return (node.target is dequantize and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+            and bool(node.users) and all(reads_as_weight(u) for u in node.users)
+            and not all(small_input(u) for u in node.users))
+
+
+def _nonnegative_activations(gm: fx.GraphModule) -> set[fx.Node]:
+    """The int8 activations whose integers are never negative, and every node that carries them.
+
+    A quantize read only by integer clamps with a lower bound >= 0 (a ReLU, ReLU6 on the grid), whose
+    values reach only per-tensor dequantizes read by convs and linears as their input (through max
+    pools, reshapes, splits): its integers, [0, 127] at most, are the same numbers in uint8 with the
+    same zero point. Stored so, the QuantizeLinear's saturation at 0 *is* the ReLU's lower clamp, and
+    onnxruntime's U8S8 kernels cannot saturate on them (the pair sums of ``vpmaddubsw`` stay within
+    int16). Only between integer GEMMs: their sums are exact whatever the input zero point, and
+    their output zero point is added after rounding, where QLinearAdd / QLinearMul round a float
+    expression of either (:func:`~quantbench.engine.passes.integer.qadd` mirrors the + 128 one).
+    Returns the quantize, clamp, movement and dequantize nodes of each such tensor.
+    """
+    out: set[fx.Node] = set()
+    for q in gm.graph.nodes:
+        src = q.args[0] if q.args else None
+        if not (q.op == "call_function" and q.target is quantize and q.args[3] is None
+                and isinstance(src, fx.Node) and src.op == "call_function"
+                and op_name(src) in ops_tagged("integer_kernel")
+                and not isinstance(q.args[2], fx.Node) and 0 <= int(q.args[2]) <= 127
+                and DTYPES[q.args[6]].storage_name == "int8" and q.users):
+            continue
+        clamps = list(q.users)
+        if not all(u.op == "call_function" and u.target is int_clamp and u.args[0] is q
+                   and 0 <= u.args[1] and u.args[2] <= 127 for u in clamps):
+            continue
+        region, frontier, ok = set(clamps), list(clamps), True
+        while frontier and ok:
+            for user in frontier.pop().users:
+                if user.op != "call_function" or not user.args or user.args[0] not in region:
+                    ok = False
+                elif user.target is dequantize:  # read by convs / linears only: see above
+                    ok = (user.args[3] is None and not isinstance(user.args[2], fx.Node)
+                          and 0 <= int(user.args[2]) <= 127 and bool(user.users)
+                          and all(r.op == "call_function" and op_name(r) in ops_tagged("integer_kernel")
+                                  and r.args[0] is user for r in user.users))
+                    region.add(user)
+                elif op_kind(user) in _MOVEMENT_KINDS and not any(
+                        isinstance(a, fx.Node) for a in (*user.args[1:], *user.kwargs.values())):
+                    region.add(user)
+                    frontier.append(user)
+                else:
+                    ok = False
+                if not ok:
+                    break
+        if ok:
+            out |= {q, *region}
+    return out
+
+
+def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: bool,
+                        unsigned_weights: bool = False, nonnegative: frozenset | set = frozenset()):
     """Storage dtype, zero point and (shifted: new) full range of one Q/DQ node in the ONNX graph.
 
     ``Q_int8(x, s, z) + 128 == Q_uint8(x, s, z + 128)`` bit for bit (same
@@ -89,14 +172,36 @@ def _activation_storage(node: fx.Node, dtype: str, zp, unsigned_activations: boo
     be written as uint8 without changing a single value. onnxruntime's x86
     integer kernels are U8S8: it converts int8 activations itself only where
     a QuantizeLinear has a single DequantizeLinear reader, and leaves every
-    other conv in float. Weights and biases (constants) keep their type.
+    other conv in float. Biases keep their type; weights too, unless ``unsigned_weights``
+    (:func:`default_unsigned_weights`): then a GEMM weight is stored uint8 + 128 the same way, exact too
+    (a per-channel zero point tensor is shifted by the caller).
     """
     is_const = isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
     is_activation = not is_const or (node.target is dequantize and _const_as_activation(node))
     itype = DTYPES[dtype]
-    if unsigned_activations and is_activation and itype.storage_name == "int8" and not isinstance(zp, fx.Node):
+    if itype.storage_name != "int8":
+        return itype.storage, zp, None, None
+    if unsigned_activations and is_activation and not isinstance(zp, fx.Node):
         return torch.uint8, int(zp) + 128, 0, 255  # int4 too: its integers are int8's, shifted alike
+    if unsigned_weights and is_const and _saturating_weight(node, nonnegative):
+        return torch.uint8, zp if isinstance(zp, fx.Node) else int(zp) + 128, 0, 255
     return itype.storage, zp, None, None
+
+
+def default_unsigned_weights() -> bool:
+    """Whether this machine's onnxruntime needs uint8 weights for its integer kernels to be exact.
+
+    onnxruntime's x86 U8S8 kernels (uint8 activations x int8 weights) multiply with VNNI's
+    ``vpdpbusd`` where the CPU has it (AVX512-VNNI, AVX-VNNI, AMX): exact 32-bit sums. Without it
+    they use AVX2 / AVX-512BW ``vpmaddubsw``, which adds each pair of u8 x s8 products into a
+    *saturating* int16: 255 x 127 x 2 overflows, and a conv's integers drift from the QDQ graph's
+    (measured on an AVX2 EPYC: ResNet-18 52 quantization steps off at the logits, top-1 agreement
+    3 %). Its U8U8 kernels widen to int16 first and never saturate, at some speed (ResNet-18 int8
+    1.9x -> 1.4x fp32 there). So: uint8 weights on an x86 CPU without VNNI, int8 elsewhere.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(describe().isa)
 
 
 def _shift_constant(gm: fx.GraphModule, x: fx.Node) -> fx.Node:
@@ -244,11 +349,29 @@ def _narrow_to_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[int, int], st
     return info.min, info.max
 
 
-def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -> fx.GraphModule:
+def _shift_zero_point(gm: fx.GraphModule, node: fx.Node, zp: fx.Node) -> fx.Node:
+    """A per-channel zero point tensor moved to the uint8 grid (+ 128), as a new constant."""
+    with gm.graph.inserting_before(node):
+        return gm.graph.get_attr(set_attr_tensor(
+            gm, f"{zp.target}_u8", get_attr_tensor(gm, zp.target).to(torch.int32) + 128, param=False))
+
+
+def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True,
+                        unsigned_weights: bool = False) -> fx.GraphModule:
     ops = _decomposed_ops()
     shifted: set[fx.Node] = set()
+    nonnegative = _nonnegative_activations(gm) if unsigned_activations else set()
     on_grid = {n for n in gm.graph.nodes if n.op == "call_function" and n.target is quantize and _on_grid(n)}
     for node in list(gm.graph.nodes):  # a narrow grid's Clip is inserted after its quantize
+        if node in nonnegative and node.target in (quantize, dequantize):
+            _check_exportable(node, node.target is quantize)  # uint8, the same integers and zero point
+            x, scale, zp = node.args[:3]
+            if node.target is quantize:
+                node.target, node.args = ops.quantize_per_tensor.default, (x, scale, zp, 0, 255, torch.uint8)
+            else:
+                node.target, node.args = ops.dequantize_per_tensor.default, (x, scale, zp, 0, 255, torch.uint8)
+            node.kwargs = {}
+            continue
         if node.op == "call_function" and node.target is int_clamp:
             src, lo, hi = node.args
             offset = 128 if src in shifted else 0
@@ -272,12 +395,15 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
         is_q = node.target is quantize
         _check_exportable(node, is_q)
         x, scale, zp, axis, qmin, qmax, dtype = node.args[:7]
-        storage, zp, new_min, new_max = _activation_storage(node, dtype, zp, unsigned_activations)
+        storage, zp, new_min, new_max = _activation_storage(node, dtype, zp, unsigned_activations, unsigned_weights,
+                                                            nonnegative)
         grid = (qmin, qmax)
         if new_min is not None:
             qmin, qmax = new_min, new_max
             shifted.add(node)
             x = _shift_constant(gm, x)
+            if isinstance(zp, fx.Node):
+                zp = _shift_zero_point(gm, node, zp)
         if axis is None:
             target = ops.quantize_per_tensor.default if is_q else ops.dequantize_per_tensor.default
             if is_q:
@@ -296,8 +422,13 @@ def _swap_to_decomposed(gm: fx.GraphModule, unsigned_activations: bool = True) -
 
 def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | os.PathLike,
                 *, dynamic_batch: bool = True, opset: int | None = None,
-                unsigned_activations: bool = True) -> Path:
+                unsigned_activations: bool = True, unsigned_weights: bool | None = None,
+                timings: dict[str, float] | None = None) -> Path:
     """Export a frozen graph (QDQ) or a float model (fp32) to ONNX.
+
+    A graph is translated by torch's ONNX translator without ``torch.onnx.export``'s two re-traces
+    (:func:`~quantbench.engine.translate.to_onnx`: the same ONNX graph, a fraction of the time);
+    a graph that cannot be, and a module that is not a graph, go through ``torch.onnx.export``.
 
     Args:
         model: a frozen GraphModule from :meth:`ModelQuantizer.freeze`, or any
@@ -310,6 +441,15 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
             zero point + 128 (exact; what onnxruntime's x86 integer kernels
             take). False keeps int8 activations in the file (e.g. for NPU
             toolchains; onnxruntime then leaves some convs in float).
+        unsigned_weights: write the int8 weights of convs, linears and matmuls
+            as uint8 with zero point + 128 (exact), so that onnxruntime runs
+            its U8U8 kernels, which cannot saturate. None (default):
+            :func:`default_unsigned_weights`, True on an x86 CPU without VNNI,
+            where its U8S8 kernels saturate and drift from the graph.
+        timings: a dict that gets the seconds of each stage added (``prepare``: the Q/DQ graph;
+            ``fake_values``, ``registry``, ``retrace``, ``translate``: see
+            :func:`~quantbench.engine.translate.to_onnx`, or ``torch_onnx_export`` where the
+            exporter runs; ``optimize``; ``write``: one DQ per consumer, checked, saved).
 
     Returns:
         The path written.
@@ -323,12 +463,44 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
     check_finite_qdq(model, "export_onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    timings = {} if timings is None else timings
+    if unsigned_weights is None and isinstance(model, fx.GraphModule):
+        unsigned_weights = default_unsigned_weights()
+    onnx_model = None
     if isinstance(model, fx.GraphModule):
-        model = _swap_to_decomposed(sink_dequantize(expand_integer_kernels(copy_graph(model))), unsigned_activations)
-        model.training = False  # exported graphs refuse .eval(); the flag is what the exporter reads
+        with timed(timings, "prepare"):
+            prepared = _prepare(model, unsigned_activations, unsigned_weights)
+        try:
+            onnx_model = to_onnx(prepared, example_inputs, dynamic_batch=dynamic_batch, opset=opset,
+                                 translations=EXPORT_TRANSLATIONS, timings=timings)
+        except Untranslatable as why:
+            log.debug("export_onnx: %s; torch.onnx.export instead", why)
+    if onnx_model is None:
+        if isinstance(model, fx.GraphModule):  # to_onnx rewrote its copy: a fresh one
+            model = _prepare(model, unsigned_activations, unsigned_weights)
+        with timed(timings, "torch_onnx_export"):
+            onnx_model = _torch_onnx_export(model, example_inputs, dynamic_batch, opset)
+    with timed(timings, "optimize"):
+        _light_optimize(onnx_model)
+    with timed(timings, "write"):
+        _write(onnx_model, path)
+    return path
+
+
+def _prepare(gm: fx.GraphModule, unsigned_activations: bool, unsigned_weights: bool) -> fx.GraphModule:
+    """A copy of a frozen graph in the exporter's terms: Q/DQ ops, integer kernels expanded."""
+    prepared = _swap_to_decomposed(sink_dequantize(expand_integer_kernels(copy_graph(gm))), unsigned_activations,
+                                   unsigned_weights)
+    prepared.training = False  # exported graphs refuse .eval(); the flag is what the exporter reads
+    return prepared
+
+
+def _torch_onnx_export(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_batch: bool,
+                       opset: int | None):
+    """``torch.onnx.export`` itself (``torch.export``, its decompositions, the translation): an ``onnx_ir`` model."""
     dynamic_shapes = None
     if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=65536)
+        batch = batch_dim()
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
     kwargs = {"opset_version": opset} if opset is not None else {}
     try:
@@ -341,13 +513,17 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export failed ({type(exc).__name__}: {first})") from exc
-    _light_optimize(program.model)
-    program.save(str(path))
-    model_proto = onnx.load(str(path))
-    if unique_dequantize_per_consumer(model_proto):
-        onnx.save(model_proto, str(path))
-    onnx.checker.check_model(str(path))
-    return path
+    return program.model
+
+
+def _write(onnx_model, path: Path) -> None:
+    """One DequantizeLinear per consumer, ``onnx.checker``, one write (the proto never re-read from disk)."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(onnx_model)
+    unique_dequantize_per_consumer(proto)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
 
 
 def _light_optimize(model) -> None:
@@ -405,3 +581,47 @@ def unique_dequantize_per_consumer(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(new_nodes)
     return copies
+
+
+_GEMM_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (0, 1)}
+
+
+def signed_weights(model: onnx.ModelProto) -> int:
+    """Store every uint8 GEMM weight as int8 (in place): the inverse of ``unsigned_weights``; returns how many.
+
+    A DequantizeLinear of a uint8 initializer read by a Conv / Gemm / MatMul as its weight reads
+    ``q - 128`` in int8 with zero point ``z - 128`` instead: the same real values. OpenVINO runs
+    int8 weights in its integer kernels and leaves uint8 ones in float; onnxruntime on a CPU
+    without VNNI wants uint8 (:func:`default_unsigned_weights`): one exported file serves both.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, k))
+    made: dict[str, str] = {}  # uint8 initializer -> its int8 copy
+    count = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        w, z = inits.get(node.input[0]), inits.get(node.input[2])
+        users = consumers.get(node.output[0], [])
+        if (w is None or z is None or w.data_type != onnx.TensorProto.UINT8
+                or z.data_type != onnx.TensorProto.UINT8 or not users
+                or not all(k in _GEMM_WEIGHT_INPUTS.get(u.op_type, ()) for u, k in users)):
+            continue
+        for pos, t in ((0, w), (2, z)):
+            if t.name not in made:
+                signed = (numpy_helper.to_array(t).astype("int16") - 128).astype("int8")
+                made[t.name] = f"{t.name}_s8"
+                graph.initializer.append(numpy_helper.from_array(signed, made[t.name]))
+            node.input[pos] = made[t.name]
+        count += 1
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return count

@@ -22,11 +22,37 @@ qmax`` throughout, for ``x`` and for the scale alike: it is exactly the set of
 elements whose output the clamp leaves alone. The papers test ``x/s`` itself;
 the two differ only within half a step outside each end of the grid.
 
+Speed. A fake-quant is a few elementwise passes, bound by memory, and on the
+CPU a fresh full-size tensor costs more than a pass over one already mapped
+(the kernel hands out zeroed pages on first touch: at batch 32 and 224x224
+that is most of a fake-quant's time). So a fake-quant allocates little beyond
+its output:
+
+* the forward divides into its output, then rounds, clamps and rescales it
+  in place (:func:`_grid`);
+* a per-tensor grid on the CPU saves no rounded copy for the backward: the
+  elements the clamp leaves alone are an interval of ``x`` itself,
+  ``lo < x < hi``, found once per scale (:func:`_unclamped_interval`);
+* where the clamp cut nothing (one read checks it), ``dx`` is the incoming
+  gradient itself;
+* LSQ and TQT sum a per-tensor scale gradient slice by slice through one
+  small buffer (:func:`_sliced_dot`).
+
+Where the interval would need the scale on the host (an accelerator: a sync
+per quantizer) or per channel, the rounded value is saved and tested, as
+torch's fused fake-quant kernels cache their mask. torch's own
+``fake_quantize_per_tensor_affine`` is no shortcut: it multiplies by ``1/s``
+(exact only for power-of-two scales) and runs a scalar loop, about four times
+slower on the CPU than the four passes here. Every path gives the same values
+and ``dx`` bit for bit, and the same scale gradients up to the order of
+summation (``tests/test_learnable.py``).
+
 Tensors may live on any device; only plain torch ops are used.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -52,6 +78,11 @@ _ROUNDERS = {
     "half_up": lambda v: v.add_(0.5).floor_(),
     "floor": torch.Tensor.floor_,
 }
+_WINDOW = 4
+"""Floats tried on each side of an estimated end of the unclamped interval (it is within one or two)."""
+
+Bounds = tuple[float, float]
+"""``(lo, hi)``: a gradient passes where ``lo < t < hi`` for the tensor ``t`` the backward tests."""
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -105,12 +136,11 @@ def _to_grid(x: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int,
              round_method: str = "half_even") -> tuple[Tensor, Tensor]:
     """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` and the rounded, unclamped ``round(x / s) + zp``.
 
-    The hot path of every fake-quant, written for speed on the CPU: four
-    elementwise passes, two allocations, the rest in place. The rounded value
-    is what the backward needs: it holds integers, so "in range" is the open
-    interval ``(qmin - 1/2, qmax + 1/2)``, which :func:`_in_range` tests
-    inside the masked multiply itself (a separate bool mask made the
-    backward several times slower).
+    The reference: :func:`_grid` is the same op sequence without the second
+    tensor. The rounded value holds integers, so "in range" is the open
+    interval ``(qmin - 1/2, qmax + 1/2)``, which :func:`_inside` tests inside
+    the masked multiply itself (a separate bool mask made the backward
+    several times slower).
     """
     r = x / s
     _ROUNDERS[round_method](r)
@@ -122,26 +152,176 @@ def _to_grid(x: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int,
     return q.mul_(s), r
 
 
-def _in_range(t: Tensor, r: Tensor, qmin: int, qmax: int) -> Tensor:
-    """``t`` where the rounded value ``r`` lies in ``[qmin, qmax]``, else 0: one fused pass.
+def _grid(x: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int,
+          round_method: str = "half_even") -> Tensor:
+    """The first value of :func:`_to_grid` in one allocation: the same ops in the same order, in place."""
+    y = x / s
+    _ROUNDERS[round_method](y)
+    if zp is not None:
+        y.add_(zp)
+    y.clamp_(qmin, qmax)
+    if zp is not None:
+        y.sub_(zp)
+    return y.mul_(s)
 
-    ``hardtanh_backward(t, r, lo, hi)`` is exactly ``t * (lo < r < hi)``.
+
+def _rounded_bounds(qmin: int, qmax: int) -> Bounds:
+    """What the rounded value ``r`` of :func:`_to_grid` is tested against: integers, so half a step out."""
+    return qmin - 0.5, qmax + 0.5
+
+
+def _inside(t: Tensor, v: Tensor, bounds: Bounds, out: Tensor | None = None) -> Tensor:
+    """``t`` where ``lo < v < hi``, else 0: one fused pass (into ``out`` when given).
+
+    ``hardtanh_backward(t, v, lo, hi)`` is exactly ``t * (lo < v < hi)``,
+    with ``lo`` and ``hi`` taken in ``v``'s dtype (a NaN ``v`` passes ``t``).
     """
-    return torch.ops.aten.hardtanh_backward(t, r, qmin - 0.5, qmax + 0.5)
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(t, v, *bounds)
+    return torch.ops.aten.hardtanh_backward.grad_input(t, v, *bounds, grad_input=out)
 
 
-def _scale_grad(grad_out: Tensor, x: Tensor, y: Tensor, r: Tensor, qmin: int, qmax: int, p: Tensor,
-                ch_axis: int | None) -> Tensor:
-    """``sum(grad_out * s * dy/ds)`` over the elements of each scale element (zp = 0).
+def _all_inside(v: Tensor, bounds: Bounds) -> bool:
+    """Whether ``lo < v < hi`` everywhere, i.e. the clamp cut nothing (then :func:`_inside` returns ``t``).
+
+    One read pass on the CPU, against a full-size allocation and pass it
+    saves (weights under a non-overflow scale, activations under a scale that
+    covers the batch are never cut). The bounds are compared in ``v``'s dtype,
+    as :func:`_inside` compares them; a NaN says no. Always False on an
+    accelerator, where reading the answer would sync.
+    """
+    if v.device.type != "cpu" or v.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    lo, hi = torch.aminmax(v)
+    return bool((lo > bounds[0]) & (hi < bounds[1]))
+
+
+def _float_window(centre: Tensor) -> Tensor:
+    """(..., 2k + 1): the ``k = _WINDOW`` floats below each element of ``centre``, itself and the k above."""
+    down, up = [centre], [centre]
+    for _ in range(_WINDOW):
+        down.append(torch.nextafter(down[-1], torch.full_like(centre, -math.inf)))
+        up.append(torch.nextafter(up[-1], torch.full_like(centre, math.inf)))
+    return torch.stack(down[:0:-1] + up, dim=-1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unclamped_interval(scale: float, zero_point: float, qmin: int, qmax: int, round_method: str,
+                        dtype: torch.dtype) -> Bounds | None:
+    """``(lo, hi)``: for every ``x`` of ``dtype``, the clamp leaves ``x`` alone exactly when ``lo < x < hi``.
+
+    That is, ``qmin - 1/2 < round(x / scale) + zero_point < qmax + 1/2`` as
+    :func:`_to_grid` and :func:`_inside` compute it. ``x -> round(x / s)`` is
+    monotone (a correctly rounded division by ``s > 0``, then a monotone
+    rounding), so the set is an interval of ``x``, whose ends lie within a
+    float or two of ``(qmin - 1/2) s`` and ``(qmax + 1/2) s`` (``qmin s`` and
+    ``(qmax + 1) s`` for floor). The floats around those estimates are run
+    through the same two functions, so the interval is exact, ties and all.
+    None when the scale is not a positive finite number or the transition is
+    not inside the window (then the caller saves the rounded value).
+    """
+    if not (math.isfinite(scale) and scale > 0.0 and math.isfinite(zero_point)):
+        return None
+    half = 0.0 if round_method == "floor" else 0.5
+    low = (qmin - zero_point - half) * scale
+    if low == 0.0:  # floor from the zero point: the end is where x / s stops underflowing to -0
+        info = torch.finfo(dtype)
+        low = -scale * info.smallest_normal * info.eps / 2
+    guess = torch.tensor([low, (qmax - zero_point + 1.0 - half) * scale], dtype=dtype)
+    cand = _float_window(guess)
+    zp = None if zero_point == 0.0 else torch.tensor(zero_point, dtype=dtype)
+    _, r = _to_grid(cand, torch.tensor(scale, dtype=dtype), zp, qmin, qmax, round_method)
+    inside = _inside(torch.ones_like(r), r, _rounded_bounds(qmin, qmax)) != 0
+    rising, falling = inside[0], inside[1]  # expected: out..out in..in, and in..in out..out
+    n_out, n_in = int((~rising).sum()), int(falling.sum())
+    if not (0 < n_out < rising.numel() and bool(rising[n_out:].all()) and 0 < n_in < falling.numel()
+            and bool(falling[:n_in].all())):
+        return None
+    lo, hi = float(cand[0, n_out - 1]), float(cand[1, n_in])
+    return (lo, hi) if lo < hi else None
+
+
+def _unclamped_x(x: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int,
+                 round_method: str) -> Bounds | None:
+    """:func:`_unclamped_interval` for a per-tensor grid on the CPU; None where the rounded value is saved.
+
+    Reading the scale on the host is free on the CPU and a sync on an
+    accelerator; under ``torch.compile`` / ``torch.export`` it would be a
+    data-dependent branch.
+    """
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or s.dim() != 0
+            or (zp is not None and zp.dim() != 0) or torch.compiler.is_compiling()):
+        return None
+    return _unclamped_interval(s.item(), 0.0 if zp is None else zp.item(), qmin, qmax, round_method, x.dtype)
+
+
+def _fake_quant(x: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int,
+                round_method: str = "half_even") -> tuple[Tensor, Tensor, Bounds]:
+    """``(y, t, bounds)``: the fake-quant of ``x``, and ``lo < t < hi`` exactly where the clamp cut nothing.
+
+    ``t`` is ``x`` itself where :func:`_unclamped_x` finds the interval (one
+    allocation, nothing new kept for the backward), else the rounded value.
+    """
+    bounds = _unclamped_x(x, s, zp, qmin, qmax, round_method)
+    if bounds is not None:
+        return _grid(x, s, zp, qmin, qmax, round_method), x, bounds
+    y, r = _to_grid(x, s, zp, qmin, qmax, round_method)
+    return y, r, _rounded_bounds(qmin, qmax)
+
+
+def _tracks_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records this call; if not, the forward runs alone, without the Function."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _scale_grad(grad_out: Tensor, x: Tensor, y: Tensor, t: Tensor, cut: Bounds | None, p: Tensor,
+                ch_axis: int | None) -> tuple[Tensor, Tensor | None]:
+    """``sum(grad_out * s * dy/ds)`` over the elements of each scale element (zp = 0), and a spent buffer.
 
     ``dy/ds`` is ``round(x/s) - x/s`` in range and ``qmin`` / ``qmax``
     outside (LSQ, TQT); times ``s`` that is ``y - x`` in range and ``y``
-    outside, computed without cancellation.
+    outside, computed without cancellation (``cut`` None: nothing was cut).
+    Per tensor on the CPU the products are summed slice by slice through one
+    small buffer, so no full-size temporary is paged in; otherwise the
+    full-size temporary is returned for the caller to write ``dx`` into.
     """
-    neg = _in_range(x, r, qmin, qmax).sub_(y)  # -(s * dy/ds)
+    if p.dim() == 0 and x.device.type == "cpu" and all(v.is_contiguous() for v in (x, y, t)):
+        flat = (v.reshape(-1) for v in (grad_out, x, y, t))
+        return -_sliced_dot(*flat, cut).to(p.dtype), None
+    # -(s * dy/ds); where nothing was cut, _inside(x) is x itself.
+    neg = torch.sub(x, y) if cut is None else _inside(x, t, cut).sub_(y)
     if p.dim() == 0:
-        return -torch.dot(neg.reshape(-1), grad_out.reshape(-1)).to(p.dtype)
-    return -_reduce_like(neg.mul_(grad_out), p, ch_axis)  # in place: vecdot would allocate the product
+        return -torch.dot(neg.reshape(-1), grad_out.reshape(-1)).to(p.dtype), neg
+    return -_reduce_like(neg.mul_(grad_out), p, ch_axis), neg  # in place: vecdot would allocate the product
+
+
+_SLICE = 1 << 20
+"""Elements per slice of :func:`_sliced_dot` (4 MiB in float32: reused from the heap, not paged in anew)."""
+
+
+def _sliced_dot(g: Tensor, x: Tensor, y: Tensor, t: Tensor, cut: Bounds | None) -> Tensor:
+    """``dot(_inside(x, t, cut) - y, g)`` over flat tensors, slice by slice (one slice: exactly that dot)."""
+    n = x.numel()
+    buf = torch.empty(min(n, _SLICE), dtype=x.dtype, device=x.device)
+    total = None
+    for start in range(0, n, _SLICE):
+        part = slice(start, min(start + _SLICE, n))
+        neg = buf[: part.stop - start]
+        if cut is None:
+            torch.sub(x[part], y[part], out=neg)
+        else:
+            _inside(x[part], t[part], cut, out=neg).sub_(y[part])
+        d = torch.dot(neg, g[part])
+        total = d if total is None else total.add_(d)
+    return total if total is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _grad_x(ctx, grad_out: Tensor, t: Tensor, cut: Bounds | None, spent: Tensor | None) -> Tensor | None:
+    """The straight-through ``dx`` of LSQ / TQT: ``grad_out`` as is where nothing was cut, else masked (into
+    the buffer the scale gradient has finished with, if it left one)."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    return grad_out if cut is None else _inside(grad_out, t, cut, out=spent)
 
 
 def _lsq_step(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
@@ -154,15 +334,15 @@ class _STEFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, round_method):
         s = _broadcast(scale.to(x.dtype), x, ch_axis)
         zp = None if zero_point is None else _broadcast(zero_point.to(x.dtype), x, ch_axis)
-        y, r = _to_grid(x, s, zp, qmin, qmax, round_method)
-        ctx.save_for_backward(r)
-        ctx.grid = (qmin, qmax)
+        y, t, ctx.bounds = _fake_quant(x, s, zp, qmin, qmax, round_method)
+        ctx.save_for_backward(t)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        (r,) = ctx.saved_tensors
-        return _in_range(grad_out, r, *ctx.grid), None, None, None, None, None, None
+        (t,) = ctx.saved_tensors
+        grad_x = grad_out if _all_inside(t, ctx.bounds) else _inside(grad_out, t, ctx.bounds)
+        return grad_x, None, None, None, None, None, None
 
 
 def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int,
@@ -196,31 +376,36 @@ def ste_fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int
     zero_point = None if isinstance(zero_point, int) and zero_point == 0 else torch.as_tensor(zero_point,
                                                                                              device=x.device)
     ch_axis = _norm_axis(ch_axis, x.dim())
+    if not _tracks_grad(x):
+        s = _broadcast(scale.to(x.dtype), x, ch_axis)
+        zp = None if zero_point is None else _broadcast(zero_point.to(x.dtype), x, ch_axis)
+        return _grid(x, s, zp, qmin, qmax, round_method)
     return _STEFakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, round_method)
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, qmin, qmax, grad_scale, ch_axis):
-        y, r = _to_grid(x, _lsq_step(scale, x, ch_axis), None, qmin, qmax)
-        # x and y are kept alive by the neighbouring ops anyway: saving them costs only r.
-        ctx.save_for_backward(x, y, r, scale)
-        ctx.consts = (qmin, qmax, grad_scale, ch_axis)
+        y, t, bounds = _fake_quant(x, _lsq_step(scale, x, ch_axis), None, qmin, qmax)
+        # x and y are kept alive by the neighbouring ops anyway: saving them costs nothing (t is x, or r).
+        ctx.save_for_backward(x, y, t, scale)
+        ctx.consts = (bounds, grad_scale, ch_axis)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, r, scale = ctx.saved_tensors
-        qmin, qmax, grad_scale, ch_axis = ctx.consts
-        grad_x = _in_range(grad_out, r, qmin, qmax) if ctx.needs_input_grad[0] else None
-        grad_s = None
+        x, y, t, scale = ctx.saved_tensors
+        bounds, grad_scale, ch_axis = ctx.consts
+        cut = None if _all_inside(t, bounds) else bounds
+        grad_s = spent = None
         if ctx.needs_input_grad[1]:
             # Divided by the step to undo the s in s * dy/ds; chain rule through |scale| (its sign);
             # the eps floor is passed straight through so that a step pushed below eps can grow back.
             step = scale.abs().clamp_min(_eps(x.dtype))
             signed_step = torch.where(scale < 0, -step, step)
-            grad_s = _scale_grad(grad_out, x, y, r, qmin, qmax, scale, ch_axis).mul_(grad_scale).div_(signed_step)
-        return grad_x, grad_s, None, None, None, None
+            grad_s, spent = _scale_grad(grad_out, x, y, t, cut, scale, ch_axis)
+            grad_s = grad_s.mul_(grad_scale).div_(signed_step)
+        return _grad_x(ctx, grad_out, t, cut, spent), grad_s, None, None, None, None
 
 
 def lsq_fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float,
@@ -249,6 +434,8 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale
         The dequantized tensor, same shape and dtype as ``x``.
     """
     ch_axis = _norm_axis(ch_axis, x.dim())
+    if not _tracks_grad(x, scale):
+        return _grid(x, _lsq_step(scale, x, ch_axis), None, qmin, qmax)
     return _LSQFakeQuantize.apply(x, scale, qmin, qmax, float(grad_scale), ch_axis)
 
 
@@ -318,21 +505,22 @@ class _TQTFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, log2_t, qmin, qmax, ch_axis):
         s = _broadcast(tqt_scale(log2_t.to(x.dtype), qmin, qmax), x, ch_axis)
-        y, r = _to_grid(x, s, None, qmin, qmax)
-        ctx.save_for_backward(x, y, r, log2_t)
-        ctx.consts = (qmin, qmax, ch_axis)
+        y, t, bounds = _fake_quant(x, s, None, qmin, qmax)
+        ctx.save_for_backward(x, y, t, log2_t)
+        ctx.consts = (bounds, ch_axis)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, r, log2_t = ctx.saved_tensors
-        qmin, qmax, ch_axis = ctx.consts
-        grad_x = _in_range(grad_out, r, qmin, qmax) if ctx.needs_input_grad[0] else None
-        grad_l = None
+        x, y, t, log2_t = ctx.saved_tensors
+        bounds, ch_axis = ctx.consts
+        cut = None if _all_inside(t, bounds) else bounds
+        grad_l = spent = None
         if ctx.needs_input_grad[1]:
             # d s / d log2_t = s * ln 2, with d ceil(l) / dl taken as 1 (straight through).
-            grad_l = _scale_grad(grad_out, x, y, r, qmin, qmax, log2_t, ch_axis) * math.log(2.0)
-        return grad_x, grad_l, None, None, None
+            grad_l, spent = _scale_grad(grad_out, x, y, t, cut, log2_t, ch_axis)
+            grad_l = grad_l * math.log(2.0)
+        return _grad_x(ctx, grad_out, t, cut, spent), grad_l, None, None, None
 
 
 def tqt_fake_quantize(x: Tensor, log2_t: Tensor, qmin: int, qmax: int,
@@ -358,6 +546,8 @@ def tqt_fake_quantize(x: Tensor, log2_t: Tensor, qmin: int, qmax: int,
         The dequantized tensor, same shape and dtype as ``x``.
     """
     ch_axis = _norm_axis(ch_axis, x.dim())
+    if not _tracks_grad(x, log2_t):
+        return _grid(x, _broadcast(tqt_scale(log2_t.to(x.dtype), qmin, qmax), x, ch_axis), None, qmin, qmax)
     return _TQTFakeQuantize.apply(x, log2_t, qmin, qmax, ch_axis)
 
 

@@ -1,8 +1,8 @@
 """The stages of one run, in order, each logging its metrics as soon as it has them.
 
 scheme check -> float eval -> capture -> quantize (PTQ calibration) -> QAT -> fake-quant eval
--> freeze -> ONNX export -> onnxruntime eval -> parity -> per-node SQNR ->
-latency (ORT int8 vs ORT fp32).
+-> freeze -> ONNX export -> ONNX eval (onnxruntime, OpenVINO: ``run.runtime``) -> parity -> per-node SQNR ->
+latency (int8 vs fp32 in each runtime, interleaved).
 
 Every stage reads and extends one :class:`Context`; a stage that does not
 apply to the scheme (the float reference has no quantizer) returns at once.
@@ -28,7 +28,9 @@ import onnx
 import torch
 from matplotlib.figure import Figure
 
-from quantbench.engine import ModelQuantizer, capture, check, export_onnx
+from quantbench.engine import ModelQuantizer, capture, check, export_onnx, machine, runtimes
+from quantbench.engine.export import default_unsigned_weights
+from quantbench.harness.deploy import latency_batch, measure_deploy_latency, runtimes_of
 from quantbench.harness.schemes import engine_config
 from quantbench.harness.tracking import RunRecorder
 from quantbench.training import PredictFn, TaskAdapter
@@ -275,7 +277,12 @@ def freeze_and_export(ctx: Context) -> None:
     ctx.fp32_path = _export_fp32(ctx)
     if ctx.quantized:
         ctx.frozen = ctx.quantizer.freeze(ctx.qmodel)
-        ctx.onnx_path = export_onnx(ctx.frozen, ctx.example, ctx.workdir / "int8" / "model.onnx")
+        unsigned = ctx.settings.get("unsigned_weights")
+        unsigned = default_unsigned_weights() if unsigned is None else bool(unsigned)
+        ctx.settings["unsigned_weights_resolved"] = unsigned  # the deploy twin exports alike
+        ctx.recorder.set_tags({"export.unsigned_weights": str(unsigned).lower()})
+        ctx.onnx_path = export_onnx(ctx.frozen, ctx.example, ctx.workdir / "int8" / "model.onnx",
+                                    unsigned_weights=unsigned)
     else:
         ctx.frozen, ctx.onnx_path = ctx.gm, ctx.fp32_path
     log_model(ctx)
@@ -287,9 +294,17 @@ def log_model(ctx: Context) -> None:
 
 
 def evaluate_onnx(ctx: Context) -> None:
-    """The ONNX model in onnxruntime on the task's metric; a quantized one's fidelity to the float model over
-    the same data too (``fidelity/onnx_sqnr_db``, ``fidelity/onnx_agree_top1``: what every engine deploys,
-    measured alike)."""
+    """The ONNX model in each runtime of ``run.runtime`` on the task's metric: onnxruntime's as ``onnx/*``, with
+    a quantized model's fidelity to the float model over the same data (``fidelity/onnx_sqnr_db``,
+    ``fidelity/onnx_agree_top1``: what every engine deploys, measured alike); OpenVINO's as ``onnx_ov/*``."""
+    chosen = runtimes_of(ctx)
+    if "ort" in chosen:
+        _evaluate_ort(ctx)
+    if "openvino" in chosen:
+        _evaluate_openvino(ctx)
+
+
+def _evaluate_ort(ctx: Context) -> None:
     session = check.ort_session(ctx.onnx_path, threads=ctx.settings["threads"])
     predict = check.ort_predict_fn(session)
     if not ctx.quantized:
@@ -298,6 +313,20 @@ def evaluate_onnx(ctx: Context) -> None:
     fidelity = _Fidelity(predict, _torch_predict(ctx.gm))
     ctx.log(_prefixed("onnx", ctx.task.evaluate(fidelity, desc="onnxruntime")))
     ctx.log({k.replace("fidelity/", "fidelity/onnx_"): v for k, v in fidelity.metrics().items()})
+
+
+def _evaluate_openvino(ctx: Context) -> None:
+    """OpenVINO on the task's metric (``onnx_ov/*``) and, batch by batch, against onnxruntime on the same
+    inputs: ``runtime/ov_vs_ort_max_lsb`` (in the output's quantization steps), ``_max_abs`` and
+    ``_agree_top1`` (%). Their integer arithmetic may differ: reported, not a gate."""
+    threads = ctx.settings["threads"]
+    ctx.recorder.set_tags({"openvino_version": machine.openvino_version() or "unknown"})
+    scales = (check.output_scales(ctx.frozen) if isinstance(ctx.frozen, torch.fx.GraphModule)
+              else runtimes.onnx_output_scales(ctx.onnx_path))
+    agreement = runtimes.Agreement(runtimes.session("openvino", ctx.onnx_path, threads).predict_fn(),
+                                   runtimes.session("ort", ctx.onnx_path, threads).predict_fn(), scales)
+    ctx.log(_prefixed("onnx_ov", ctx.task.evaluate(agreement, desc="openvino")))
+    ctx.log(agreement.metrics("runtime/ov_vs_ort"))
 
 
 def _parity_inputs(ctx: Context) -> list[Any]:
@@ -330,36 +359,31 @@ def node_sqnr(ctx: Context) -> None:
         ctx.recorder.log_artifact(path)
 
 
-def _latency_batch(ctx: Context, size: int) -> torch.Tensor:
-    """``size`` real images (calibration batches, topped up by repeating them)."""
-    parts, n = [], 0
-    for batch in ctx.task.calib_loader():
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        parts.append(x)
-        n += x.shape[0]
-        if n >= size:
-            break
-    x = torch.cat(parts) if parts else ctx.example[0]
-    return x.repeat((-(-size // x.shape[0]),) + (1,) * (x.dim() - 1))[:size]
+#: runtime -> the latency metrics' prefix and its speedup's name (onnxruntime's keep their first names).
+_LATENCY_NAMES = {"ort": ("latency/ort_", "latency/speedup"), "openvino": ("latency/ov_", "latency/ov_speedup")}
 
 
 def measure_latency(ctx: Context) -> None:
-    """Median onnxruntime latency at ``run.latency_batch``, fp32 vs the quantized model, measured interleaved."""
+    """Median latency at ``run.latency_batch`` in each runtime of ``run.runtime``, fp32 vs the quantized model,
+    every model measured interleaved with every other (``latency/ort_*``, ``latency/ov_*``)."""
     threads, iters = ctx.settings["threads"], int(ctx.settings["latency_iters"])
-    x = _latency_batch(ctx, int(ctx.settings["latency_batch"]))
-    if not ctx.quantized:
-        (fp32,) = check.ort_latencies([ctx.fp32_path], x, threads=threads, iters=iters)
-        ctx.log({"latency/ort_fp32_ms": fp32, "latency/batch": x.shape[0]})
-        return
-    fp32, int8 = check.ort_latencies([ctx.fp32_path, ctx.onnx_path], x, threads=threads, iters=iters)
-    ctx.log({"latency/ort_fp32_ms": fp32, "latency/batch": x.shape[0], "latency/ort_int8_ms": int8,
-             "latency/speedup": fp32 / int8})
+    x = latency_batch(ctx, int(ctx.settings["latency_batch"]))
+    kinds = {"fp32": ctx.fp32_path, **({"int8": ctx.onnx_path} if ctx.quantized else {})}
+    cells = [(runtime, kind) for runtime in runtimes_of(ctx) for kind in kinds]
+    times = runtimes.latencies([runtimes.session(r, kinds[k], threads) for r, k in cells], x, iters=iters)
+    measured = dict(zip(cells, times))
+    out: dict[str, float] = {"latency/batch": x.shape[0]}
+    for (runtime, kind), ms in measured.items():
+        out[f"{_LATENCY_NAMES[runtime][0]}{kind}_ms"] = ms
+    for runtime in runtimes_of(ctx) if ctx.quantized else ():
+        out[_LATENCY_NAMES[runtime][1]] = measured[runtime, "fp32"] / measured[runtime, "int8"]
+    ctx.log(out)
 
 
 STAGES: tuple[Callable[[Context], None], ...] = (
     build_engine_config, evaluate_float, capture_graph, quantize, train_qat, evaluate_quant, analyze_sensitivity,
     freeze_and_export,
-    evaluate_onnx, check_parity, node_sqnr, measure_latency,
+    evaluate_onnx, check_parity, node_sqnr, measure_latency, measure_deploy_latency,
 )
 
 

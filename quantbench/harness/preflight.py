@@ -14,7 +14,7 @@ own process and before torch or MLflow are imported:
 * the config composes against the schema, for the first job and once per
   swept value, so a bad value in the second position of a sweep list is
   caught too;
-* the tracking URI can work.
+* the tracking URI can work, and ``run.runtime`` names a runtime that is installed.
 
 :func:`sweep_file` resolves a command's task and ``--grid`` to its sweep file
 (``conf/sweep/TASK.yaml``, or the named grid ``conf/sweep/TASK_GRID.yaml``);
@@ -216,6 +216,7 @@ def check_overrides(overrides: Sequence[str], *, compose: bool = True) -> list[A
     from omegaconf import OmegaConf
 
     from quantbench.harness.config import compose_config
+    from quantbench.harness.schema import check_runtime
 
     parsed = parse(list(overrides))
     _check_groups(parsed)
@@ -231,6 +232,7 @@ def check_overrides(overrides: Sequence[str], *, compose: bool = True) -> list[A
                 raise
             raise ConfigError(explain(exc, variant)) from exc
         check_tracking_uri(tracking.get("uri"))
+        check_runtime(str(cfg.run.runtime))
         jobs.append(cfg)
     return jobs
 

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from quantbench.errors import BadInputError, ConfigError, DataError, DeviceUnavailableError, UnsafeConfigError
 from quantbench.harness.config import resolve_tree
 from quantbench.harness.pipeline import Context, execute
-from quantbench.harness.schema import TARGET_PACKAGES
+from quantbench.harness.schema import TARGET_PACKAGES, check_runtime
 from quantbench.harness.tracking import (
     NullRecorder,
     RunRecorder,
@@ -91,7 +91,7 @@ class RunResult:
 
 
 #: Keys the harness reads itself and does not pass to the task adapter.
-HARNESS_ONLY = {"task": ("pretrained_weights",)}
+HARNESS_ONLY = {"task": ("pretrained_weights", "deploy_size")}
 
 
 def _for_task(tree: Mapping[str, Any], group: str) -> dict[str, Any]:
@@ -143,6 +143,8 @@ def check_config(tree: Mapping[str, Any]) -> None:
     Raises:
         UnsafeConfigError: another ``_target_``, or one outside :data:`TARGET_PACKAGES`.
         DeviceUnavailableError: ``task.device`` asks for CUDA on a machine without it.
+        ConfigError: ``run.runtime`` is not a runtime; RuntimeUnavailableError: it asks for OpenVINO, which
+            is not installed (:func:`~quantbench.harness.schema.check_runtime`).
     """
     for where, target in _targets({k: v for k, v in tree.items() if k != "hydra"}):
         if where != "task._target_":
@@ -154,6 +156,7 @@ def check_config(tree: Mapping[str, Any]) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceUnavailableError(f"task.device={device} but this machine has no CUDA device (torch "
                                      f"{torch.__version__}): use task.device=cpu or task.device=auto")
+    check_runtime(str((tree.get("run") or {}).get("runtime", "ort")))
 
 
 def resolve_threads(threads: int) -> int:
@@ -214,6 +217,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> RunResult:
              "engine": engine["name"]}
     chash = run_hash(tree)
     track, settings = tree["tracking"], dict(tree["run"])
+    settings["task_deploy_size"] = tree["task"].get("deploy_size")
     settings["threads"] = resolve_threads(int(settings["threads"]))
     env = distributed.init_from_env(tree["task"].get("device"))
     store = Store.from_config(track) if env.is_main else None

@@ -35,8 +35,10 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from quantbench.engine.machine import require_openvino
 from quantbench.engine.spec import QuantizationSpec
-from quantbench.errors import UnsafeConfigError
+from quantbench.errors import ConfigError, UnsafeConfigError
+from quantbench.registry import close_matches
 from quantbench.training import TASK_KINDS, ModelConfig
 
 __all__ = [
@@ -44,11 +46,13 @@ __all__ = [
     "TARGET_PACKAGES",
     "EngineConf",
     "QuantbenchConf",
+    "RUNTIME_CHOICES",
     "RunConf",
     "SchemeConf",
     "SpecOverride",
     "TaskConf",
     "TrackingConf",
+    "check_runtime",
     "load_task_kinds",
     "register_configs",
 ]
@@ -61,7 +65,8 @@ TARGET_PACKAGES = ("tasks.", "quantbench.")
 #: image does); they are left out of the config hash that resume uses, so a
 #: sweep rerun with another JOBS or launcher completes only what is missing.
 HASH_EXCLUDE = ("tracking", "engine.venv", "engine.timeout_s", "engine.isolated", "engine.eval_inputs_max_mb",
-                "run.force", "run.threads", "run.resume_root", "data.on_corrupt",
+                "run.force", "run.threads", "run.resume_root", "data.on_corrupt", "task.deploy_size",
+                "run.deploy_size", "run.deploy_batches", "run.deploy_threads", "run.deploy_iters",
                 "train.baseline.resume_dir", "train.baseline.checkpoint_steps",
                 "train.qat.resume_dir", "train.qat.checkpoint_steps")
 
@@ -75,7 +80,9 @@ class TaskConf:
     ``pretrained_weights`` is the harness's: model files read it
     (``model.pretrained: ${task.pretrained_weights}``), so one model file
     serves a task with library weights (ImageNet) and one that trains its own
-    float baseline (digits).
+    float baseline (digits). ``deploy_size`` is the harness's too: the input size
+    a quantized run's int8 speedup is timed at (``run.deploy_size`` overrides it;
+    ``null``: the task's own input size).
     """
 
     _target_: str = MISSING
@@ -83,6 +90,7 @@ class TaskConf:
     cache_dir: str = ".cache/quantbench"
     device: str = "auto"
     pretrained_weights: bool = False
+    deploy_size: int | None = None
 
 
 def _spec_override_fields() -> list[tuple[str, Any, Any]]:
@@ -197,6 +205,19 @@ class RunConf:
     ``sensitivity`` adds the per-layer sensitivity stage (``quantbench analyze``) on
     ``sensitivity_batches`` calibration batches; ``sensitivity_metric`` also scores each
     layer on the task's metric (two evaluations per layer).
+    ``runtime``: where the ONNX models are evaluated and timed (:data:`RUNTIME_CHOICES`): ``ort``
+    (onnxruntime), ``openvino`` or ``both``; OpenVINO's metrics have names of their own
+    (``onnx_ov/*``, ``latency/ov_*``, its agreement with onnxruntime ``runtime/ov_vs_ort_*``). The
+    default leaves a run's config hash as it was before the setting existed.
+    ``unsigned_weights``: the export's weight storage (:func:`quantbench.engine.export.export_onnx`):
+    ``null`` (default) picks per machine, uint8 + 128 where onnxruntime's int8 kernels would saturate
+    (an x86 CPU without VNNI: exact, slower) and int8 elsewhere; ``false`` forces int8 weights (the
+    faster U8S8 kernels there, not exact); ``true`` forces uint8. The choice is the run's tag
+    ``export.unsigned_weights``; ``null`` leaves the config hash as it was.
+    ``deploy_size`` / ``deploy_batches`` / ``deploy_threads`` / ``deploy_iters``: the deploy-latency
+    stage (:mod:`quantbench.harness.deploy`): a quantized run's int8 / fp32 speedup at the deploy
+    input size (``null``: ``task.deploy_size``, else the task's own size), per batch x threads; empty
+    batches or threads skip it. Measurement settings: out of the config hash.
     """
 
     force: bool = False
@@ -211,6 +232,31 @@ class RunConf:
     sensitivity: bool = False
     sensitivity_metric: bool = False
     sensitivity_batches: int = 4
+    runtime: str = "ort"
+    unsigned_weights: bool | None = None
+    deploy_size: int | None = None
+    deploy_batches: List[int] = field(default_factory=lambda: [1, 8])
+    deploy_threads: List[int] = field(default_factory=lambda: [1, 2])
+    deploy_iters: int = 10
+
+
+#: ``run.runtime``'s values: onnxruntime, OpenVINO, or both side by side.
+RUNTIME_CHOICES = ("ort", "openvino", "both")
+
+
+def check_runtime(value: str) -> None:
+    """``run.runtime`` must be one of :data:`RUNTIME_CHOICES`, and OpenVINO installed when it is asked for.
+
+    Raises:
+        ConfigError: another value (one line, with the close match and the choices).
+        RuntimeUnavailableError: OpenVINO asked for and not installed (one line: how to install it).
+    """
+    if value not in RUNTIME_CHOICES:
+        close = close_matches(str(value), RUNTIME_CHOICES)
+        raise ConfigError(f"run.runtime={value}: not a runtime" + (f"; did you mean {' or '.join(close)}?" if close
+                                                                   else ";") + f" one of {', '.join(RUNTIME_CHOICES)}")
+    if value != "ort":
+        require_openvino(f"run.runtime={value}")
 
 
 @dataclass

@@ -53,6 +53,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from quantbench.engine.machine import describe as describe_machine
 from quantbench.errors import ArtifactWriteError, BadInputError, TrackingUnavailableError, one_line
 from quantbench.harness.liveness import HOST, Heartbeat, process_alive, process_tags, stale_reason
 from quantbench.harness.paths import check_tracking_uri, project_root
@@ -73,6 +74,7 @@ __all__ = [
     "git_sha",
     "hashed",
     "is_sweep_parent",
+    "machine_tags",
     "onnx_signature",
     "project_root",
     "run_exclude",
@@ -104,6 +106,15 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own (mlflow.utils.mlflow_tags.MLFL
 def is_sweep_parent(run: Run) -> bool:
     """Whether ``run`` is a sweep's parent run (``quantbench.kind=sweep``), not a run of a model x scheme."""
     return run.data.tags.get(KIND_TAG) == SWEEP_KIND
+
+
+def machine_tags() -> dict[str, str]:
+    """The machine a run measures on (:func:`quantbench.engine.machine.describe`), as the tags every run
+    carries: ``machine.cpu``, ``machine.cores`` (logical CPUs), ``machine.cpus_allowed`` (this process's),
+    ``machine.isa`` (its int8-relevant extensions, comma-joined: ``avx2,avx512f,avx512_vnni``; ``none``)."""
+    m = describe_machine()
+    return {"machine.cpu": m.cpu, "machine.cores": str(m.cores), "machine.cpus_allowed": str(m.cpus_allowed),
+            "machine.isa": ",".join(m.isa) or "none"}
 
 
 def _is_http(uri: str) -> bool:
@@ -162,10 +173,15 @@ def hashed(key: str, exclude: tuple[str, ...] = ()) -> bool:
 def run_exclude(tree: Mapping[str, Any]) -> tuple[str, ...]:
     """What a run of ``tree`` leaves out of its hash besides ``HASH_EXCLUDE``: a PTQ scheme ignores the QAT
     recipe, and quantbench's own engine leaves the hash as it was before engines were an axis (so the runs
-    of record made then still count; ``engine.options`` are the peers')."""
+    of record made then still count; ``engine.options`` are the peers'); so does ``run.runtime=ort``, the
+    default (``openvino`` and ``both`` measure more, so they hash apart), and ``run.unsigned_weights=null``."""
     out = () if tree["scheme"]["qat"] else ("train.qat",)
     if (tree.get("engine") or {}).get("name", "quantbench") == "quantbench":  # its options come from the scheme
         out += ("engine",)
+    if (tree.get("run") or {}).get("runtime", "ort") == "ort":
+        out += ("run.runtime",)
+    if (tree.get("run") or {}).get("unsigned_weights") is None:  # per machine, as every run before it
+        out += ("run.unsigned_weights",)
     return out
 
 
@@ -638,7 +654,7 @@ class Store:
         a child of ``parent_run`` (a sweep's parent run: the ``mlflow.parentRunId`` tag) when given."""
         parent = {PARENT_TAG: parent_run} if parent_run else {}
         run = self.client.create_run(self.experiment_id(experiment), run_name=name,
-                                     tags={**tags, **parent, **process_tags(), "status": "RUNNING"})
+                                     tags={**tags, **parent, **process_tags(), **machine_tags(), "status": "RUNNING"})
         run_id = run.info.run_id
         beat = Heartbeat(lambda: self.client.set_tag(run_id, "heartbeat", str(int(time.time() * 1000))),
                          heartbeat_s).start()

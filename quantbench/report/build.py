@@ -45,7 +45,10 @@ TABLES: dict[str, Callable[[pd.DataFrame], str]] = {"hard": hard_table, "engines
 _NOTES = {
     None: ("Accuracy: the fake-quant model (float for the float row); "
            "ONNX: the exported model in onnxruntime; parity: top-1 agreement of onnxruntime with "
-           "the frozen torch graph; speedup: ORT fp32 / ORT int8 latency."),
+           "the frozen torch graph; speedup: fp32 / int8 latency of the same model in the same runtime, "
+           "measured interleaved, at the task's input size and `run.latency_batch`; at the deploy size "
+           "(`task.deploy_size`: digits times a 224x224 twin of each model x scheme) per threads x batch. "
+           "The machine is each run's `machine.*` tags."),
     "engines": ("Every engine starts from the same float model and the same calibration batches (the same "
                 "images in the same order) and is scored by the same task code; the scheme maps to each "
                 "engine's own options through `quantbench/peers/mapping.py` (an approximation is named in the "

@@ -50,9 +50,15 @@ def _accuracy(row: pd.Series, stage: str, fmt: MetricFormat) -> str:
     return " / ".join(_NA if v is None else f"{v:.{fmt.digits}f}" for v in values)
 
 
-def _speedup(row: pd.Series) -> str:
-    fp32, int8 = _num(row, "latency/ort_fp32_ms"), _num(row, "latency/ort_int8_ms")
+def _speedup(row: pd.Series, runtime: str = "ort") -> str:
+    """fp32 / int8 latency of one runtime's logged medians (``ort``; ``ov``: OpenVINO, ``run.runtime``)."""
+    fp32, int8 = _num(row, f"latency/{runtime}_fp32_ms"), _num(row, f"latency/{runtime}_int8_ms")
     return f"{fp32 / int8:.2f}x" if fp32 and int8 else _NA
+
+
+def _has_openvino(runs: pd.DataFrame) -> bool:
+    """Whether any run measured OpenVINO's int8 latency (``run.runtime=openvino|both``)."""
+    return "latency/ov_int8_ms" in runs.columns and bool(runs["latency/ov_int8_ms"].notna().any())
 
 
 def _parity(row: pd.Series) -> str:
@@ -88,15 +94,48 @@ _COLUMNS: tuple[tuple[str, Callable[[pd.Series, MetricFormat], Any]], ...] = (
     ("Int8 speedup (ORT)", lambda r, f: _speedup(r)),
     ("Quantize time", lambda r, f: _quantize_time(r)),
 )
+#: Shown after onnxruntime's speedup when a run measured OpenVINO too.
+_OV_COLUMN = ("Int8 speedup (OpenVINO)", lambda r, f: _speedup(r, "ov"))
+
+
+#: The deploy stage's settings (threads, batch) in the order a cell lists them (quantbench/harness/deploy.py).
+DEPLOY_CELLS = ((1, 1), (1, 8), (2, 1), (2, 8))
+
+
+def _deploy(row: pd.Series, runtime: str = "ort") -> str:
+    """``t1b1 · t1b8 · t2b1 · t2b8`` int8 speedups at the deploy size (``deploy/[ov_]speedup_t{T}_b{B}``)."""
+    prefix = "" if runtime == "ort" else f"{runtime}_"
+    values = [_num(row, f"deploy/{prefix}speedup_t{t}_b{b}") for t, b in DEPLOY_CELLS]
+    if all(v is None for v in values):
+        return _NA
+    return " · ".join(_NA if v is None else f"{v:.2f}" for v in values) + "x"
+
+
+def _deploy_columns(runs: pd.DataFrame) -> list:
+    """The deploy-size speedup columns (onnxruntime; OpenVINO where measured), when any run logged them."""
+    if "deploy/size" not in runs.columns or not runs["deploy/size"].notna().any():
+        return []
+    size = int(runs["deploy/size"].max())
+    cells = " · ".join(f"t{t}b{b}" for t, b in DEPLOY_CELLS)
+    out = [(f"Int8 speedup at {size}x{size} (ORT; {cells})", lambda r, f: _deploy(r))]
+    if "deploy/ov_speedup_t1_b1" in runs.columns and runs["deploy/ov_speedup_t1_b1"].notna().any():
+        out.append((f"Int8 speedup at {size}x{size} (OpenVINO)", lambda r, f: _deploy(r, "ov")))
+    return out
 
 
 def results_table(runs: pd.DataFrame) -> str:
-    """A markdown table of ``runs`` (one row each, already ordered)."""
+    """A markdown table of ``runs`` (one row each, already ordered); OpenVINO's int8 speedup beside
+    onnxruntime's when a run measured it, and the deploy-size speedups when runs logged them."""
     fmt = _format(runs)
-    headers = [name.format(header=fmt.header) for name, _ in _COLUMNS]
+    columns = list(_COLUMNS)
+    if _has_openvino(runs):
+        columns.insert([name for name, _ in columns].index("Int8 speedup (ORT)") + 1, _OV_COLUMN)
+    at = [name for name, _ in columns].index("Quantize time")
+    columns[at:at] = _deploy_columns(runs)
+    headers = [name.format(header=fmt.header) for name, _ in columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, row in runs.iterrows():
-        lines.append("| " + " | ".join(str(cell(row, fmt)) for _, cell in _COLUMNS) + " |")
+        lines.append("| " + " | ".join(str(cell(row, fmt)) for _, cell in columns) + " |")
     return "\n".join(lines)
 
 
@@ -254,9 +293,9 @@ def _engine_cell(row: pd.Series | None, fmt: MetricFormat, notes: dict[str, int]
     parts = [_fixed(metric, fmt.digits) or _NA]
     if sqnr is not None:
         parts.append(f"{sqnr:.1f} dB")
-    speed = _speedup(row)
+    speed, ov = _speedup(row), _speedup(row, "ov")
     if speed != _NA:
-        parts.append(speed)
+        parts.append(speed + (f" (OV {ov})" if ov != _NA else ""))
     text = " · ".join(parts)
     if row.get("engine_status") == "approximate":
         note = str(row.get("engine_notes") or "an approximation of the scheme")
@@ -293,6 +332,7 @@ def engines_table(runs: pd.DataFrame) -> str:
     methods = {r["scheme"]: r["method"] for _, r in runs.iterrows()}
     notes: dict[str, int] = {}
     metric = fmt.header.split(" / ")[0]
+    ov = _has_openvino(runs)
     lines = ["| Model | Method | " + " | ".join(engines) + " |", "|---|---|" + "---|" * len(engines)]
     for model, scheme in rows:
         cells = {e: keyed.get((model, scheme, e)) for e in engines}
@@ -302,14 +342,15 @@ def engines_table(runs: pd.DataFrame) -> str:
         lines.append(f"| {names.get(model, model)} | {methods.get(scheme, scheme)} | " + " | ".join(shown) + " |")
     out = ["\n".join(lines), "",
            f"Each cell: ONNX {metric} in onnxruntime · its output SQNR vs the float model over the validation set "
-           "(dB) · int8 speedup over the same fp32 export (ORT, interleaved). Bold: the best SQNR of the row. "
+           "(dB) · int8 speedup over the same fp32 export (ORT, interleaved"
+           + ("; OV: OpenVINO's, where the run measured it" if ov else "") + "). Bold: the best SQNR of the row. "
            "≈: the engine ran an approximation of the scheme (the footnote says how it differs); n/a: it cannot "
            "express the scheme (the footnote says why)."]
     if notes:
         out += [""] + [f"[{k}] {reason}" for reason, k in notes.items()]
     detail = [f"| Model | Method | Engine | Version | {metric} (torch) | ONNX {metric} | SQNR vs float (dB) | ONNX parity "
-              "(top-1 agree w/ torch) | Int8 speedup | Quantize time |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "(top-1 agree w/ torch) | Int8 speedup |" + (" Int8 speedup (OpenVINO) |" if ov else "")
+              + " Quantize time |", "|---|---|---|---|---|---|---|---|---|" + ("---|" if ov else "") + "---|"]
     for _, r in runs.iterrows():
         if is_unsupported(r):
             continue
@@ -317,6 +358,7 @@ def engines_table(runs: pd.DataFrame) -> str:
             str(r["model_name"]), str(r["method"]), engine_of(r), str(r.get("engine_version") or "") or _NA,
             _fixed(_num(r, f"quant/{fmt.keys[0]}"), fmt.digits) or _NA, _fixed(_num(r, f"onnx/{fmt.keys[0]}"),
                                                                                fmt.digits) or _NA,
-            _fixed(_sqnr(r), 1) or _NA, _parity(r), _speedup(r), _quantize_time(r)]) + " |")
+            _fixed(_sqnr(r), 1) or _NA, _parity(r), _speedup(r), *([_speedup(r, "ov")] if ov else []),
+            _quantize_time(r)]) + " |")
     out += ["", "\n".join(detail)]
     return "\n".join(out)
