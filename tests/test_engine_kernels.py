@@ -51,7 +51,7 @@ def _targets(frozen):
     return [n.target for n in frozen.graph.nodes if n.op == "call_function"]
 
 
-@pytest.mark.parametrize("preset", ["int8_float", "int8_pow2"])
+@pytest.mark.parametrize("preset", ["int8_float", pytest.param("int8_pow2", marks=pytest.mark.slow)])  # ~15 s each
 def test_transformer_block_is_whole_graph_and_exact(preset, tmp_path):
     """Attention matmuls, integer softmax, tables (GELU, q * scale), class token, position embedding,
     integer LayerNorm: 0 LSB against onnxruntime, nothing left in float."""
@@ -127,7 +127,8 @@ _ONNX_FLOAT_FORM = {"layer_norm": {"Add", "Sqrt", "Div", "Mul"}, "group_norm": {
                     "upsample_bilinear2d": {"Resize"}}
 
 
-@pytest.mark.parametrize("model_name", ["TinyAllOps", "TinyViT", "TinyEfficientNet"])
+@pytest.mark.parametrize("model_name", ["TinyAllOps", pytest.param("TinyViT", marks=pytest.mark.slow),  # ~10 s
+                                        "TinyEfficientNet"])
 def test_coverage_agrees_with_the_exported_graph(model_name, tmp_path):
     """coverage() (the engine's view) and onnx_float_nodes (what onnxruntime runs) name the same float work."""
     import engine_models
