@@ -25,7 +25,7 @@ from quantbench.engine.graph import get_attr_tensor, op_name
 from quantbench.engine.qdq import dequantize
 from quantbench.engine.quantizer import batch_inputs
 
-__all__ = ["ParityReport", "ort_session", "ort_predict_fn", "compare", "per_node_sqnr", "ort_latency", "ort_latencies",
+__all__ = ["ParityReport", "ort_session", "ort_predict_fn", "chunked_predict", "compare", "per_node_sqnr", "ort_latency", "ort_latencies",
            "sqnr_db", "output_scales"]
 
 
@@ -66,19 +66,27 @@ def ort_predict_fn(session: ort.InferenceSession) -> Callable[[torch.Tensor], to
     dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
     fixed = dim if isinstance(dim, int) and dim > 0 else None
 
-    def run(x: torch.Tensor) -> list[np.ndarray]:
-        return session.run(None, {name: x.detach().cpu().contiguous().numpy()})
+    return chunked_predict(lambda x: session.run(None, {name: x}), fixed)
+
+
+def chunked_predict(run: Callable[[np.ndarray], list[np.ndarray]],
+                    fixed: int | None) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]:
+    """``run`` (an array in, arrays out in graph order) as a torch predict function; a model whose batch is
+    ``fixed`` runs in chunks of that size, the last padded by repeating its first image, cut back after."""
+
+    def call(x: torch.Tensor) -> list[np.ndarray]:
+        return run(np.ascontiguousarray(x.detach().cpu().numpy()))
 
     def predict(x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if fixed is None or x.shape[0] == fixed:
-            out = run(x)
+            out = call(x)
         else:
             parts = []
             for chunk in x.split(fixed):
                 pad = fixed - chunk.shape[0]
                 if pad:
                     chunk = torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])])
-                parts.append(run(chunk))
+                parts.append(call(chunk))
             out = [np.concatenate([p[i] for p in parts])[: x.shape[0]] for i in range(len(parts[0]))]
         return torch.from_numpy(out[0]) if len(out) == 1 else tuple(torch.from_numpy(o) for o in out)
 

@@ -56,23 +56,8 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def _chunked(run: Callable[[np.ndarray], list[np.ndarray]], fixed: int | None) -> Callable[[torch.Tensor], Outputs]:
-    """``run`` (arrays out, graph order) as a torch predict function; a model whose batch is ``fixed`` runs in
-    chunks of that size, the last padded by repeating its first image, its outputs cut back to the batch."""
-
-    def predict(x: torch.Tensor) -> Outputs:
-        if fixed is None or x.shape[0] == fixed:
-            out = run(_numpy(x))
-        else:
-            parts = []
-            for chunk in x.split(fixed):
-                pad = fixed - chunk.shape[0]
-                if pad:
-                    chunk = torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])])
-                parts.append(run(_numpy(chunk)))
-            out = [np.concatenate([p[i] for p in parts])[: x.shape[0]] for i in range(len(parts[0]))]
-        return torch.from_numpy(out[0]) if len(out) == 1 else tuple(torch.from_numpy(o) for o in out)
-
-    return predict
+    """``run`` as a torch predict function, a fixed batch in chunks (:func:`~quantbench.engine.check.chunked_predict`)."""
+    return check.chunked_predict(run, fixed)
 
 
 class OrtSession:
