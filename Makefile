@@ -41,8 +41,8 @@ install: $(STAMP) ## create .venv and install quantbench (idempotent; reruns whe
 engines: $(STAMP) ## the isolated engines' virtualenvs (.engines/quark: AMD Quark, pinned in engines/quark/requirements.txt; idempotent)
 	$(PY) -m quantbench.peers.venvs create quark
 
-test: $(STAMP) ## fast test suite (CPU, about 3 minutes on two cores: one pytest-xdist worker per core, up to 4)
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+test: $(STAMP) ## fast test suite (CPU, under 4 minutes on two cores: one pytest-xdist worker per core, up to 4, longest files first)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 test-slow: $(STAMP) ## slow end-to-end tests only
 	$(PY) -m pytest -q -m slow

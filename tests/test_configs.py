@@ -199,3 +199,22 @@ def test_task_schema_matches_the_adapter_signature(task):
     params = set(inspect.signature(adapter).parameters) - {"data", "model", "train", "qat"}
     fields = {f.name for f in dataclasses.fields(TaskConf)} - {"_target_", *HARNESS_ONLY["task"]}
     assert fields == params
+
+
+def test_a_composed_config_is_reused_as_a_copy_until_a_conf_file_changes(tmp_path, monkeypatch):
+    """compose_config keeps what it composed: the same overrides give an equal config that is a copy of
+    its own (changing it changes nothing later), and an edited YAML file is read again."""
+    from quantbench.harness import config as config_module
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config_module.CONF_DIR, conf)
+    monkeypatch.setattr(config_module, "CONF_DIR", conf)
+    monkeypatch.setattr(config_module, "_COMPOSED", type(config_module._COMPOSED)())
+    first = config_module.compose_config(["model=resnet18"])
+    OmegaConf.set_struct(first, False)
+    first.model.display_name = "changed by the caller"
+    again = config_module.compose_config(["model=resnet18"])
+    assert again.model.display_name == "ResNet-18" and again is not first and len(config_module._COMPOSED) == 1
+    model = conf / "model" / "resnet18.yaml"
+    model.write_text(model.read_text().replace("display_name: ResNet-18", "display_name: ResNet-18 (edited)"))
+    assert config_module.compose_config(["model=resnet18"]).model.display_name == "ResNet-18 (edited)"

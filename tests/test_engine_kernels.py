@@ -63,7 +63,7 @@ def test_transformer_block_is_whole_graph_and_exact(preset, tmp_path):
     assert quantizer.coverage(qmodel).float_nodes == []
 
 
-@pytest.mark.parametrize("preset", ["int8_float", "int8_pow2"])
+@pytest.mark.parametrize("preset", ["int8_float", pytest.param("int8_pow2", marks=pytest.mark.slow)])  # one fast
 def test_silu_and_squeeze_excitation_are_integer_and_exact(preset, tmp_path):
     """SiLU and sigmoid as tables, the SE gate an integer multiply, means and the residual integer."""
     _, quantizer, qmodel, frozen, report = _pipeline(TinyEfficientNet, preset, tmp_path)
@@ -202,6 +202,7 @@ def test_bilinear_resize_is_integer_and_exact(tmp_path):
         assert check.compare(path, frozen, batches(3, (8, 3, 10, 12), 5)).max_lsb_err == 0.0
 
 
+@pytest.mark.slow  # ~5 s: a forced fallback; the integer norm itself is checked in the fast tier
 def test_norm_fallback_is_exact_and_named(tmp_path, monkeypatch):
     """Where int64 cannot hold the integer norm (forced here), LayerNorm takes integer statistics and a
     double-precision normalization: still 0 LSB, and both coverage reports name the float step."""

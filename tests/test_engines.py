@@ -129,6 +129,7 @@ def _store(overrides: list[str]) -> Store:
     return Store.from_config(OmegaConf.to_container(compose_config(overrides).tracking, resolve=True))
 
 
+@pytest.mark.slow  # ~20 s: a two-engine sweep; the peers run in test_peers_*.py, CI runs an engines sweep
 def test_a_peer_engine_runs_in_the_sweep_on_the_same_metric_code(small, tmp_path, capsys, monkeypatch):
     """quantbench and onnxruntime's quantizer in one real sweep: the same float model and calibration batches,
     each ONNX model scored in onnxruntime by the task; a scheme onnxruntime cannot express is recorded as

@@ -220,6 +220,7 @@ def test_corrupt_image_fails_the_run_naming_it(corrupt, small, capsys):
     assert failed.data.tags["error_kind"] == "input"
 
 
+@pytest.mark.slow  # ~6 s: a full run; the failing half (test_corrupt_image_fails_the_run_naming_it) is fast
 def test_corrupt_image_is_skipped_when_the_config_says_so(corrupt, small, capsys, caplog):
     assert main(["run", *corrupt.args, "data.on_corrupt=skip"]) == 0
     assert f"skipping corrupt image {corrupt.bad}" in capsys.readouterr().out + caplog.text

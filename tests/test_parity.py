@@ -232,3 +232,35 @@ def test_latencies_are_measured_interleaved(resnet18, tmp_path, monkeypatch):
     # every round runs each model once, so drift of a shared machine lands on both alike
     assert order[0] != order[1] and order == order[:2] * 4
     assert check.ort_latency(q_path, torch.randn(4, 3, 16, 16), threads=1, warmup=0, iters=2) > 0
+
+
+def test_a_second_export_of_the_same_structure_reuses_the_traced_nodes_and_writes_the_same_file(tmp_path,
+                                                                                                 monkeypatch):
+    """The nodes the exporter's traces would rewrite (here a global mean's table lookup and a flatten) are
+    traced once per structure: another calibration of the same model exports byte for byte what a fresh
+    trace writes, without tracing; another input size is another structure, traced anew."""
+    from quantbench.engine import retrace
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+
+    def frozen(size: int, seed: int):
+        x = torch.randn(2, 3, size, size)
+        quantizer = ModelQuantizer(presets.get("int8_float"))
+        return quantizer.freeze(quantizer.quantize_model(capture(model, (x,)), batches(1, (4, 3, size, size), seed))), x
+
+    (a, x), (b, _), (c, y) = frozen(12, 0), frozen(12, 1), frozen(10, 0)
+    traced = []
+    export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: traced.append(1) or export(*a, **k))
+    retrace._PROGRAMS.clear()
+    fresh = export_onnx(b, (x,), tmp_path / "fresh.onnx").read_bytes()
+    assert len(traced) == 1 and len(retrace._PROGRAMS) == 1
+    export_onnx(a, (x,), tmp_path / "a.onnx")
+    reused = export_onnx(b, (x,), tmp_path / "reused.onnx").read_bytes()
+    assert len(traced) == 1, "the same structure: no second trace"
+    assert reused == fresh and (tmp_path / "a.onnx").read_bytes() != fresh
+    export_onnx(c, (y,), tmp_path / "c.onnx")
+    assert len(traced) == 2 and len(retrace._PROGRAMS) == 2
+    for graph, path, z in ((b, "reused.onnx", x), (c, "c.onnx", y)):
+        assert check.compare(tmp_path / path, graph, batches(2, tuple(z.shape), 5)).max_lsb_err == 0

@@ -37,7 +37,7 @@ def _quant(markdown: str) -> list[str]:
     return [row[2].split(" / ")[0] for row in table_rows(markdown)]
 
 
-@pytest.mark.parametrize("scheme", ["ptq_pow2", "qat_lsq"])
+@pytest.mark.parametrize("scheme", [pytest.param("ptq_pow2", marks=pytest.mark.slow), "qat_lsq"])  # ~5 s each
 def test_the_hash_of_a_cell_is_the_one_the_harness_gives_the_job(tracking_overrides, scheme):
     """A sweep job of the cell finds the logged run as its own (same config hash) and skips it."""
     from quantbench.harness.run import run
@@ -135,6 +135,7 @@ def test_a_sweep_run_again_after_a_kill_is_complete_with_the_runs_it_skipped(tmp
     assert "resnet18 x float from sweep `first` (the same config: the sweep skipped them" in text
 
 
+@pytest.mark.slow  # ~9 s: a sweep, its report and gate as .ci/run calls them (which CI then runs for real)
 def test_the_ci_flow_reads_its_shrunk_sweep_given_the_sweeps_overrides(tmp_path, tracking_overrides, capsys):
     """.ci/run: a sweep with a reduced grid and its own cache dir, then the report and digits_ci.yaml's gate."""
     store, grid = store_of(tracking_overrides), grid_of(*CI)

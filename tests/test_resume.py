@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from quantbench.engine import ModelQuantizer, capture, presets
 from quantbench.harness.config import compose_config
 from quantbench.harness.run import run
-from quantbench.harness.tracking import Store
+from quantbench.harness.tracking import Store, is_timed
 from quantbench.training.checkpoint import TrainingCheckpoint
 from tasks.classification import ClassificationTask, build_model
 
@@ -73,7 +73,7 @@ def _train(task: ClassificationTask, qmodel, recipe: dict, cut_after: int | None
         del task.train_loader
 
 
-@pytest.mark.parametrize("preset", ["qat_pow2", "qat_lsq"])
+@pytest.mark.parametrize("preset", [pytest.param("qat_pow2", marks=pytest.mark.slow), "qat_lsq"])  # one in the fast tier
 def test_interrupted_qat_resumes_to_the_uninterrupted_result(task, tmp_path, preset, caplog):
     recipe = {"epochs": 2, "steps": None, "batch_size": 32, "freeze_observers_after": 1.0, "freeze_bn_after": 1.5,
               "checkpoint_steps": 3, "lr": 1e-3, "quant_lr": 1e-3}  # 144 images / 32: 4 steps per epoch
@@ -174,7 +174,7 @@ def test_same_config_and_seed_give_identical_metrics(digits_overrides, run_overr
     assert first.run_id != second.run_id, "run.force=true computed it twice"
 
     def computed(metrics: dict) -> dict:
-        return {k: v for k, v in metrics.items() if not k.startswith(("time/", "latency/", "qat/seconds"))}
+        return {k: v for k, v in metrics.items() if not is_timed(k)}
 
     assert {"quant/top1", "onnx/top1", "quant/sqnr_db", "onnx/max_lsb_err"} <= set(computed(first.metrics))
     assert "time/qat_s" in first.metrics, "a QAT scheme runs end to end through the harness"

@@ -9,7 +9,10 @@ U8S8 kernels), the two differ by a few quantization steps. That difference is re
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pandas as pd
@@ -114,6 +117,27 @@ def test_latencies_mix_runtimes_interleaved(exported):
     assert cfg["INFERENCE_PRECISION_HINT"] == "f32" and cfg["INFERENCE_NUM_THREADS"] == 1
     with pytest.raises(ValueError, match="runtime='tensorrt'"):
         runtimes.session("tensorrt", exported["fp32"])
+
+
+def test_openvino_is_imported_with_its_telemetry_declined(exported, tmp_path):
+    """A plain ``import openvino`` writes a client id and usage counter under ``~/intel`` (its ovc tools
+    build a telemetry object at import); the runtime's import does not, and the environment is restored."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "NNCF_CI", "TF_BUILD", "JENKINS_URL")}
+    root = Path(__file__).resolve().parents[1]
+
+    def home_after(code: str, name: str) -> Path:
+        home = tmp_path / name
+        home.mkdir()
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home)}, cwd=root,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return home
+
+    assert (home_after("import openvino", "plain") / "intel").exists(), "the control: openvino's own default"
+    code = ("import os; from quantbench.engine import runtimes; "
+            f"s = runtimes.session('openvino', {str(exported['fp32'])!r}, 1); "
+            "assert 'CI' not in os.environ and 'NNCF_CI' not in os.environ")
+    assert not (home_after(code, "ours") / "intel").exists()
 
 
 def test_the_machine_is_described_from_cpuinfo(tmp_path):

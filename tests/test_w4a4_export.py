@@ -66,8 +66,9 @@ def _quantize(model_name: str, config: Config):
 
 @pytest.mark.parametrize("model_name,scheme", [
     ("resnet", "int4"), ("mobilenet", "int4"),
-    pytest.param("TinyViT", "int4", marks=pytest.mark.slow),  # the uint4 case covers ViT in the fast tier
-    ("TinyEfficientNet", "int4_pow2"), ("TinyViT", "uint4_asym"),
+    pytest.param("TinyViT", "int4", marks=pytest.mark.slow),  # ~9 s each: the ViT cases run in the slow tier,
+    ("TinyEfficientNet", "int4_pow2"), pytest.param("TinyViT", "uint4_asym", marks=pytest.mark.slow),  # a block in
+    # test_engine_kernels.py::test_transformer_block_is_whole_graph_and_exact in the fast one
 ])
 def test_w4a4_exports_exactly_on_integers(model_name, scheme, tmp_path):
     quantizer, qmodel, frozen, calib = _quantize(model_name, _config(scheme))

@@ -18,13 +18,16 @@ import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from quantbench.errors import BadInputError
 
-__all__ = ["INT8_ISA", "OPENVINO_HINT", "Machine", "RuntimeUnavailableError", "describe", "openvino_version",
-           "require_openvino"]
+__all__ = ["INT8_ISA", "OPENVINO_HINT", "Machine", "RuntimeUnavailableError", "describe", "import_openvino",
+           "openvino_version", "require_openvino", "telemetry_declined"]
 
 #: The ``/proc/cpuinfo`` flags that decide int8 / bf16 kernel speed, in the order a report lists them:
 #: AVX2 (the baseline x86 int8 path), AVX-512, its VNNI and bf16 dot products, AVX-VNNI (VNNI on 256-bit
@@ -104,3 +107,36 @@ def require_openvino(context: str = "OpenVINO") -> None:
     if not found:
         raise RuntimeUnavailableError(f"{context}: the openvino package is not installed in {sys.prefix}; "
                                       f"{OPENVINO_HINT}")
+
+
+#: ``CI=true``: openvino_telemetry's consent check then declines (it treats a CI job as "no"), so the
+#: telemetry object that ``import openvino`` (its ``tools.ovc`` package) and NNCF build at import neither
+#: writes a client id and usage counter under ``~/intel`` nor sends anything. ``NNCF_CI``: NNCF installs
+#: its telemetry stub. Both are read when the package is imported, never later.
+TELEMETRY_OFF = {"CI": "true", "NNCF_CI": "1"}
+
+
+@contextmanager
+def telemetry_declined() -> Iterator[None]:
+    """Import Intel's packages (openvino, nncf) inside this block: :data:`TELEMETRY_OFF` is set for it, and
+    the environment is as it was afterwards. Nothing of quantbench's runs is ever sent anywhere."""
+    saved = {k: os.environ.get(k) for k in TELEMETRY_OFF}
+    os.environ.update(TELEMETRY_OFF)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def import_openvino(context: str = "OpenVINO") -> ModuleType:
+    """``import openvino`` with its telemetry declined (:func:`telemetry_declined`); one line naming the fix
+    (:class:`RuntimeUnavailableError`) when it is not installed."""
+    require_openvino(context)
+    if "openvino" not in sys.modules:
+        with telemetry_declined():
+            import openvino  # noqa: F401
+    return sys.modules["openvino"]

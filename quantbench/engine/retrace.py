@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
 
 import torch
 from torch import fx
 
 from quantbench.engine.graph import get_attr_tensor, quiet_pytree_copies, set_attr_tensor
 
-__all__ = ["ASSERTIONS", "BATCH_RANGE", "Untranslatable", "batch_dim", "bind_batch", "fake_context", "propagate",
+__all__ = ["ASSERTIONS", "BATCH_RANGE", "PROGRAMS_KEPT", "Untranslatable", "batch_dim", "bind_batch", "fake_context", "propagate",
            "retrace"]
 
 BATCH_RANGE = (1, 65536)
@@ -71,12 +72,18 @@ def propagate(gm: fx.GraphModule, nodes: Iterable[fx.Node], mode) -> None:
             node.meta["val"] = node.target(*args, **kwargs)
 
 
-def retrace(gm: fx.GraphModule, pending: list[fx.Node], mode, batch, decompositions: dict) -> None:
+def retrace(gm: fx.GraphModule, pending: list[fx.Node], mode, batch, decompositions: dict,
+            table_key: Hashable | None = None) -> None:
     """Replace ``pending`` by what ``torch.export`` + ``run_decompositions`` make of them (in place).
 
     The traced program reads the activations it needs as inputs (their batch dimension the one
     dynamic ``Dim``, or a multiple of it), the constants as buffers, and computes the sizes it needs
-    (``sym_size`` and arithmetic on it) from its inputs, as the whole graph's program does."""
+    (``sym_size`` and arithmetic on it) from its inputs, as the whole graph's program does.
+
+    ``table_key`` names ``decompositions`` (equal keys, equal tables); with it, the decomposed program
+    is kept (:data:`PROGRAMS_KEPT`, last used first) and reused for a program of the same structure
+    (:func:`_structure`): a sweep exports one model under many schemes, and their pending nodes
+    (a mean's table lookup, a flatten) differ only in the values the program reads as inputs."""
     nodes = _with_sizes(pending)
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
@@ -100,20 +107,71 @@ def retrace(gm: fx.GraphModule, pending: list[fx.Node], mode, batch, decompositi
         raise Untranslatable("a traced node that is not a tensor is read by the rest of the graph")
     graph.output(tuple(env[n] for n in outputs))
     dim = batch_dim()
-    examples, shapes = zip(*(_example(a, batch, dim) for a in activations)) if activations else ((), ())
-    try:
-        with quiet_pytree_copies():
-            program = torch.export.export(fx.GraphModule(root, graph), tuple(examples), dynamic_shapes=tuple(shapes))
-            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-                program = program.run_decompositions(decompositions)
-    except Exception as exc:
-        raise Untranslatable(f"tracing {len(pending)} nodes failed ({type(exc).__name__})") from exc
+    examples, shapes, forms = zip(*(_example(a, batch, dim) for a in activations)) if activations else ((), (), ())
+    buffers = tuple((tuple(b.shape), b.stride(), b.dtype) for b in root.buffers())
+    key = _structure(graph, (table_key, batch is None, forms, buffers)) if table_key is not None else None
+    program = _PROGRAMS.get(key) if key is not None else None
+    if program is None:
+        try:
+            with quiet_pytree_copies():
+                program = torch.export.export(fx.GraphModule(root, graph), tuple(examples),
+                                              dynamic_shapes=tuple(shapes))
+                with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                    program = program.run_decompositions(decompositions)
+        except Exception as exc:
+            raise Untranslatable(f"tracing {len(pending)} nodes failed ({type(exc).__name__})") from exc
+        if key is not None:
+            _PROGRAMS[key] = program
+            while len(_PROGRAMS) > PROGRAMS_KEPT:
+                _PROGRAMS.popitem(last=False)
+    else:
+        _PROGRAMS.move_to_end(key)
     _splice(gm, program, activations, attrs, outputs, batch)
     try:
         with fake_context(mode):
             propagate(gm, [n for n in gm.graph.nodes if "val" not in n.meta], mode)
     except Exception as exc:  # the traced program assumed something of its inputs the graph's values break
         raise Untranslatable(f"the traced nodes do not fit the graph ({type(exc).__name__})") from exc
+
+
+PROGRAMS_KEPT = 32
+"""How many decomposed programs :func:`retrace` keeps for reuse (each a few nodes)."""
+_PROGRAMS: OrderedDict[tuple, torch.export.ExportedProgram] = OrderedDict()
+_LITERALS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _structure(graph: fx.Graph, context: tuple) -> tuple | None:
+    """What the traced program of ``graph`` depends on, hashable: each node's op, target and arguments
+    (nodes as their positions, literals with their types), with ``context`` (the decomposition table's
+    key, the inputs' shapes, strides, dtypes and batch dimensions, the buffers' shapes and dtypes; their
+    values are fake while tracing, so never part of it). None when an argument is not a plain literal:
+    such a program is traced each time."""
+    position: dict[fx.Node, int] = {}
+
+    def literal(a):
+        if isinstance(a, fx.Node):
+            return ("node", position[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, *(literal(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", *((k, literal(v)) for k, v in sorted(a.items())))
+        if isinstance(a, slice):
+            return ("slice", literal(a.start), literal(a.stop), literal(a.step))
+        if isinstance(a, _LITERALS) and not (isinstance(a, float) and a != a):  # NaN never equals itself
+            return (type(a), a)
+        raise TypeError(type(a).__name__)
+
+    nodes = []
+    try:
+        for i, node in enumerate(graph.nodes):
+            position[node] = i
+            target = node.target if node.op == "call_function" else str(node.target)
+            nodes.append((node.op, target, literal(node.args), literal(dict(node.kwargs))))
+        key = (tuple(nodes), context)
+        hash(key)
+    except TypeError:  # an argument that is no literal, a target that is not hashable
+        return None
+    return key
 
 
 def _with_sizes(pending: list[fx.Node]) -> list[fx.Node]:
@@ -129,15 +187,15 @@ def _with_sizes(pending: list[fx.Node]) -> list[fx.Node]:
     return sorted(inside, key=order.__getitem__)
 
 
-def _example(node: fx.Node, batch, dim) -> tuple[torch.Tensor, dict | None]:
-    """A real example of ``node``'s value (zeros) and its dynamic shape for ``torch.export``: a size
-    ``a * batch + b`` is the batch ``Dim`` so derived."""
+def _example(node: fx.Node, batch, dim) -> tuple[torch.Tensor, dict | None, tuple]:
+    """A real example of ``node``'s value (zeros), its dynamic shape for ``torch.export`` (a size
+    ``a * batch + b`` is the batch ``Dim`` so derived) and its form for :func:`_structure`."""
     import sympy
 
     val = node.meta["val"]
     if not isinstance(val, torch.Tensor):
         raise Untranslatable(f"node {node.name}: an input that is not a tensor")
-    shape, spec = [], {}
+    shape, spec, form = [], {}, []
     for d, size in enumerate(val.shape):
         if isinstance(size, torch.SymInt):
             expr = size.node.expr
@@ -146,12 +204,14 @@ def _example(node: fx.Node, batch, dim) -> tuple[torch.Tensor, dict | None]:
                 raise Untranslatable(f"node {node.name}: dimension {d} is {size}, not a multiple of the batch")
             a, b = (int(c) for c in poly.all_coeffs())
             spec[d] = dim if (a, b) == (1, 0) else (dim * a + b if b else dim * a)
+            form.append((d, a, b))
             size = size.node.hint
         shape.append(int(size))
     # the strides too: a reshape of a transposed tensor decomposes to a copy and a view, of a
     # contiguous one to a view alone
     stride = [int(st.node.hint) if isinstance(st, torch.SymInt) else int(st) for st in val.stride()]
-    return torch.empty_strided(shape, stride, dtype=val.dtype).zero_(), (spec or None)
+    return (torch.empty_strided(shape, stride, dtype=val.dtype).zero_(), (spec or None),
+            (tuple(shape), tuple(stride), val.dtype, tuple(form)))
 
 
 def _splice(gm: fx.GraphModule, program, inputs: list[fx.Node], attrs: dict[str, str], outputs: list[fx.Node],

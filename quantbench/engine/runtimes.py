@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from quantbench.engine import check
 from quantbench.engine.export import signed_weights
-from quantbench.engine.machine import require_openvino
+from quantbench.engine.machine import import_openvino, require_openvino
 
 __all__ = ["OPENVINO_CPU_CONFIG", "RUNTIMES", "Agreement", "OpenVINOSession", "OrtSession", "latencies",
            "onnx_output_scales", "session"]
@@ -81,9 +81,7 @@ class OrtSession:
 
 @functools.lru_cache(maxsize=1)
 def _core() -> Any:
-    import openvino as ov  # optional: imported once OpenVINO is asked for
-
-    return ov.Core()
+    return import_openvino().Core()  # optional: imported once OpenVINO is asked for, telemetry declined
 
 
 def _read_signed(path: Path):
@@ -120,7 +118,7 @@ class OpenVINOSession:
 
     def compiled(self, shape: Sequence[int]) -> tuple[Any, Any]:
         """The model compiled for input ``shape`` and its infer request (kept for the next call)."""
-        import openvino as ov
+        ov = import_openvino()
 
         key = tuple(int(d) for d in shape)
         if key in self._compiled:
@@ -148,7 +146,7 @@ class OpenVINOSession:
 
     def runner(self, example: torch.Tensor) -> Callable[[], Any]:
         """One inference on ``example`` (set once as the request's input), for timing."""
-        import openvino as ov
+        ov = import_openvino()
 
         x = _numpy(example)
         _, request = self.compiled(x.shape)

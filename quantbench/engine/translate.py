@@ -96,7 +96,7 @@ def _to_onnx(gm, example_inputs, dynamic_batch, opset, translations, timings):
         pending = _pending(gm, known)
     with timed(timings, "retrace"):
         if pending:
-            retrace(gm, pending, mode, batch, _decomposition_table(known))
+            retrace(gm, pending, mode, batch, _decomposition_table(known), table_key=known.opset)
         program = _program(gm, batch)
         _promote_types(program.graph_module)
     with timed(timings, "registry"):

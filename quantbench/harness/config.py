@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import os
+from collections import OrderedDict
 from typing import Any, Iterable, Mapping
 
 from hydra import compose, initialize_config_dir
@@ -13,14 +16,47 @@ from quantbench.harness.paths import CONF_DIR, known_options
 __all__ = ["CONF_DIR", "compose_config", "first_job_overrides", "known_options", "resolve_tree", "sweep_engines", "sweep_grid"]
 
 
+#: How many composed configs :func:`compose_config` keeps (last used first).
+COMPOSED_KEPT = 64
+_COMPOSED: OrderedDict[tuple, DictConfig] = OrderedDict()
+
+
+def _conf_stamp() -> tuple:
+    """Every YAML file under ``conf/`` with its size and modification time: a config composed before
+    any of them changed is not reused."""
+    stamps = []
+    for path in CONF_DIR.rglob("*.yaml"):
+        try:
+            st = path.stat()
+        except OSError:  # removed while listed
+            continue
+        stamps.append((str(path), st.st_mtime_ns, st.st_size))
+    return tuple(sorted(stamps))
+
+
 def compose_config(overrides: Iterable[str] = (), *, hydra_config: bool = False) -> DictConfig:
-    """The primary config with ``overrides``, validated against the schema."""
+    """The primary config with ``overrides``, validated against the schema.
+
+    Hydra takes a quarter of a second to compose one; a CLI command, a report or a gate composes the
+    same overrides several times. So the composed configs are kept for the process (keyed by the
+    overrides, ``conf/``'s files and their stamps, and for Hydra's node the working directory it
+    records) and each call gets a copy of its own. A composition that fails is never kept.
+    """
+    overrides = list(overrides)
+    key = (tuple(overrides), hydra_config, os.getcwd() if hydra_config else None, _conf_stamp())
+    if key in _COMPOSED:
+        _COMPOSED.move_to_end(key)
+        return copy.deepcopy(_COMPOSED[key])
     # The schema imports the engine's spec (torch): only when composing.
     from quantbench.harness.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="quantbench"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+        cfg = compose("config", overrides=overrides, return_hydra_config=hydra_config)
+    _COMPOSED[key] = copy.deepcopy(cfg)
+    while len(_COMPOSED) > COMPOSED_KEPT:
+        _COMPOSED.popitem(last=False)
+    return cfg
 
 
 def resolve_tree(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,7 @@ __all__ = [
     "RunRecorder",
     "SWEEP_KIND",
     "Store",
+    "TIMED_PREFIXES",
     "config_hash",
     "data_inputs",
     "error_line",
@@ -74,6 +75,7 @@ __all__ = [
     "git_sha",
     "hashed",
     "is_sweep_parent",
+    "is_timed",
     "machine_tags",
     "onnx_signature",
     "project_root",
@@ -101,6 +103,17 @@ _MAX_TAG_ERROR = 500
 KIND_TAG = "quantbench.kind"
 SWEEP_KIND = "sweep"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own (mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID): the UI nests by it
+
+
+#: Metric prefixes measured in wall-clock time (and ratios of such times): they differ between two runs of
+#: one config and seed, everything else a run logs is computed and repeats exactly.
+TIMED_PREFIXES = ("time/", "latency/", "qat/seconds", "deploy/speedup_", "deploy/ov_speedup_", "deploy/ort_",
+                  "deploy/ov_")
+
+
+def is_timed(metric: str) -> bool:
+    """Whether ``metric`` is a wall-clock measurement (:data:`TIMED_PREFIXES`), not a computed result."""
+    return metric.startswith(TIMED_PREFIXES)
 
 
 def is_sweep_parent(run: Run) -> bool:

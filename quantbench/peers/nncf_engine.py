@@ -39,7 +39,7 @@ Options (``job.options``; an unknown key or a bad value is a ValueError naming i
 NNCF's telemetry (openvino_telemetry, on by default; its documented opt-out, ``opt_in_out --opt_out``,
 writes a user-wide consent file, which an engine has no business doing) is turned off for the
 process instead: ``NNCF_CI=1`` and ``CI=true`` for the duration of the first ``import nncf`` (see
-:data:`_TELEMETRY_OFF`), so NNCF installs its telemetry stub, nothing is ever sent and no client-id
+:func:`quantbench.engine.machine.telemetry_declined`), so NNCF installs its telemetry stub, nothing is ever sent and no client-id
 file is written; an NNCF imported earlier without them gets the same stub. Its INFO lines and rich
 progress bars are kept out of the output; its warnings are recorded as notes.
 """
@@ -49,12 +49,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from quantbench.engine.machine import telemetry_declined
 from quantbench.peers.base import PeerOutput, overlay_options, require_bool
 from quantbench.peers.protocol import PeerJob
 
@@ -97,25 +97,12 @@ def resolve_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-#: Read once, when NNCF is first imported: ``NNCF_CI`` makes NNCF replace its telemetry object by its stub
-#: (nothing is sent later), ``CI=true`` makes openvino_telemetry decline consent when NNCF builds that
-#: object at import (without it, it writes a client id under ``~/intel`` even when the stub replaces it).
-_TELEMETRY_OFF = {"NNCF_CI": "1", "CI": "true"}
-
-
 def _import_nncf():
-    """``import nncf`` with its telemetry off; the environment is as it was afterwards."""
+    """``import nncf`` with its telemetry off (:func:`~quantbench.engine.machine.telemetry_declined`: NNCF
+    installs its stub, openvino_telemetry declines consent and writes nothing under ``~/intel``)."""
     if "nncf" not in sys.modules:
-        saved = {k: os.environ.get(k) for k in _TELEMETRY_OFF}
-        os.environ.update(_TELEMETRY_OFF)
-        try:
+        with telemetry_declined():
             import nncf  # noqa: F401
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     import nncf
     import nncf.telemetry.decorator as decorator
     import nncf.telemetry.wrapper as wrapper
