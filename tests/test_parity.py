@@ -81,7 +81,7 @@ def test_onnx_is_qdq_with_integer_weights(int8_float_onnx):
     import onnx
     from onnx import numpy_helper
 
-    from quantbench.engine.export import default_unsigned_weights
+    from quantbench.engine.storage import default_unsigned_weights
 
     path = int8_float_onnx
     model = onnx.load(str(path))
@@ -109,7 +109,7 @@ def test_unsigned_weights_are_the_same_integers_and_exact_on_any_cpu(resnet18, t
     import onnx
     from onnx import numpy_helper
 
-    from quantbench.engine.export import signed_weights
+    from quantbench.engine.storage import signed_weights
 
     x = torch.randn(2, 3, 16, 16)
     gm = capture(resnet18, (x,))

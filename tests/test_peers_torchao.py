@@ -17,7 +17,7 @@ pytest.importorskip("torchao")
 from engine_models import batches, torchvision_model  # noqa: E402
 
 from quantbench.engine import export_onnx  # noqa: E402
-from quantbench.engine.export import default_unsigned_weights  # noqa: E402
+from quantbench.engine.storage import default_unsigned_weights  # noqa: E402
 from quantbench.peers.protocol import PeerJob, PeerRecord, save_tensors  # noqa: E402
 from quantbench.peers.worker import run_job  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_ptq_torch_model_and_onnx(model, job_files, tmp_path):
     assert _sqnr_db(int8_out, plain_out) > 20
     # With it, onnxruntime's integer kernels: close to torchao's model, and far closer than int8 is to float;
     # on an x86 CPU without VNNI its U8S8 kernels saturate int16 pair sums on torchao's int8 weights
-    # (quantbench.engine.export.default_unsigned_weights), so there only the float-path check above holds.
+    # (quantbench.engine.storage.default_unsigned_weights), so there only the float-path check above holds.
     if not default_unsigned_weights():
         assert _sqnr_db(int8_out, fast_out) > _sqnr_db(float_out, int8_out)
         assert (fast_out.argmax(1) == int8_out.argmax(1)).float().mean() >= 0.8

@@ -24,7 +24,7 @@ from torch import nn
 
 from quantbench.cli import main
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, machine, presets, runtimes
-from quantbench.engine.export import default_unsigned_weights
+from quantbench.engine.storage import default_unsigned_weights
 from quantbench.errors import ConfigError
 from quantbench.harness.config import compose_config, resolve_tree
 from quantbench.harness.schema import check_runtime

@@ -7,7 +7,7 @@ For each model (torchvision ResNet-18 and MobileNet-V2 at 224x224, the YOLO-NAS-
 
 * **speedup**: fp32 latency / int8 latency of the same model in the same runtime, at batches 1 and 8,
   1 and 2 threads, each pair measured interleaved (fp32, int8, fp32, int8 ...; medians);
-* the two weight storages of the export (:func:`~quantbench.engine.export.default_unsigned_weights`):
+* the two weight storages of the export (:func:`~quantbench.engine.storage.default_unsigned_weights`):
   uint8 where onnxruntime's int8 kernels would saturate (exact) and int8 (its fastest U8S8 kernels;
   exact only on a CPU with VNNI), and which one the harness uses on this machine;
 * **parity**: each runtime's output vs the frozen torch graph, in output quantization steps, and top-1
@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 import quantbench  # noqa: E402, F401  (torchvision import shim)
 from quantbench.bench.common import random_bn_model  # noqa: E402
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, machine, presets, runtimes  # noqa: E402
-from quantbench.engine.export import default_unsigned_weights  # noqa: E402
+from quantbench.engine.storage import default_unsigned_weights  # noqa: E402
 
 __all__ = ["bench_model", "conv_limit", "main"]
 

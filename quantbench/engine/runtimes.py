@@ -35,8 +35,8 @@ import torch
 from onnx import numpy_helper
 
 from quantbench.engine import check
-from quantbench.engine.export import signed_weights
 from quantbench.engine.machine import import_openvino, require_openvino
+from quantbench.engine.storage import signed_weights
 
 __all__ = ["OPENVINO_CPU_CONFIG", "RUNTIMES", "Agreement", "OpenVINOSession", "OrtSession", "latencies",
            "onnx_output_scales", "session"]
@@ -85,7 +85,7 @@ def _core() -> Any:
 
 
 def _read_signed(path: Path):
-    """OpenVINO's model of ``path``, its uint8 GEMM weights read as int8 (:func:`~quantbench.engine.export.signed_weights`:
+    """OpenVINO's model of ``path``, its uint8 GEMM weights read as int8 (:func:`~quantbench.engine.storage.signed_weights`:
     the same values; OpenVINO runs uint8 weights in float, int8 ones in its integer kernels)."""
     proto = onnx.load(str(path))
     if not signed_weights(proto):

@@ -29,7 +29,7 @@ import torch
 from matplotlib.figure import Figure
 
 from quantbench.engine import ModelQuantizer, capture, check, export_onnx, machine, runtimes
-from quantbench.engine.export import default_unsigned_weights
+from quantbench.engine.storage import default_unsigned_weights
 from quantbench.harness.deploy import latency_batch, measure_deploy_latency, runtimes_of
 from quantbench.harness.schemes import engine_config
 from quantbench.harness.tracking import RunRecorder
