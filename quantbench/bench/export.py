@@ -109,7 +109,9 @@ def _render(rows: list[dict]) -> str:
         f"{os.environ.get('OMP_WAIT_POLICY')}.",
         "",
         "* **export**: the first `export_onnx` in the process (after capture, quantization and freeze, as in a "
-        "harness run): what the targets are judged on. **steady**: the fastest of two more.",
+        "harness run): what the targets are judged on. **steady**: the fastest of two more in the same process, "
+        "what a sweep's later exports of the model pay (the ONNX functions of its ops and the decomposed program "
+        "of its retraced nodes are kept for the process).",
         f"* **total**: capture + quantize + freeze + first export. Targets: export <= "
         f"{EXPORT_TARGET_S['mobilenet_v2']:g} s for mobilenet_v2, total <= {PIPELINE_TARGET_S:g} s.",
         "* Export stages: `prepare` (the Q/DQ graph), `fake_values` (one fake-tensor run, the batch a symbol), "
