@@ -27,6 +27,7 @@ DET_METRICS = ("float/map50_95", "float/map50", "quant/map50_95", "quant/map50",
                "latency/ort_int8_ms", "coverage/quantized_ops", "coverage/fraction")
 
 
+@pytest.mark.slow  # ~14 s (trains the tiny baseline): the slow tier's shapes sweep below and CI's shapes step cover it too
 def test_one_detection_run_end_to_end(shapes_overrides, run_overrides, tmp_path):
     """The float scheme through every stage: baseline training, COCOeval, capture, export, ORT, report."""
     small = [*shapes_overrides, *run_overrides]

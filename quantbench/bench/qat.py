@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +25,7 @@ from torch import nn  # noqa: E402
 
 import quantbench  # noqa: E402, F401  (torchvision import shim)
 from quantbench.bench.common import random_bn_model  # noqa: E402
-from quantbench.engine import ModelQuantizer, capture, presets, qat  # noqa: E402
+from quantbench.engine import ModelQuantizer, capture, check, presets, qat  # noqa: E402
 
 __all__ = ["MODELS", "PRESETS", "RUNS", "bench_model", "interleaved_median_ms", "main", "make_step"]
 
@@ -63,18 +61,12 @@ def interleaved_median_ms(steps: dict[str, Callable[[], None]], warmup: int, ite
                           device: torch.device | None = None) -> dict[str, float]:
     """Median milliseconds of each call, the calls interleaved (a, b, c, a, b, c, ...) after ``warmup`` rounds."""
     device = device or torch.device("cpu")
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(iters):
-        for key, step in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times[key].append((time.perf_counter() - t0) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+    _sync(device)
+
+    def synced(step: Callable[[], None]) -> Callable[[], None]:  # each call waits for its own kernels
+        return lambda: (step(), _sync(device))
+
+    return dict(zip(steps, check.interleaved_medians([synced(s) for s in steps.values()], warmup=warmup, iters=iters)))
 
 
 def bench_model(name: str, device: torch.device, *, size: int = 32, batch: int = 64,

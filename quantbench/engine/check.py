@@ -8,12 +8,13 @@ is reported. SQNR compares against the float model.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -25,7 +26,7 @@ from quantbench.engine.graph import get_attr_tensor, op_name
 from quantbench.engine.qdq import dequantize
 from quantbench.engine.quantizer import batch_inputs
 
-__all__ = ["ParityReport", "ort_session", "ort_predict_fn", "chunked_predict", "compare", "per_node_sqnr", "ort_latency", "ort_latencies",
+__all__ = ["ParityReport", "ort_session", "ort_predict_fn", "chunked_predict", "compare", "per_node_sqnr", "ort_latency", "ort_latencies", "interleaved_medians", "output_tuple",
            "sqnr_db", "output_scales"]
 
 
@@ -93,7 +94,7 @@ def chunked_predict(run: Callable[[np.ndarray], list[np.ndarray]],
     return predict
 
 
-def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+def output_tuple(out) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 
@@ -156,7 +157,7 @@ def compare(onnx_path: str | Path, frozen: fx.GraphModule, inputs, *, float_mode
     max_lsb = max_abs = 0.0
     refs, outs, onnx_outs = [], [], []
     for x in _batches(inputs):
-        ts, os_ = _as_tuple(frozen(x)), _as_tuple(predict(x))
+        ts, os_ = output_tuple(frozen(x)), output_tuple(predict(x))
         if len(ts) != len(os_):
             raise ValueError(f"the ONNX model has {len(os_)} outputs but the frozen graph {len(ts)}")
         for t, o, scale in zip(ts, os_, scales or [None] * len(ts)):
@@ -169,7 +170,7 @@ def compare(onnx_path: str | Path, frozen: fx.GraphModule, inputs, *, float_mode
             n += t.argmax(1).numel()
         samples += x.shape[0]
         if float_model is not None:
-            refs.append(torch.cat([f.flatten(1) for f in _as_tuple(float_model(x))], 1))
+            refs.append(torch.cat([f.flatten(1) for f in output_tuple(float_model(x))], 1))
             outs.append(torch.cat([v.flatten(1) for v in ts], 1))
             onnx_outs.append(torch.cat([v.float().flatten(1) for v in os_], 1))
     sq = sqnr_db(torch.cat(refs), torch.cat(outs)) if refs else float("nan")
@@ -248,14 +249,22 @@ def ort_latencies(models: Sequence[str | Path | ort.InferenceSession], example: 
     and their ratio (int8 vs fp32) stays meaningful.
     """
     sessions = [m if isinstance(m, ort.InferenceSession) else ort_session(m, threads) for m in models]
-    feeds = [{s.get_inputs()[0].name: np.ascontiguousarray(example.detach().cpu().numpy())} for s in sessions]
+    feed = np.ascontiguousarray(example.detach().cpu().numpy())
+    return interleaved_medians([functools.partial(s.run, None, {s.get_inputs()[0].name: feed}) for s in sessions],
+                               warmup=warmup, iters=iters)
+
+
+def interleaved_medians(calls: Sequence[Callable[[], Any]], *, warmup: int = 3, iters: int = 20) -> list[float]:
+    """Median wall time (ms) of each call, measured interleaved: ``warmup`` rounds, then ``iters`` rounds
+    that each run every call once, in turn, so a slow spell of a shared machine (another process,
+    frequency scaling) lands on all of them alike and their ratios stay meaningful."""
     for _ in range(warmup):
-        for session, feed in zip(sessions, feeds):
-            session.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(iters):
-        for i, (session, feed) in enumerate(zip(sessions, feeds)):
+        for i, call in enumerate(calls):
             t0 = time.perf_counter()
-            session.run(None, feed)
+            call()
             times[i].append((time.perf_counter() - t0) * 1000)
     return [statistics.median(t) for t in times]

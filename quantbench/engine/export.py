@@ -47,12 +47,11 @@ from quantbench.engine.storage import (
     on_grid,
     shift_constant,
     shift_zero_point,
-    signed_weights,
 )
 from quantbench.engine.translate import Untranslatable, batch_dim, timed, to_onnx
 from quantbench.quiet import quiet_loggers
 
-__all__ = ["export_onnx", "ExportError", "ONNX_ACTIVATION_DTYPES", "default_unsigned_weights", "signed_weights"]
+__all__ = ["export_onnx", "ExportError", "ONNX_ACTIVATION_DTYPES", "default_unsigned_weights"]
 
 log = logging.getLogger(__name__)
 

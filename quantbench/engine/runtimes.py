@@ -22,9 +22,7 @@ would then compare int8 with bf16. A model is reshaped to the input's static sha
 from __future__ import annotations
 
 import functools
-import statistics
 import tempfile
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,11 +51,6 @@ Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy())
-
-
-def _chunked(run: Callable[[np.ndarray], list[np.ndarray]], fixed: int | None) -> Callable[[torch.Tensor], Outputs]:
-    """``run`` as a torch predict function, a fixed batch in chunks (:func:`~quantbench.engine.check.chunked_predict`)."""
-    return check.chunked_predict(run, fixed)
 
 
 class OrtSession:
@@ -142,7 +135,7 @@ class OpenVINOSession:
 
     def predict_fn(self) -> Callable[[torch.Tensor], Outputs]:
         """Torch tensor in, torch tensor(s) out in graph output order; a fixed batch runs in chunks."""
-        return _chunked(self._run, self.fixed_batch)
+        return check.chunked_predict(self._run, self.fixed_batch)
 
     def runner(self, example: torch.Tensor) -> Callable[[], Any]:
         """One inference on ``example`` (set once as the request's input), for timing."""
@@ -173,17 +166,7 @@ def latencies(sessions: Sequence[RuntimeSession], example: torch.Tensor, *, warm
     Each round runs every model once, in turn, so a slow spell of a shared machine lands on all of them
     alike and their ratios stay meaningful (as :func:`~quantbench.engine.check.ort_latencies`).
     """
-    runs = [s.runner(example) for s in sessions]
-    for _ in range(warmup):
-        for run in runs:
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(iters):
-        for i, run in enumerate(runs):
-            t0 = time.perf_counter()
-            run()
-            times[i].append((time.perf_counter() - t0) * 1000)
-    return [statistics.median(t) for t in times]
+    return check.interleaved_medians([s.runner(example) for s in sessions], warmup=warmup, iters=iters)
 
 
 def onnx_output_scales(path: str | Path) -> list[float | None]:
@@ -204,10 +187,6 @@ def onnx_output_scales(path: str | Path) -> list[float | None]:
     return scales
 
 
-def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(out) if isinstance(out, (list, tuple)) else (out,)
-
-
 class Agreement:
     """A predict function that runs ``predict`` and ``reference`` on the same inputs and returns ``predict``'s
     outputs, keeping how far apart the two are: the largest difference in units of each output's quantization
@@ -226,7 +205,7 @@ class Agreement:
 
     def __call__(self, x: torch.Tensor) -> Any:
         out = self.predict(x)
-        outs, refs = _as_tuple(out), _as_tuple(self.reference(x))
+        outs, refs = check.output_tuple(out), check.output_tuple(self.reference(x))
         if len(outs) != len(refs):
             raise ValueError(f"the two runtimes give {len(outs)} and {len(refs)} outputs")
         for i, (o, r) in enumerate(zip(outs, refs)):

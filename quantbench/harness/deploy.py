@@ -114,12 +114,12 @@ def measure_deploy_latency(ctx: Context) -> None:
             return
     iters = int(ctx.settings.get("deploy_iters") or 10)
     out: dict[str, float] = {"deploy/size": size}
+    inputs = {b: _resize(latency_batch(ctx, b), size) for b in batches}
     for t in threads:
-        for b in batches:
-            x = _resize(latency_batch(ctx, b), size)
-            for runtime in runtimes_of(ctx):
-                f_ms, i_ms = runtimes.latencies([runtimes.session(runtime, fp32, t), runtimes.session(runtime, int8, t)],
-                                                x, iters=iters if b == 1 else max(3, iters // 2))
+        for runtime in runtimes_of(ctx):
+            pair = [runtimes.session(runtime, fp32, t), runtimes.session(runtime, int8, t)]  # every batch runs on it
+            for b, x in inputs.items():
+                f_ms, i_ms = runtimes.latencies(pair, x, iters=iters if b == 1 else max(3, iters // 2))
                 key = f"t{t}_b{b}"
                 out[f"deploy/{_PREFIX[runtime]}speedup_{key}"] = f_ms / i_ms
                 out[f"deploy/{_MS_PREFIX[runtime]}fp32_ms_{key}"] = f_ms
